@@ -1,0 +1,131 @@
+"""flyte-shell, ported: run a one-line bash script and emit its output.
+
+Behaves like ExpediaGroup/flyte-shell: pack ``Shell``, command ``Shell`` whose
+input is a JSON string holding the script, event ``Output`` with the raw (not
+trimmed) ``stdout``, ``stderr`` and ``exit_code`` (``-1`` when the script was
+killed by a signal). Input that is not a string gets Go's decode error text as
+``stderr`` with ``exit_code`` 1; an empty or null script gets "No script
+supplied to handler".
+
+What the port does better:
+
+* ``SHELL_TIMEOUT`` (seconds, off by default) kills a script that runs too long;
+  it then ends like coreutils' ``timeout``: ``Output`` with ``exit_code`` 124 and
+  ``timeout after N s`` appended to ``stderr``, so flows that test ``exit_code``
+  keep working.
+* Secrets (``FLYTE_JWT`` and anything named like a token, secret or password)
+  are removed from the script's environment.
+* If bash cannot be started, the action is completed as ``FATAL`` with a clear
+  message instead of Go's nil-pointer panic text.
+
+Run it::
+
+    FLYTE_API_URL=http://flyte:8080 FLYTE_LABELS=ABC=123 python examples/shell_pack.py
+"""
+
+from gevent import monkey
+
+if __name__ == "__main__":
+    monkey.patch_all()
+
+import os  # noqa: E402
+import re  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+
+from gevent import subprocess  # noqa: E402
+
+from flyte_gevent import Command, ConfigError, Event, EventDef, Pack, PackDef, fatal_event  # noqa: E402
+
+HELP_URL = "https://github.com/ExpediaGroup/flyte-shell/blob/master/README.md"
+TIMEOUT_EXIT_CODE = 124
+_SECRET_NAME = re.compile(r"JWT|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
+
+output = EventDef("Output")
+
+# Go's encoding/json wording for each JSON type that is not a string.
+_GO_TYPE_NAMES = {dict: "object", list: "array", bool: "bool", int: "number", float: "number"}
+
+
+def shell(script, timeout=None):
+    """The ``Shell`` command handler: *script* is the action's decoded JSON input."""
+    if script is not None and not isinstance(script, str):
+        kind = _GO_TYPE_NAMES.get(type(script), type(script).__name__)
+        return _output("", f"json: cannot unmarshal {kind} into Go value of type string", 1)
+    if not script:
+        return _output("", "No script supplied to handler", 1)
+    try:
+        process = subprocess.Popen(["bash", "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   stdin=subprocess.DEVNULL, env=_scrubbed_environ(), start_new_session=True)
+    except OSError as exc:
+        return fatal_event(f"cannot start bash: {exc.strerror or exc}")
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        return _output(_text(stdout), _text(stderr) + f"timeout after {timeout:g} s", TIMEOUT_EXIT_CODE)
+    except BaseException:
+        # Cut short (pack shutdown, per-action timeout): don't leave the script running.
+        _kill_quietly(process)
+        raise
+    exit_code = process.returncode if process.returncode >= 0 else -1
+    return _output(_text(stdout), _text(stderr), exit_code)
+
+
+def _output(stdout, stderr, exit_code):
+    return Event(output, {"stdout": stdout, "stderr": stderr, "exit_code": exit_code})
+
+
+def _text(data):
+    return data.decode("utf-8", "replace")
+
+
+def _kill_quietly(process):
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    except OSError:
+        pass
+
+
+def _scrubbed_environ():
+    return {key: value for key, value in os.environ.items() if not _SECRET_NAME.search(key)}
+
+
+def _timeout_from_env():
+    text = os.environ.get("SHELL_TIMEOUT", "").strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"SHELL_TIMEOUT={text!r}: expected a number of seconds", "SHELL_TIMEOUT") from None
+    return value if value > 0 else None
+
+
+def make_pack_def(timeout=None):
+    """The Shell pack definition (labels come from ``FLYTE_LABELS`` via :meth:`Pack.from_env`)."""
+    return PackDef(
+        name="Shell",
+        help_url=HELP_URL,
+        commands=[Command("Shell", lambda script: shell(script, timeout), output_events=[output])],
+    )
+
+
+pack_def = make_pack_def()
+
+
+def main():
+    # Like the Go pack, FLYTE_API_URL is required; FLYTE_API is accepted too and wins.
+    if not (os.environ.get("FLYTE_API") or os.environ.get("FLYTE_API_URL")):
+        sys.exit("FLYTE_API_URL env. variable is not set")
+    try:
+        pack = Pack.from_env(make_pack_def(_timeout_from_env()))
+    except ConfigError as exc:
+        sys.exit(f"Error: {exc}")
+    pack.run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Backoff with jitter, and log lines that do not repeat themselves."""
+
+import random
+import time
+
+__all__ = ["Backoff", "LogThrottle", "RETRYABLE_STATUSES"]
+
+# Statuses worth sending a request again for: overload and gateway trouble.
+RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
+
+
+class Backoff:
+    """Exponentially growing, jittered delays.
+
+    The n-th delay is drawn uniformly from ``[base, min(cap, base * 2**n)]``, so the
+    first is exactly *base* (the polling interval, for the poller) and later ones
+    spread replicas apart instead of letting them retry in lockstep.
+    """
+
+    def __init__(self, base, cap):
+        self.base = base
+        self.cap = max(cap, base)
+        self.attempt = 0
+
+    def next(self):
+        high = min(self.cap, self.base * 2 ** self.attempt)
+        self.attempt += 1
+        return random.uniform(self.base, high)
+
+    def reset(self):
+        self.attempt = 0
+
+
+class LogThrottle:
+    """Log a repeated message once per *interval*, then with a count of what was held back.
+
+    Keyed by the message text, so distinct errors are still logged at once.
+    """
+
+    def __init__(self, logger, interval=30.0):
+        self.logger = logger
+        self.interval = interval
+        self._seen = {}  # key -> [first logged at, times held back]
+
+    def log(self, level, key, message, *args):
+        now = time.monotonic()
+        entry = self._seen.get(key)
+        if entry is not None and now - entry[0] < self.interval:
+            entry[1] += 1
+            return
+        if entry is not None and entry[1]:
+            message += " (%d more times in the last %.0f s)"
+            args += (entry[1], now - entry[0])
+        if len(self._seen) > 100:
+            self._seen.clear()
+        self._seen[key] = [now, 0]
+        self.logger.log(level, message, *args)
+
+    def reset(self):
+        """Forget what was seen (after a success), so the next failure is logged at once."""
+        self._seen.clear()

@@ -1,0 +1,261 @@
+"""The ``flyte-gevent`` command: run a pack, check a pack definition, run the demo.
+
+This is an entry point, so it monkey-patches first — before anything imports
+socket or ssl — and only then imports the rest. (``flyte_gevent/__init__`` is
+lazy, so the console-script wrapper importing the package first is harmless.)
+
+Exit codes: 0 after a normal shutdown, 78 (``EX_CONFIG``) for a configuration
+error such as a missing ``FLYTE_API`` or a target that cannot be imported, 69
+(``EX_UNAVAILABLE``) when ``--start-timeout`` expires before registration, 2 for
+bad usage (argparse), 1 for anything unexpected.
+"""
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import argparse  # noqa: E402
+import importlib  # noqa: E402
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+
+from . import __version__, config  # noqa: E402
+from .errors import ConfigError, FlyteError  # noqa: E402
+
+__all__ = ["main", "load_target", "build_pack"]
+
+log = logging.getLogger("flyte_gevent.cli")
+
+EX_OK = 0
+EX_SOFTWARE = 1
+EX_UNAVAILABLE = 69
+EX_CONFIG = 78
+
+_DEFAULT_ATTRIBUTES = ("pack", "pack_def", "create_pack")
+
+
+def load_target(spec):
+    """Import ``module:attr`` (or ``path/to/file.py:attr``) the way gunicorn does.
+
+    The current directory is put on ``sys.path`` first. Without ``:attr`` the
+    names ``pack``, ``pack_def`` and ``create_pack`` are tried in turn.
+
+    :raises ConfigError: the module cannot be imported or has no such attribute.
+    """
+    module_name, _, attribute = spec.partition(":")
+    if not module_name:
+        raise ConfigError(f"target {spec!r}: expected module:attribute, e.g. mypack:pack_def", "target")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        if module_name.endswith(".py") or os.sep in module_name:
+            module = _import_file(module_name)
+        else:
+            module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"target {spec!r}: cannot import {module_name!r}: {exc}", "target") from None
+    names = [attribute] if attribute else list(_DEFAULT_ATTRIBUTES)
+    for name in names:
+        if hasattr(module, name):
+            return getattr(module, name)
+    raise ConfigError(f"target {spec!r}: module {module_name!r} has no attribute {' or '.join(names)}", "target")
+
+
+def _import_file(path):
+    if not os.path.isfile(path):
+        raise ImportError(f"no such file {path!r}")
+    name = os.path.splitext(os.path.basename(path))[0]
+    directory = os.path.dirname(os.path.abspath(path))
+    if directory not in sys.path:
+        sys.path.insert(0, directory)
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def build_pack(target, overrides=None, environ=None):
+    """Turn a loaded target (a Pack, a PackDef, or a factory returning either) into a Pack.
+
+    A PackDef is configured from the environment with *overrides* (parsed
+    settings) winning; a ready-made Pack is used as it is.
+    """
+    from .models import PackDef
+    from .pack import Pack
+
+    if callable(target) and not isinstance(target, (Pack, PackDef)):
+        target = target()
+    if isinstance(target, Pack):
+        given = sorted(name for name, value in (overrides or {}).items() if value is not None)
+        if given:
+            log.warning("the target is an already built Pack; ignoring %s", ", ".join(given))
+        return target
+    if isinstance(target, PackDef):
+        return Pack.from_env(target, environ, **{k: v for k, v in (overrides or {}).items() if v is not None})
+    raise ConfigError(f"the target is a {type(target).__name__}; expected a Pack, a PackDef or a function "
+                      "returning one", "target")
+
+
+def _settings_arguments(parser, targets):
+    group = parser.add_argument_group("settings (flags win over the environment)")
+    for setting in config.SETTINGS:
+        if setting.flag is None or setting.target not in targets:
+            continue
+        default = "" if setting.default in (None, config.REQUIRED) else f"; default {setting.default}"
+        help_text = f"{setting.help} [env {' or '.join(setting.env)}{default}]"
+        if setting.parse is config._bool:
+            group.add_argument(setting.flag, dest=setting.name, action="store_const", const="true",
+                               help=help_text)
+        else:
+            group.add_argument(setting.flag, dest=setting.name, metavar=setting.metavar, help=help_text)
+
+
+def _parsed_flags(args, targets):
+    values = {}
+    for setting in config.SETTINGS:
+        if setting.flag is None or setting.target not in targets:
+            continue
+        text = getattr(args, setting.name, None)
+        if text is not None:
+            values[setting.name] = config.read(setting, text, setting.flag)
+    return values
+
+
+def _parser():
+    parser = argparse.ArgumentParser(
+        prog="flyte-gevent",
+        description="Run Flyte packs written with flyte_gevent.",
+        epilog="Exit codes: 0 normal shutdown, 78 configuration error, 69 API unreachable within "
+               "--start-timeout, 1 unexpected error.")
+    parser.add_argument("--version", action="version", version=f"flyte-gevent {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = commands.add_parser(
+        "run", help="run a pack until SIGTERM/SIGINT",
+        description="Import MODULE:ATTR (a Pack, a PackDef, or a function returning one), configure it from "
+                    "flags and FLYTE_* variables, register it and run it until SIGTERM or SIGINT. "
+                    "A second signal forces the stop.")
+    run.add_argument("target", metavar="MODULE:ATTR", help="e.g. mypack:pack_def or path/to/pack.py:pack_def")
+    _settings_arguments(run, ("client", "pack", "labels", "cli"))
+    run.add_argument("--start-timeout", type=float, metavar="SECONDS",
+                     help="give up (exit 69) when the pack cannot register within this time; default: keep trying")
+    run.add_argument("--print-config", action="store_true",
+                     help="print the resolved settings (token redacted) and exit")
+
+    check = commands.add_parser(
+        "check", help="validate a pack definition offline and print its registration JSON",
+        description="Import MODULE:ATTR, validate the pack definition without contacting Flyte, and print the "
+                    "JSON body it registers with.")
+    check.add_argument("target", metavar="MODULE:ATTR")
+    check.add_argument("--labels", metavar="LABELS", help="labels to merge in, as key=value[,key=value...] "
+                                                          "[env FLYTE_LABELS]")
+
+    demo = commands.add_parser(
+        "demo", help="run the example packs against a bundled fake Flyte API",
+        description="Start the fake Flyte API in this process, run the shell, jira and ticker example packs "
+                    "against it, queue a few actions and print what happens.")
+    demo.add_argument("--examples", metavar="DIR", help="directory holding the example packs (default: "
+                                                        "./examples or the one next to the package)")
+
+    fake = commands.add_parser("fake-api", help="serve the fake Flyte API for local development",
+                               description="Serve flyte_gevent.testing.FakeFlyteApi until SIGTERM/SIGINT.")
+    fake.add_argument("--host", default="127.0.0.1")
+    fake.add_argument("--port", type=int, default=8080)
+    fake.add_argument("--latency", type=float, default=0.0, help="seconds added to every request")
+    return parser
+
+
+def main(argv=None):
+    """Entry point of ``flyte-gevent`` and ``python -m flyte_gevent``; returns the exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except ConfigError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    except KeyboardInterrupt:
+        return EX_OK
+    except Exception as exc:  # noqa: BLE001 - the last line of defence prints one line, not a traceback
+        log.debug("unexpected error", exc_info=True)
+        print(f"Error: unexpected {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EX_SOFTWARE
+
+
+def _run(args):
+    from . import log as flyte_log
+
+    flags = _parsed_flags(args, ("client", "pack", "labels", "cli"))
+    cli_settings = config.from_environ(names={"log_level", "log_format"}, overrides=flags)
+    flyte_log.configure(cli_settings["log_level"], cli_settings["log_format"])
+    pack_flags = {k: v for k, v in flags.items() if k not in cli_settings}
+    if args.print_config:
+        wanted = {s.name for s in config.SETTINGS}
+        values = config.from_environ(names=wanted, overrides=flags)
+        for setting in config.SETTINGS:
+            value = values[setting.name]
+            shown = "<redacted>" if setting.secret and value else value
+            print(f"{setting.name} = {shown!r}")
+        return EX_OK
+    pack = build_pack(load_target(args.target), pack_flags)
+    try:
+        pack.start(timeout=args.start_timeout)
+    except FlyteError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        pack.stop(grace_period=0)
+        return EX_UNAVAILABLE if exc.status != 400 else EX_CONFIG
+    pack.run()
+    return EX_OK
+
+
+def _check(args):
+    from .models import PackDef
+    from .pack import Pack
+    from .schemas import registration_body
+
+    target = load_target(args.target)
+    if callable(target) and not isinstance(target, (Pack, PackDef)):
+        target = target()
+    pack_def = target.pack_def if isinstance(target, Pack) else target
+    if not isinstance(pack_def, PackDef):
+        raise ConfigError(f"the target is a {type(target).__name__}; expected a Pack or a PackDef", "target")
+    labels_text = args.labels if args.labels is not None else os.environ.get("FLYTE_LABELS")
+    if labels_text:
+        source = "--labels" if args.labels is not None else "FLYTE_LABELS"
+        pack_def = pack_def.with_labels(config.read(config.setting("labels"), labels_text, source))
+    pack_def.validate()
+    print(json.dumps(registration_body(pack_def), indent=2))
+    print(f"pack id: {pack_def.id}", file=sys.stderr)
+    return EX_OK
+
+
+def _demo(args):
+    from ._demo import run_demo
+
+    return run_demo(args.examples)
+
+
+def _fake_api(args):
+    import gevent
+
+    from .testing import FakeFlyteApi
+
+    api = FakeFlyteApi(host=args.host, port=args.port)
+    api.latency = args.latency
+    api.start()
+    print(f"FakeFlyteApi listening on {api.url}", flush=True)
+    stopped = gevent.event.Event()
+    import signal
+
+    watchers = [gevent.signal_handler(s, stopped.set) for s in (signal.SIGTERM, signal.SIGINT)]
+    stopped.wait()
+    for watcher in watchers:
+        watcher.cancel()
+    api.stop()
+    return EX_OK
+
+
+_COMMANDS = {"run": _run, "check": _check, "demo": _demo, "fake-api": _fake_api}

@@ -1,0 +1,362 @@
+"""The Flyte API client: discovery, registration, take, result and event calls.
+
+Each method makes one attempt and either returns or raises a
+:class:`~flyte_gevent.errors.FlyteError` subclass that says which request failed
+and how; retry policy belongs to the pack runtime. The only retry here is the
+one a 401 earns: reload the token once and resend.
+
+Discovery and registration use ``requests`` (one ``Session``); the calls made
+for every action use the lean keep-alive transport in :mod:`flyte_gevent._http`.
+"""
+
+import collections
+import http.client
+import json
+import logging
+import ssl
+from urllib.parse import urlsplit
+
+import requests
+from marshmallow import ValidationError
+from requests.adapters import HTTPAdapter
+
+from . import __version__
+from ._http import HTTPPool
+from .errors import (
+    ConfigError,
+    FlyteAuthError,
+    FlyteConnectionError,
+    FlyteError,
+    FlyteHTTPError,
+    FlyteProtocolError,
+    FlyteTimeout,
+    PackNotFoundError,
+    redact_url,
+)
+from .models import Action, pack_id
+from .schemas import (
+    REL_EVENTS,
+    REL_HEALTH,
+    REL_PACKS,
+    REL_RESULT,
+    REL_TAKE,
+    ActionSchema,
+    LinksDocumentSchema,
+    PackResponseSchema,
+    action_id_from_url,
+    find_link,
+    flatten_errors,
+    registration_body,
+)
+
+__all__ = ["Client", "Registration", "MalformedActionError"]
+
+log = logging.getLogger(__name__)
+
+USER_AGENT = f"flyte-gevent/{__version__}"
+
+Discovery = collections.namedtuple("Discovery", "packs_url health_url links")
+Registration = collections.namedtuple("Registration", "pack_id take_url events_url pack_url")
+Registration.__doc__ = "Where a registered pack takes actions and sends events."
+
+_ACTION = ActionSchema()
+_LINKS_DOCUMENT = LinksDocumentSchema()
+_PACK_RESPONSE = PackResponseSchema()
+_TAKE_BODY = b"null"  # what the Go client sends; the server ignores the body
+
+
+class MalformedActionError(FlyteProtocolError):
+    """A take answered 200 with a body that is not a valid action.
+
+    :ivar action: an :class:`~flyte_gevent.models.Action` with the result URL
+        when the body still had one (so the action can be completed as FATAL),
+        otherwise ``None``.
+    """
+
+    def __init__(self, message, action=None, **kwargs):
+        self.action = action
+        super().__init__(message, **kwargs)
+
+
+class _Token:
+    """Where the bearer token comes from, and how to get a fresh one after a 401."""
+
+    def __init__(self, jwt=None, jwt_file=None):
+        self._provider = jwt if callable(jwt) else None
+        self._file = jwt_file
+        self._value = None if self._provider else jwt
+        self.reloadable = bool(self._provider or self._file)
+        if self.reloadable:
+            self.reload()
+
+    def header(self):
+        return f"Bearer {self._value}" if self._value else None
+
+    def reload(self):
+        """Fetch the token again; errors are logged (never with the token) and keep the old one."""
+        try:
+            if self._provider:
+                value = self._provider()
+            elif self._file:
+                with open(self._file, encoding="utf-8") as f:
+                    value = f.read().strip()
+            else:
+                return
+        except Exception as exc:  # a broken provider must not take the pack down
+            log.error("could not reload the Flyte API token: %s: %s", type(exc).__name__, exc)
+            return
+        self._value = value or None
+
+
+class Client:
+    """A connection to one Flyte API.
+
+    :param url: the Flyte API root, e.g. ``http://flyte:8080`` (``/v1`` is appended).
+    :param timeout: seconds to connect and to wait for each read; every request has one.
+    :param insecure: skip TLS certificate verification (off by default).
+    :param jwt: a bearer token, or a callable returning one; it is called again
+        whenever the API answers 401.
+    :param jwt_file: a file holding the token, re-read whenever the API answers 401.
+    :param ca_file: a PEM bundle to verify the API's certificate with.
+    :param pool_size: keep-alive connections kept open; a :class:`~flyte_gevent.Pack`
+        raises it to match its concurrency.
+
+    Usage::
+
+        client = Client("http://flyte:8080", timeout=10.0)
+        pack = Pack(pack_def, client)
+    """
+
+    def __init__(self, url, timeout=10.0, insecure=False, jwt=None, *, jwt_file=None, ca_file=None,
+                 pool_size=10):
+        self.url = _check_url(url)
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0:
+            raise ConfigError(f"timeout={timeout!r}: must be a positive number of seconds", "timeout")
+        self.timeout = float(timeout)
+        self.insecure = bool(insecure)
+        self.ca_file = ca_file
+        self._token = _Token(jwt, jwt_file)
+        self._health_url = None
+        self._pool_size = pool_size
+
+        self._session = requests.Session()
+        self._session.headers["User-Agent"] = USER_AGENT
+        self._session.verify = False if self.insecure else (ca_file or True)
+        self._mount_adapters(pool_size)
+
+        # Proxies configured in the environment apply to requests; the lean
+        # transport does not speak to proxies, so it steps aside.
+        self._lean = None
+        if not requests.utils.get_environ_proxies(self.url):
+            self._lean = HTTPPool(self.timeout, self._ssl_context() if self.url.startswith("https") else None,
+                                  maxsize=pool_size)
+        if self.insecure:
+            log.warning("TLS certificate verification is disabled for %s", redact_url(self.url))
+
+    def __repr__(self):
+        return f"Client({redact_url(self.url)!r}, timeout={self.timeout})"
+
+    def size_pools(self, concurrency):
+        """Keep at least *concurrency* + 2 connections, so no request waits for a socket or churns one."""
+        size = max(concurrency + 2, 10)
+        if size <= self._pool_size:
+            return
+        self._pool_size = size
+        self._mount_adapters(size)
+        if self._lean is not None:
+            self._lean.maxsize = size
+
+    def close(self):
+        """Close all keep-alive connections."""
+        self._session.close()
+        if self._lean is not None:
+            self._lean.close()
+
+    # -- the protocol -----------------------------------------------------
+
+    def discover(self):
+        """``GET /v1`` and pick out the packs and health links (fetched fresh on every call)."""
+        url = self.url.rstrip("/") + "/v1"
+        status, _, body = self._send("GET", url, via_requests=True)
+        if status != 200:
+            raise _http_error("GET", url, status, body, "discovery expected 200")
+        document = self._load(_LINKS_DOCUMENT, body, "GET", url, "link document")
+        packs_url = find_link(document["links"], REL_PACKS)
+        if packs_url is None:
+            raise FlyteProtocolError(f"no link with rel .../{REL_PACKS} in the /v1 document",
+                                     method="GET", url=url, body=body)
+        self._health_url = find_link(document["links"], REL_HEALTH)
+        return Discovery(packs_url, self._health_url, document["links"])
+
+    def register(self, pack_def):
+        """Register *pack_def* (an idempotent upsert) and return where to take actions and send events.
+
+        Links come from the 201 body; a server whose body has none (servers
+        before 2018) is asked again at the ``Location`` it gave.
+        """
+        packs_url = self.discover().packs_url
+        data = json.dumps(registration_body(pack_def), separators=(",", ":")).encode()
+        status, headers, body = self._send("POST", packs_url, data, via_requests=True)
+        if status != 201:
+            reason = ("the Flyte API refused the pack definition (400)" if status == 400
+                      else "registration expected 201")
+            raise _http_error("POST", packs_url, status, body, reason)
+        pack = self._load(_PACK_RESPONSE, body, "POST", packs_url, "registration response") if body else {}
+        links = pack.get("links") or []
+        take_url, events_url = find_link(links, REL_TAKE), find_link(links, REL_EVENTS)
+        location = headers.get("Location")
+        if (take_url is None or events_url is None) and location:
+            status, _, body = self._send("GET", location, via_requests=True)
+            if status != 200:
+                raise _http_error("GET", location, status, body, "reading the registered pack expected 200")
+            pack = self._load(_PACK_RESPONSE, body, "GET", location, "pack document")
+            links = pack.get("links") or []
+            take_url, events_url = find_link(links, REL_TAKE), find_link(links, REL_EVENTS)
+        if take_url is None or events_url is None:
+            raise FlyteProtocolError("registration response has no take and events links",
+                                     method="POST", url=packs_url, body=body)
+        return Registration(pack.get("id") or pack_id(pack_def.name, pack_def.labels), take_url, events_url,
+                            location or find_link(links, "self"))
+
+    def take(self, take_url):
+        """Take the next action: an :class:`~flyte_gevent.models.Action`, or ``None`` when there is none (204).
+
+        :raises PackNotFoundError: 404, the pack is not registered (deleted).
+        :raises MalformedActionError: 200 with a body that is not an action.
+        """
+        status, _, body = self._send("POST", take_url, _TAKE_BODY)
+        if status == 204:
+            return None
+        if status != 200:
+            raise _http_error("POST", take_url, status, body, "take expected 200 or 204")
+        try:
+            return _ACTION.load(json.loads(body))
+        except (ValueError, ValidationError) as exc:
+            raise _malformed_action(exc, body, take_url) from None
+
+    def post_result(self, result_url, body):
+        """Post an encoded result (see :func:`~flyte_gevent.schemas.encode_event`); 202 or an error."""
+        self._post_expect_202(result_url, body)
+
+    def post_event(self, events_url, body):
+        """Post an encoded spontaneous event; 202 or an error."""
+        self._post_expect_202(events_url, body)
+
+    def check_health(self):
+        """Ask the Flyte API's health URL: ``(True, message)`` on 200, ``(False, message)`` otherwise."""
+        try:
+            url = self._health_url or self.discover().health_url
+            if url is None:
+                return False, "the Flyte API lists no health link"
+            status, _, _ = self._send("GET", url, via_requests=True)
+        except FlyteError as exc:
+            self._health_url = None
+            return False, str(exc)
+        if status == 200:
+            return True, f"Flyte API at {redact_url(url)} is healthy"
+        self._health_url = None
+        return False, f"Flyte API health check {redact_url(url)} answered {status}"
+
+    # -- plumbing ---------------------------------------------------------
+
+    def _post_expect_202(self, url, body):
+        status, _, response_body = self._send("POST", url, body)
+        if status != 202:
+            raise _http_error("POST", url, status, response_body, "expected 202")
+
+    def _send(self, method, url, body=None, via_requests=False):
+        status, headers, data = self._send_once(method, url, body, via_requests)
+        if status == 401 and self._token.reloadable:
+            self._token.reload()
+            status, headers, data = self._send_once(method, url, body, via_requests)
+        return status, headers, data
+
+    def _send_once(self, method, url, body, via_requests):
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        authorization = self._token.header()
+        if authorization:
+            headers["Authorization"] = authorization
+        try:
+            if via_requests or self._lean is None:
+                response = self._session.request(method, url, data=body, headers=headers, timeout=self.timeout,
+                                                 allow_redirects=False)
+                return response.status_code, response.headers, response.content
+            headers["User-Agent"] = USER_AGENT
+            response = self._lean.request(method, url, body, headers)
+            return response.status, response.headers, response.body
+        except (requests.Timeout, TimeoutError) as exc:
+            raise FlyteTimeout(f"no answer within {self.timeout:g} s ({_cause(exc)})", method=method, url=url) from None
+        except (requests.RequestException, OSError, http.client.HTTPException, ValueError) as exc:
+            raise FlyteConnectionError(_cause(exc), method=method, url=url) from None
+
+    def _load(self, schema, body, method, url, what):
+        try:
+            return schema.load(json.loads(body))
+        except ValueError as exc:
+            raise FlyteProtocolError(f"{what} is not JSON ({exc})", method=method, url=url, body=body) from None
+        except ValidationError as exc:
+            raise FlyteProtocolError(f"malformed {what}: " + "; ".join(flatten_errors(exc.messages)),
+                                     method=method, url=url, body=body) from None
+
+    def _mount_adapters(self, size):
+        adapter = HTTPAdapter(pool_connections=2, pool_maxsize=size)
+        self._session.mount("http://", adapter)
+        self._session.mount("https://", adapter)
+
+    def _ssl_context(self):
+        context = ssl.create_default_context(cafile=self.ca_file)
+        if self.insecure:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        return context
+
+
+def _check_url(url):
+    try:
+        parts = urlsplit(url) if isinstance(url, str) else None
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"Flyte API URL {redact_url(str(url))!r} is not an http(s) URL with a host", "url")
+    return url
+
+
+def _cause(exc):
+    # requests nests the useful text a few exceptions deep; keep it short.
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, requests.RequestException) and exc.args and isinstance(exc.args[0], Exception):
+        inner = exc.args[0]
+        text = str(getattr(inner, "reason", None) or inner)
+    return f"{type(exc).__name__}: {text}" if text != type(exc).__name__ else text
+
+
+def _http_error(method, url, status, body, expectation):
+    text = f"{expectation}, got {status} {http.client.responses.get(status, '')}".rstrip()
+    if status == 401:
+        return FlyteAuthError(f"unauthorized (401): the token is missing, expired or not allowed ({expectation})",
+                              method=method, url=url, status=status, body=body)
+    if status == 404:
+        return PackNotFoundError(f"not found (404): the pack is not registered ({expectation})",
+                                 method=method, url=url, status=status, body=body)
+    return FlyteHTTPError(text, method=method, url=url, status=status, body=body)
+
+
+def _malformed_action(exc, body, take_url):
+    action = None
+    problems = flatten_errors(exc.messages) if isinstance(exc, ValidationError) else [f"not JSON ({exc})"]
+    try:
+        # The action is PENDING on the server now; if its result link is usable,
+        # the pack can still complete it as FATAL instead of stranding it.
+        data = json.loads(body)
+        links = _LINKS_DOCUMENT.load({"links": data.get("links")})["links"]
+        result_url = find_link(links, REL_RESULT)
+        if result_url:
+            command = data.get("command") if isinstance(data.get("command"), str) else None
+            action = Action(action_id_from_url(result_url), command, data.get("input"), result_url)
+    except (ValueError, ValidationError, AttributeError, TypeError):
+        pass
+    return MalformedActionError("take answered 200 with a malformed action: " + "; ".join(problems),
+                                action=action, method="POST", url=take_url, body=body)
+

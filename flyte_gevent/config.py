@@ -1,0 +1,237 @@
+"""Settings read from ``FLYTE_*`` environment variables (and the CLI's flags).
+
+Each setting is declared once, as a :class:`Setting` carrying its environment
+variables, command-line flag, parser, default and help; :func:`from_environ`,
+the CLI's ``--help`` and the README table are all built from :data:`SETTINGS`.
+The variables the Go client reads keep their names (``FLYTE_API``,
+``FLYTE_LABELS``, ``FLYTE_API_TIMEOUT``, ``FLYTE_JWT``); knobs that only this
+library has are prefixed ``FLYTE_GEVENT_``.
+
+A missing or malformed value raises :class:`~flyte_gevent.errors.ConfigError`
+whose one-line message names the variable and the bad value (never the value of
+a secret).
+"""
+
+import dataclasses
+import logging
+import os
+from urllib.parse import urlsplit
+
+from .errors import ConfigError, redact_url
+
+__all__ = ["Setting", "SETTINGS", "from_environ", "parse_labels", "MIN_POLLING_INTERVAL"]
+
+log = logging.getLogger(__name__)
+
+MIN_POLLING_INTERVAL = 0.5
+
+
+def parse_labels(text):
+    """Parse ``key=value,key2 = value2`` the way the Go client does.
+
+    Items are split on ``,``; each on its first ``=``; keys and values are
+    trimmed; a repeated key keeps the last value. An item without ``=`` —
+    including the empty item a trailing comma leaves — is an error.
+    """
+    labels = {}
+    if not text.strip():
+        return labels
+    for number, item in enumerate(text.split(","), 1):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"item {number} ({item.strip()!r}) is not key=value")
+        labels[key.strip()] = value.strip()
+    return labels
+
+
+def _url(text):
+    parts = urlsplit(text.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("expected an http:// or https:// URL with a host")
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        raise ValueError("the port is not a number between 0 and 65535") from None
+    return text.strip()
+
+
+def _positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError("expected a number of seconds") from None
+    if not value > 0 or value == float("inf"):
+        raise ValueError("expected a positive number of seconds")
+    return value
+
+
+def _optional_positive_float(text):
+    if text.strip().lower() in ("", "none", "off", "0"):
+        return None
+    return _positive_float(text)
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError("expected a whole number") from None
+    if value < 1:
+        raise ValueError("expected a whole number of at least 1")
+    return value
+
+
+def _port(text):
+    if text.strip().lower() in ("off", "none", "disabled"):
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError("expected a port number (0 for any free port) or 'off'") from None
+    if not 0 <= value <= 65535:
+        raise ValueError("expected a port number between 0 and 65535")
+    return value
+
+
+def _bool(text):
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _polling_interval(text):
+    value = _positive_float(text)
+    if value < MIN_POLLING_INTERVAL:
+        log.warning("polling interval %g s is below the %g s floor; using %g s",
+                    value, MIN_POLLING_INTERVAL, MIN_POLLING_INTERVAL)
+        value = MIN_POLLING_INTERVAL
+    return value
+
+
+def _choice(*choices):
+    def parse(text):
+        value = text.strip().lower()
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}")
+        return value
+    return parse
+
+
+def _text(text):
+    return text.strip()
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One setting: where it is read from, how it is parsed, and what it means.
+
+    :param name: the keyword it becomes (``Client``/``Pack`` argument or CLI option).
+    :param env: environment variables, the first one set wins.
+    :param flag: the command-line flag, or ``None`` for environment-only settings.
+    :param parse: text -> value; raises ``ValueError`` with a reason.
+    :param default: the value when nothing is set (``REQUIRED`` for none).
+    :param help: one line for ``--help`` and the docs.
+    :param secret: never echo the value.
+    :param target: ``"client"``, ``"pack"`` or ``"cli"`` — who consumes it.
+    """
+
+    name: str
+    env: tuple
+    flag: str | None
+    parse: object
+    default: object
+    help: str
+    secret: bool = False
+    target: str = "pack"
+    metavar: str | None = None
+
+
+REQUIRED = object()
+
+SETTINGS = (
+    Setting("api", ("FLYTE_API", "FLYTE_API_URL"), "--api", _url, REQUIRED,
+            "Flyte API root URL, e.g. http://flyte:8080 (FLYTE_API wins over FLYTE_API_URL)",
+            target="client", metavar="URL"),
+    Setting("labels", ("FLYTE_LABELS",), "--labels", parse_labels, None,
+            "pack labels as key=value[,key=value...], merged over the pack definition's",
+            target="labels", metavar="LABELS"),
+    Setting("timeout", ("FLYTE_API_TIMEOUT",), "--api-timeout", _positive_float, 10.0,
+            "seconds to connect to and wait for each read from the Flyte API", target="client", metavar="SECONDS"),
+    Setting("jwt", ("FLYTE_JWT",), None, _text, None,
+            "bearer token sent to the Flyte API", secret=True, target="client"),
+    Setting("jwt_file", ("FLYTE_JWT_FILE",), "--jwt-file", _text, None,
+            "file holding the bearer token; re-read when the API answers 401", target="client", metavar="PATH"),
+    Setting("insecure", ("FLYTE_API_INSECURE",), "--insecure", _bool, False,
+            "skip TLS certificate verification of the Flyte API", target="client"),
+    Setting("ca_file", ("FLYTE_CA_CERT_FILE",), "--ca-file", _text, None,
+            "PEM bundle to verify the Flyte API's certificate with", target="client", metavar="PATH"),
+    Setting("health_port", ("FLYTE_HEALTH_PORT",), "--health-port", _port, 8090,
+            "health server port; 0 picks a free port, 'off' disables it", metavar="PORT"),
+    Setting("health_host", ("FLYTE_GEVENT_HEALTH_HOST",), "--health-host", _text, "0.0.0.0",
+            "address the health server binds", metavar="HOST"),
+    Setting("polling_interval", ("FLYTE_GEVENT_POLLING_INTERVAL",), "--polling-interval", _polling_interval, 5.0,
+            "seconds between takes while idle (floor 0.5)", metavar="SECONDS"),
+    Setting("max_in_flight", ("FLYTE_GEVENT_MAX_IN_FLIGHT",), "--max-in-flight", _positive_int, 100,
+            "most actions run at once; a take is made only when a slot is free", metavar="N"),
+    Setting("max_takers", ("FLYTE_GEVENT_MAX_TAKERS",), "--max-takers", _positive_int, 32,
+            "most takes in flight at once while there is a backlog", metavar="N"),
+    Setting("action_timeout", ("FLYTE_GEVENT_ACTION_TIMEOUT",), "--action-timeout", _optional_positive_float,
+            None, "default seconds a handler may run before its action is completed as FATAL", metavar="SECONDS"),
+    Setting("grace_period", ("FLYTE_GEVENT_GRACE_PERIOD",), "--grace-period", _positive_float, 30.0,
+            "seconds running actions get to finish at shutdown", metavar="SECONDS"),
+    Setting("result_deadline", ("FLYTE_GEVENT_RESULT_DEADLINE",), "--result-deadline", _positive_float, 600.0,
+            "seconds a result post is retried before it is given up as lost", metavar="SECONDS"),
+    Setting("allow_unpatched", ("FLYTE_GEVENT_ALLOW_UNPATCHED",), None, _bool, False,
+            "start even though gevent's monkey-patching was not applied (experts only)"),
+    Setting("log_level", ("FLYTE_GEVENT_LOG_LEVEL",), "--log-level",
+            _choice("debug", "info", "warning", "error", "critical"), "info", "log level", target="cli",
+            metavar="LEVEL"),
+    Setting("log_format", ("FLYTE_GEVENT_LOG_FORMAT",), "--log-format", _choice("text", "json"), "text",
+            "log format", target="cli", metavar="FORMAT"),
+)
+
+_BY_NAME = {setting.name: setting for setting in SETTINGS}
+
+
+def read(setting, text, source):
+    """Parse *text* for *setting*; *source* names where it came from in the error."""
+    try:
+        return setting.parse(text)
+    except ValueError as exc:
+        shown = "<redacted>" if setting.secret else repr(redact_url(text))
+        raise ConfigError(f"{source}={shown}: {exc}", source) from None
+
+
+def from_environ(environ=None, names=None, overrides=None):
+    """Read settings from *environ* (``os.environ``): ``{name: value}`` for every setting in *names*.
+
+    :param overrides: values that win over the environment (already parsed), e.g. CLI flags.
+    :raises ConfigError: a required setting is missing or a value is malformed.
+    """
+    environ = os.environ if environ is None else environ
+    overrides = overrides or {}
+    values = {}
+    for setting in SETTINGS:
+        if names is not None and setting.name not in names:
+            continue
+        if overrides.get(setting.name) is not None:
+            values[setting.name] = overrides[setting.name]
+            continue
+        for variable in setting.env:
+            text = environ.get(variable)
+            if text is not None and (text.strip() or setting.parse is _bool):
+                values[setting.name] = read(setting, text, variable)
+                break
+        else:
+            if setting.default is REQUIRED:
+                raise ConfigError(f"{' or '.join(setting.env)} is not set: {setting.help}", setting.env[0])
+            values[setting.name] = setting.default
+    return values
+
+
+def setting(name):
+    """The :class:`Setting` called *name*."""
+    return _BY_NAME[name]

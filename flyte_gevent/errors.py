@@ -1,0 +1,135 @@
+"""Exceptions raised by flyte_gevent.
+
+Two families:
+
+* :class:`ConfigError` — something the pack author or operator configured is
+  wrong (an environment variable, a pack definition). Raised before any network
+  traffic; the message is one line that names the setting and the bad value.
+* :class:`FlyteError` — talking to the Flyte API failed. Every instance carries
+  the request ``method`` and ``url``, the HTTP ``status`` when there was one, and
+  a short ``body`` excerpt. Tokens and URL credentials never appear in them.
+"""
+
+from urllib.parse import urlsplit, urlunsplit
+
+__all__ = [
+    "ConfigError",
+    "PackDefError",
+    "NotPatchedError",
+    "FlyteError",
+    "FlyteConnectionError",
+    "FlyteTimeout",
+    "FlyteHTTPError",
+    "FlyteAuthError",
+    "PackNotFoundError",
+    "FlyteProtocolError",
+    "NotRegisteredError",
+    "DeliveryError",
+]
+
+_BODY_EXCERPT = 200
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or malformed.
+
+    :param message: one line naming the setting and saying what is wrong.
+    :param name: the setting (usually the environment variable) at fault.
+    """
+
+    def __init__(self, message, name=None):
+        super().__init__(message)
+        self.name = name
+
+
+class PackDefError(ConfigError):
+    """A pack definition would be refused by Flyte or would break its links."""
+
+
+class NotPatchedError(RuntimeError):
+    """gevent's monkey-patching was not applied before the pack started."""
+
+
+def redact_url(url):
+    """Return *url* without user:password credentials, for messages and logs."""
+    if not url or "@" not in url:
+        return url
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable url>"
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, "***@" + host, parts.path, parts.query, parts.fragment))
+
+
+class FlyteError(Exception):
+    """A request to the Flyte API failed.
+
+    :ivar method: HTTP method of the failed request, or ``None``.
+    :ivar url: the URL requested (credentials removed), or ``None``.
+    :ivar status: the HTTP status code, or ``None`` when no response arrived.
+    :ivar body: up to 200 characters of the response body ('' when empty).
+    """
+
+    def __init__(self, message, *, method=None, url=None, status=None, body=None):
+        self.method = method
+        self.url = redact_url(url)
+        self.status = status
+        if isinstance(body, bytes):
+            body = body[:_BODY_EXCERPT].decode("utf-8", "replace")
+        self.body = (body or "")[:_BODY_EXCERPT]
+        self.reason = message
+        super().__init__(self._format())
+
+    def _format(self):
+        where = f"{self.method} {self.url}: " if self.method and self.url else ""
+        text = f"{where}{self.reason}"
+        if self.body:
+            text += f" (body: {self.body!r})"
+        return text
+
+
+class FlyteConnectionError(FlyteError):
+    """No HTTP response: connection refused or reset, DNS or TLS failure."""
+
+
+class FlyteTimeout(FlyteConnectionError):
+    """The Flyte API did not answer within the client's timeout."""
+
+
+class FlyteHTTPError(FlyteError):
+    """The Flyte API answered with a status code the request does not expect."""
+
+
+class FlyteAuthError(FlyteHTTPError):
+    """401: the token is missing, expired or not allowed (even after a reload)."""
+
+
+class PackNotFoundError(FlyteHTTPError):
+    """404 on a pack URL: the pack was deleted on the server (or never registered)."""
+
+
+class FlyteProtocolError(FlyteError):
+    """The Flyte API answered, but not with what the protocol promises."""
+
+
+class NotRegisteredError(FlyteError):
+    """An event was sent before the pack was started."""
+
+
+class DeliveryError(FlyteError):
+    """An event could not be delivered before its deadline.
+
+    :ivar last_error: the error of the last attempt.
+    """
+
+    def __init__(self, message, last_error=None, **kwargs):
+        self.last_error = last_error
+        if last_error is not None:
+            for key in ("method", "url", "status"):
+                kwargs.setdefault(key, getattr(last_error, key, None))
+        super().__init__(message, **kwargs)

@@ -1,0 +1,105 @@
+"""Per-action logging context, and the log formats the CLI offers.
+
+While an action runs, :func:`current_action` returns it, and
+:class:`ActionContextFilter` copies its id and command (and the pack name) onto
+every log record — including records logged by the pack author's handler code
+through its own loggers. gevent gives each greenlet its own ``contextvars``
+context, so concurrent actions never see each other's values.
+
+The library itself only adds a ``NullHandler``; :func:`configure` is for entry
+points (the CLI) that own logging.
+"""
+
+import contextvars
+import datetime
+import json
+import logging
+import sys
+
+__all__ = ["current_action", "ActionContextFilter", "JsonFormatter", "configure"]
+
+_action = contextvars.ContextVar("flyte_gevent_action", default=None)
+_pack = contextvars.ContextVar("flyte_gevent_pack", default=None)
+
+
+def current_action():
+    """The :class:`~flyte_gevent.models.Action` being handled by this greenlet, or ``None``."""
+    return _action.get()
+
+
+def bind_action(action, pack_name):
+    """Mark this greenlet as running *action*; called by the pack runtime at the start of an action."""
+    _action.set(action)
+    _pack.set(pack_name)
+
+
+def bind_pack(pack_name):
+    """Mark this greenlet as working for *pack_name* (poller, event sender)."""
+    _pack.set(pack_name)
+
+
+class ActionContextFilter(logging.Filter):
+    """Adds ``action_id``, ``command`` and ``pack`` attributes to every record (``None`` outside an action).
+
+    Attach it to a handler::
+
+        handler.addFilter(ActionContextFilter())
+        handler.setFormatter(logging.Formatter("%(levelname)s %(action_id)s %(message)s"))
+    """
+
+    def filter(self, record):
+        action = _action.get()
+        record.action_id = action.id if action is not None else None
+        record.command = action.command if action is not None else None
+        record.pack = _pack.get()
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg, pack, action_id, command, exc_info."""
+
+    def format(self, record):
+        entry = {
+            "ts": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
+            .isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+            "pack": getattr(record, "pack", None),
+            "action_id": getattr(record, "action_id", None),
+            "command": getattr(record, "command", None),
+        }
+        if record.exc_info:
+            entry["exc_info"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+_TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s%(context)s: %(message)s"
+
+
+class _TextFormatter(logging.Formatter):
+    def format(self, record):
+        parts = []
+        if getattr(record, "action_id", None):
+            parts.append(f"action={record.action_id}")
+            parts.append(f"command={record.command}")
+        record.context = " [" + " ".join(parts) + "]" if parts else ""
+        return super().format(record)
+
+
+def configure(level="INFO", fmt="text", stream=None):
+    """Send all logging to *stream* (stderr) in ``text`` or ``json`` format with action context.
+
+    Meant for entry points; a library embedding a pack configures its own logging
+    and can reuse :class:`ActionContextFilter` and :class:`JsonFormatter`.
+    """
+    if fmt not in ("text", "json"):
+        raise ValueError(f"log format {fmt!r}: expected 'text' or 'json'")
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.addFilter(ActionContextFilter())
+    handler.setFormatter(JsonFormatter() if fmt == "json" else _TextFormatter(_TEXT_FORMAT))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper() if isinstance(level, str) else level)

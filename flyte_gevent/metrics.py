@@ -1,0 +1,194 @@
+"""Prometheus metrics for a pack (optional: ``pip install flyte-gevent[metrics]``).
+
+Each pack gets its own ``CollectorRegistry`` unless given one, so several packs,
+an embedding web app and tests never collide on metric names. The health server
+serves it at ``/metrics``. Without prometheus_client the pack uses
+:class:`NullMetrics`, whose methods do nothing, and ``/metrics`` answers 404.
+
+Series (no action ids as labels; unknown command names are folded into
+``command="unknown"`` so a misbehaving flow cannot explode cardinality):
+
+=========================================  ===========================================
+``flyte_pack_actions_taken_total``         actions taken, by command
+``flyte_pack_actions_total``               actions completed, by command and outcome
+``flyte_pack_action_duration_seconds``     handler run time, by command
+``flyte_pack_actions_in_flight``           actions taken and not yet completed
+``flyte_pack_take_errors_total``           failed takes, by reason
+``flyte_pack_result_retries_total``        result posts sent again
+``flyte_pack_results_lost_total``          results given up on (action left PENDING)
+``flyte_pack_events_sent_total``           spontaneous events delivered, by event
+``flyte_pack_events_failed_total``         spontaneous events given up on, by event
+``flyte_pack_events_dropped_total``        events dropped because the send buffer was full
+``flyte_pack_registrations_total``         successful (re-)registrations
+``flyte_pack_registered``                  1 while registered and not stopping
+``flyte_pack_event_loop_blocked_total``    gevent monitor reports of a blocked hub
+``flyte_pack_info``                        pack name and library version
+=========================================  ===========================================
+"""
+
+import logging
+
+from . import __version__
+
+__all__ = ["Metrics", "NullMetrics", "make_metrics", "OUTCOMES"]
+
+log = logging.getLogger(__name__)
+
+OUTCOMES = ("success", "fatal", "error", "invalid_input", "unknown_command", "timeout", "shutdown")
+"""How an action can end: a non-FATAL event; a FATAL event the handler chose; the
+handler raised or returned garbage; input refused by its schema; a command the
+pack does not have; the per-action timeout; cut short by shutdown."""
+
+
+class NullMetrics:
+    """The metrics interface with every method a no-op."""
+
+    enabled = False
+    registry = None
+
+    def wsgi_app(self, environ, start_response):
+        start_response("404 Not Found", [("Content-Type", "text/plain"), ("Content-Length", "0")])
+        return [b""]
+
+    def action_taken(self, command):
+        pass
+
+    def action_completed(self, command, outcome, duration):
+        pass
+
+    def take_error(self, reason):
+        pass
+
+    def result_retried(self):
+        pass
+
+    def result_lost(self):
+        pass
+
+    def event_sent(self, event):
+        pass
+
+    def event_failed(self, event):
+        pass
+
+    def event_dropped(self):
+        pass
+
+    def registered(self, state):
+        pass
+
+
+class Metrics(NullMetrics):
+    """Prometheus collectors on a private (or given) registry.
+
+    :param pack_name: value of the ``pack`` label on ``flyte_pack_info``.
+    :param commands: command names that get their own label value.
+    :param registry: a ``prometheus_client.CollectorRegistry``; a new one by default.
+    """
+
+    enabled = True
+
+    def __init__(self, pack_name, commands, registry=None):
+        import prometheus_client as prom
+
+        self.registry = registry if registry is not None else prom.CollectorRegistry(auto_describe=True)
+        self._commands = frozenset(commands)
+        r = self.registry
+        self._taken = prom.Counter("flyte_pack_actions_taken", "Actions taken.", ["command"], registry=r)
+        self._completed = prom.Counter("flyte_pack_actions", "Actions completed, by outcome.",
+                                       ["command", "outcome"], registry=r)
+        self._duration = prom.Histogram("flyte_pack_action_duration_seconds", "Handler run time.", ["command"],
+                                        registry=r)
+        self._in_flight = prom.Gauge("flyte_pack_actions_in_flight", "Actions taken and not yet completed.",
+                                     registry=r)
+        self._take_errors = prom.Counter("flyte_pack_take_errors", "Failed takes.", ["reason"], registry=r)
+        self._retries = prom.Counter("flyte_pack_result_retries", "Result posts sent again.", registry=r)
+        self._lost = prom.Counter("flyte_pack_results_lost", "Results given up on.", registry=r)
+        self._sent = prom.Counter("flyte_pack_events_sent", "Spontaneous events delivered.", ["event"], registry=r)
+        self._failed = prom.Counter("flyte_pack_events_failed", "Spontaneous events given up on.", ["event"],
+                                    registry=r)
+        self._dropped = prom.Counter("flyte_pack_events_dropped", "Events dropped: send buffer full.", registry=r)
+        self._registrations = prom.Counter("flyte_pack_registrations", "Successful registrations.", registry=r)
+        self._registered = prom.Gauge("flyte_pack_registered", "1 while registered and not stopping.", registry=r)
+        self._blocked = prom.Counter("flyte_pack_event_loop_blocked", "gevent monitor: hub blocked.", registry=r)
+        prom.Info("flyte_pack", "Pack and library.", registry=r).info({"pack": pack_name, "version": __version__})
+        self._app = prom.make_wsgi_app(registry=r)
+        self._children = {}
+        _subscribe_loop_monitor(self._blocked)
+
+    def wsgi_app(self, environ, start_response):
+        return self._app(environ, start_response)
+
+    def _child(self, metric, *labels):
+        key = (id(metric),) + labels
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def _command(self, command):
+        return command if command in self._commands else "unknown"
+
+    def action_taken(self, command):
+        self._child(self._taken, self._command(command)).inc()
+        self._in_flight.inc()
+
+    def action_completed(self, command, outcome, duration):
+        command = self._command(command)
+        self._child(self._completed, command, outcome).inc()
+        if duration is not None:
+            self._child(self._duration, command).observe(duration)
+        self._in_flight.dec()
+
+    def take_error(self, reason):
+        self._child(self._take_errors, reason).inc()
+
+    def result_retried(self):
+        self._retries.inc()
+
+    def result_lost(self):
+        self._lost.inc()
+
+    def event_sent(self, event):
+        self._child(self._sent, event).inc()
+
+    def event_failed(self, event):
+        self._child(self._failed, event).inc()
+
+    def event_dropped(self):
+        self._dropped.inc()
+
+    def registered(self, state):
+        if state:
+            self._registrations.inc()
+        self._registered.set(1 if state else 0)
+
+
+def make_metrics(setting, pack_name, commands):
+    """Metrics for a pack: *setting* is ``True``/``False``, ``None`` (on when
+    prometheus_client is installed) or a ``CollectorRegistry`` to use."""
+    if setting is False:
+        return NullMetrics()
+    try:
+        import prometheus_client  # noqa: F401
+    except ImportError:
+        if setting is True:
+            raise ImportError("metrics=True needs prometheus_client: pip install 'flyte-gevent[metrics]'") from None
+        return NullMetrics()
+    registry = None if setting in (None, True) else setting
+    return Metrics(pack_name, commands, registry)
+
+
+def _subscribe_loop_monitor(counter):
+    # gevent publishes EventLoopBlocked when its monitor thread is enabled
+    # (GEVENT_MONITOR_THREAD_ENABLE=1); count them so a blocked hub shows up.
+    try:
+        from gevent import events
+    except ImportError:  # pragma: no cover - gevent always ships it
+        return
+
+    def on_event(event):
+        if isinstance(event, events.EventLoopBlocked):
+            counter.inc()
+
+    events.subscribers.append(on_event)

@@ -1,0 +1,295 @@
+"""The wire format: marshmallow schemas for every body that crosses the network.
+
+Outgoing bodies (registration, results, events) are dumped through schemas and
+then encoded as compact JSON; incoming bodies (link documents, the registration
+response, taken actions) are loaded through schemas that ignore unknown fields,
+as the Flyte server itself does. Anything malformed becomes a
+``marshmallow.ValidationError`` whose messages :func:`flatten_errors` turns into
+one ``path: message`` line per problem.
+"""
+
+import collections
+import dataclasses
+import datetime
+import json
+import math
+
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_dump, post_load
+
+from .models import Action
+
+__all__ = [
+    "Link",
+    "LinkSchema",
+    "LinksDocumentSchema",
+    "PackRegistrationSchema",
+    "PackResponseSchema",
+    "ActionSchema",
+    "EventBodySchema",
+    "JSONValue",
+    "RFC3339UTC",
+    "find_link",
+    "action_id_from_url",
+    "flatten_errors",
+    "encode_event",
+    "registration_body",
+    "REL_PACKS",
+    "REL_HEALTH",
+    "REL_TAKE",
+    "REL_EVENTS",
+    "REL_RESULT",
+]
+
+Link = collections.namedtuple("Link", "href rel")
+
+# Rels are absolute swagger URLs whose host part varies with proxies, so links
+# are matched by the resource name after the fragment marker.
+REL_PACKS = "pack/listPacks"
+REL_HEALTH = "info/health"
+REL_TAKE = "action/takeAction"
+REL_EVENTS = "event"
+REL_RESULT = "actionResult"
+
+# Flyte decodes JSON numbers into float64: integers beyond this lose precision.
+_MAX_SAFE_INT = 2**53
+
+
+def find_link(links, name):
+    """The href of the link whose rel names *name*, or ``None``.
+
+    A rel matches when it is *name* itself or ends with ``#name``, ``#!/name``,
+    ``#/name`` or ``/name`` — never a mere suffix such as ``prevent`` for
+    ``event``. The Flyte server lists links a pack registered before its own,
+    so the last match wins.
+    """
+    for link in reversed(links):
+        rel = link.rel
+        if not rel:
+            continue
+        if rel == name or rel.endswith("/" + name) or rel.endswith("#" + name):
+            return link.href
+    return None
+
+
+def flatten_errors(messages, prefix=""):
+    """Turn marshmallow's nested error messages into ``["dotted.path: message", ...]``."""
+    lines = []
+    if isinstance(messages, dict):
+        for key, value in messages.items():
+            path = prefix if key == "_schema" else (f"{prefix}.{key}" if prefix else str(key))
+            lines += flatten_errors(value, path)
+    elif isinstance(messages, (list, tuple)):
+        for item in messages:
+            lines += flatten_errors(item, prefix)
+    else:
+        lines.append(f"{prefix}: {messages}" if prefix else str(messages))
+    return lines
+
+
+class JSONValue(fields.Field):
+    """Any JSON value, checked on the way out.
+
+    Dumping walks the value and refuses what JSON (or Flyte) cannot carry, naming
+    where it is: ``payload.items.2: set is not JSON serializable``. Dataclasses
+    become objects; tuples become lists; integers beyond 2**53 become strings.
+    """
+
+    def _serialize(self, value, attr, obj, **kwargs):
+        return _to_json(value, attr or "value")
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        return value
+
+
+def _to_json(value, path):
+    if value is None or isinstance(value, (str, bool)):
+        return value
+    if isinstance(value, int):
+        return str(value) if abs(value) > _MAX_SAFE_INT else value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValidationError(f"{path}: {value} is not a valid JSON number")
+        return value
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            if isinstance(key, (int, float)) and not isinstance(key, bool):
+                key = str(key)
+            elif not isinstance(key, str):
+                raise ValidationError(f"{path}: key {key!r} is not a string")
+            out[key] = _to_json(item, f"{path}.{key}")
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_to_json(item, f"{path}.{i}") for i, item in enumerate(value)]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _to_json(dataclasses.asdict(value), path)
+    raise ValidationError(f"{path}: {type(value).__name__} is not JSON serializable")
+
+
+class RFC3339UTC(fields.Field):
+    """An aware datetime, sent in UTC as RFC 3339 ending in ``Z`` (Flyte refuses naive times)."""
+
+    def _serialize(self, value, attr, obj, **kwargs):
+        if value is None:
+            return None
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValidationError(f"{attr}: naive datetime {value.isoformat()}; Flyte needs a timezone")
+        value = value.astimezone(datetime.timezone.utc)
+        return value.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if not isinstance(value, str):
+            raise ValidationError("Not a valid RFC 3339 datetime.")
+        try:
+            parsed = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise ValidationError("Not a valid RFC 3339 datetime.") from None
+        if parsed.tzinfo is None or "T" not in value:
+            raise ValidationError("Not a valid RFC 3339 datetime (it needs a 'T' and a timezone).")
+        return parsed
+
+
+class LinkSchema(Schema):
+    """``{"href": ..., "rel": ...}``; the server omits an empty rel."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    href = fields.String(required=True)
+    rel = fields.String(load_default=None)
+
+    @post_load
+    def _make(self, data, **kwargs):
+        return Link(data["href"], data["rel"])
+
+    @post_dump
+    def _drop_empty_rel(self, data, **kwargs):
+        if not data.get("rel"):
+            data.pop("rel", None)
+        return data
+
+
+class LinksDocumentSchema(Schema):
+    """The discovery documents ``GET /`` and ``GET /v1``."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    links = fields.List(fields.Nested(LinkSchema), required=True)
+
+
+def _help_links(url):
+    return [{"href": url, "rel": "help"}] if url else None
+
+
+class _RegistrationPart(Schema):
+    @post_dump
+    def _drop_missing(self, data, **kwargs):
+        return {key: value for key, value in data.items() if value is not None}
+
+
+class EventDefRegistrationSchema(_RegistrationPart):
+    name = fields.String()
+    links = fields.Function(lambda event_def: _help_links(event_def.help_url))
+
+
+class CommandRegistrationSchema(_RegistrationPart):
+    name = fields.String()
+    events = fields.Function(lambda command: [e.name for e in command.output_events])
+    links = fields.Function(lambda command: _help_links(command.help_url))
+
+
+class PackRegistrationSchema(_RegistrationPart):
+    """The registration body built from a :class:`~flyte_gevent.models.PackDef`.
+
+    Labels and links are left out when there are none; help links appear only
+    where a help URL is given; event definitions are de-duplicated in
+    declaration order.
+    """
+
+    name = fields.String()
+    labels = fields.Function(lambda pack_def: dict(pack_def.labels) or None)
+    events = fields.Function(lambda pack_def: EventDefRegistrationSchema(many=True).dump(pack_def.all_event_defs()))
+    commands = fields.Function(lambda pack_def: CommandRegistrationSchema(many=True).dump(pack_def.commands))
+    links = fields.Function(lambda pack_def: _pack_links(pack_def))
+
+
+def _pack_links(pack_def):
+    links = _help_links(pack_def.help_url) or []
+    links += [{"href": href, "rel": rel} for rel, href in pack_def.links.items()]
+    return links or None
+
+
+class PackResponseSchema(Schema):
+    """The 201 body of a registration; only the id and links matter to a pack."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    id = fields.String(load_default=None)
+    name = fields.String(load_default=None)
+    links = fields.List(fields.Nested(LinkSchema), load_default=list)
+
+
+class ActionSchema(Schema):
+    """A taken action: ``{"command", "input", "links": [result link]}``, loaded into an Action."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    command = fields.String(required=True)
+    input = JSONValue(required=True, allow_none=True)
+    links = fields.List(fields.Nested(LinkSchema), required=True)
+
+    @post_load
+    def _make(self, data, **kwargs):
+        result_url = find_link(data["links"], REL_RESULT)
+        if result_url is None:
+            raise ValidationError("no link with rel .../actionResult", "links")
+        return Action(action_id_from_url(result_url), data["command"], data["input"], result_url)
+
+
+def action_id_from_url(result_url):
+    """The action id in a result URL (``.../actions/<id>/result``), the only place Flyte puts it."""
+    path = result_url.split("?", 1)[0].rstrip("/")
+    head, _, last = path.rpartition("/")
+    if last == "result" and head:
+        return head.rpartition("/")[2]
+    return result_url
+
+
+class EventBodySchema(Schema):
+    """The body of a result or event: ``{"event", "payload", "createdAt"}``; never ``pack``."""
+
+    event = fields.String(required=True)
+    payload = JSONValue(allow_none=True)
+    createdAt = RFC3339UTC(attribute="created_at")
+
+
+_EVENT_BODY = EventBodySchema()
+_REGISTRATION = PackRegistrationSchema()
+
+
+def registration_body(pack_def):
+    """The registration JSON for *pack_def*, as a dict."""
+    return _REGISTRATION.dump(pack_def)
+
+
+def encode_event(event, created_at=None):
+    """Encode *event* as the JSON bytes of a result or event POST.
+
+    :raises marshmallow.ValidationError: the payload is not JSON-serializable,
+        or the event's payload schema refuses it; the message names where.
+    """
+    payload = event.payload
+    schema = event.event_def.payload_schema
+    if schema is not None:
+        if isinstance(schema, type):
+            schema = schema()
+        payload = schema.dump(payload)
+    body = _EVENT_BODY.dump({
+        "event": event.name,
+        "payload": payload,
+        "created_at": created_at or datetime.datetime.now(datetime.timezone.utc),
+    })
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
