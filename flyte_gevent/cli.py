@@ -166,6 +166,8 @@ def _parser():
     fake.add_argument("--host", default="127.0.0.1")
     fake.add_argument("--port", type=int, default=8080)
     fake.add_argument("--latency", type=float, default=0.0, help="seconds added to every request")
+    fake.add_argument("--token", action="append", dest="tokens", metavar="TOKEN",
+                      help="require Authorization: Bearer TOKEN (repeat to accept several)")
     return parser
 
 
@@ -239,23 +241,12 @@ def _demo(args):
 
 
 def _fake_api(args):
-    import gevent
+    from .testing import main as serve_fake_api
 
-    from .testing import FakeFlyteApi
-
-    api = FakeFlyteApi(host=args.host, port=args.port)
-    api.latency = args.latency
-    api.start()
-    print(f"FakeFlyteApi listening on {api.url}", flush=True)
-    stopped = gevent.event.Event()
-    import signal
-
-    watchers = [gevent.signal_handler(s, stopped.set) for s in (signal.SIGTERM, signal.SIGINT)]
-    stopped.wait()
-    for watcher in watchers:
-        watcher.cancel()
-    api.stop()
-    return EX_OK
+    argv = ["--host", args.host, "--port", str(args.port), "--latency", str(args.latency)]
+    for token in args.tokens or ():
+        argv += ["--token", token]
+    return serve_fake_api(argv)
 
 
 _COMMANDS = {"run": _run, "check": _check, "demo": _demo, "fake-api": _fake_api}

@@ -227,13 +227,19 @@ class Pack:
                 "gevent has not monkey-patched sockets, so every request would block all greenlets: put "
                 "'from gevent import monkey; monkey.patch_all()' at the very top of your main module "
                 "(or pass allow_unpatched=True / set FLYTE_GEVENT_ALLOW_UNPATCHED=1 if you know why not)")
-        self._started = True
         self.client.size_pools(self.max_in_flight + 2)
         if self._health_server is not None:
-            self._health_server.start()
+            self._health_server.start()  # before registering, so liveness answers during an API outage
+        self._started = True
         bind_pack(self.pack_def.name)
-        if not self._register_until(None if timeout is None else time.monotonic() + timeout, timeout) \
-                or self._stopping.is_set():
+        try:
+            registered = self._register_until(None if timeout is None else time.monotonic() + timeout, timeout)
+        except BaseException:
+            self._started = False
+            if self._health_server is not None:
+                self._health_server.stop()
+            raise
+        if not registered or self._stopping.is_set():
             return  # stop() was called while registering
         sender = self._services.spawn(self._send_queued_events)
         sender.name = "event-sender"
