@@ -1,0 +1,250 @@
+"""Run a pack inside each gunicorn worker, beside the WSGI app the worker serves.
+
+A web app served by ``gunicorn -k gevent`` already runs on a patched gevent
+hub, so it can take Flyte actions in the same process: two hooks in the
+gunicorn config start a pack in each worker and drain it when the worker
+stops. The pack is named by ``FLYTE_PACK=module:attr`` and resolved exactly
+like ``flyte-gevent run module:attr`` (a ``Pack``, a ``PackDef`` or a factory;
+``FLYTE_*`` variables configure it)::
+
+    # gunicorn_conf.py
+    from flyte_gevent.gunicorn import post_worker_init, worker_exit  # noqa: F401 - hooks gunicorn calls
+
+    worker_class = "gevent"
+
+    # app.py: the pack's probes and metrics under /flyte, on the app's own port
+    from flyte_gevent.gunicorn import mount_health
+    application = mount_health(application, prefix="/flyte")
+
+    $ FLYTE_API=http://flyte:8080 FLYTE_PACK=mypack:pack_def gunicorn -c gunicorn_conf.py app:application
+
+**Start.** gunicorn's gevent worker patches, loads the app, then calls
+``post_worker_init``: the hook checks that sockets are patched, resolves and
+validates the pack, and starts it in a greenlet, so the worker serves HTTP at
+once while registration is retried in the background (``/readyz`` answers 503
+until it succeeds). A configuration error — ``FLYTE_PACK`` or ``FLYTE_API``
+missing, a target that cannot be imported, an invalid pack definition, a worker
+that is not a gevent worker — fails the worker's boot, and gunicorn stops with
+the message in its log.
+
+**Health.** The pack gets no health server of its own unless
+``FLYTE_HEALTH_PORT`` is set: with several workers a fixed port would be bound
+by the first worker only. Mount the pack's health app in the web app instead
+(:func:`mount_health`); it answers ``/livez``, ``/readyz``, ``/metrics`` and the
+Go-compatible JSON for the worker that happens to serve the request. A ready
+``Pack`` object is used as built, health port included; point ``FLYTE_PACK`` at a
+``PackDef`` or a factory to get the defaults above.
+
+**Stop.** As soon as the worker stops being alive — SIGTERM, SIGINT/SIGQUIT,
+``max_requests``, ``--reload`` — the pack stops taking actions and drains while
+gunicorn finishes the open HTTP requests; ``worker_exit`` waits for it. Running
+actions get a grace period and results a flush period that together fit the
+time gunicorn allows: ``min(graceful_timeout, timeout) - 3`` seconds, split so
+that the flush gets at most half (with the defaults, 30 s: up to 17 s of grace
+and 10 s of flush). Actions still running then are completed as FATAL "pack
+shutting down", never left PENDING.
+
+**Know before you deploy:**
+
+* Each worker process runs its own pack: ``-w 4`` means four registrations of
+  one pack id, four pollers and four times ``max_in_flight`` — four replicas as
+  far as Flyte is concerned (it hands each action to one of them).
+* ``max_requests`` (and its jitter), ``--reload`` and ``HUP`` restart workers,
+  and with them their packs: each restart drains and registers again.
+* A handler that hogs the CPU blocks the worker's hub: no HTTP, no polling, and
+  no heartbeat to the gunicorn master, which kills the worker after ``timeout``
+  seconds (default 30), leaving its running actions PENDING. Keep such work
+  cooperative, or move it to ``gevent.get_hub().threadpool``.
+* ``/metrics`` shows the pack of the worker that answered; for all workers,
+  use prometheus_client's multiprocess mode or scrape a single-worker pod.
+* With ``--preload``, patch at the top of the gunicorn config file
+  (``from gevent import monkey; monkey.patch_all()``) so the master does not
+  import ``ssl`` unpatched.
+"""
+
+import json
+import logging
+import os
+
+from ._target import build_pack, load_target
+from .errors import ConfigError
+
+__all__ = ["post_worker_init", "worker_exit", "current_pack", "mount_health", "load_pack", "shutdown_budget",
+           "PACK_VARIABLE"]
+
+log = logging.getLogger(__name__)
+
+PACK_VARIABLE = "FLYTE_PACK"
+_HEALTH_PORT_VARIABLE = "FLYTE_HEALTH_PORT"
+# Kept back from gunicorn's deadline for what follows the drain: killing
+# leftover greenlets, stopping the health server, the worker's own exit.
+_EXIT_MARGIN = 3.0
+# How often the watcher looks at worker.alive (gunicorn offers no hook for SIGTERM).
+_WATCH_INTERVAL = 0.2
+
+_worker = None  # this process's _WorkerPack, set by post_worker_init
+
+
+class _WorkerPack:
+    """The pack of this worker process and the greenlets that start and stop it."""
+
+    def __init__(self, pack, pid):
+        from gevent.pool import Group
+
+        self.pack = pack
+        self.pid = pid
+        self.greenlets = Group()
+        self.stopper = None
+
+    def spawn(self, function, *args, **kwargs):
+        greenlet = self.greenlets.spawn(function, *args, **kwargs)
+        greenlet.name = f"flyte-gunicorn:{function.__name__.strip('_')}"
+        return greenlet
+
+
+def current_pack():
+    """The pack running in this gunicorn worker, or ``None`` (not started, or not a worker).
+
+    For the web app to reach the pack it lives with, e.g. to send events::
+
+        from flyte_gevent.gunicorn import current_pack
+        current_pack().send_event_nowait(Event(order_placed, {"id": order.id}))
+    """
+    state = _worker
+    return state.pack if state is not None and state.pid == os.getpid() else None
+
+
+def mount_health(app, prefix="/flyte"):
+    """Serve this worker's pack's health app (probes, metrics) under *prefix* inside *app*.
+
+    The app is loaded before the hook starts the pack, so the pack is looked up
+    per request; until there is one, every path under *prefix* answers 503.
+
+    Usage::
+
+        application = mount_health(application)   # GET /flyte/readyz, /flyte/livez, /flyte/metrics
+    """
+    from .health import mount
+
+    return mount(app, _current_health_app, prefix)
+
+
+def _current_health_app(environ, start_response):
+    pack = current_pack()
+    if pack is not None:
+        return pack.health_app(environ, start_response)
+    body = json.dumps({"status": "unavailable",
+                       "reason": "no pack runs in this worker (is flyte_gevent.gunicorn.post_worker_init "
+                                 "one of the gunicorn hooks?)"}).encode()
+    start_response("503 Service Unavailable", [("Content-Type", "application/json; charset=utf-8"),
+                                               ("Content-Length", str(len(body)))])
+    return [body]
+
+
+def post_worker_init(worker):
+    """gunicorn hook: start the pack named by ``FLYTE_PACK`` in this worker.
+
+    Returns at once; registration goes on in the background.
+
+    :raises ConfigError: not a gevent worker, or the pack cannot be resolved or is invalid.
+    """
+    global _worker
+    from gevent import monkey
+
+    if not monkey.is_module_patched("socket"):
+        raise ConfigError("flyte_gevent.gunicorn needs gunicorn's gevent worker: set worker_class = \"gevent\" "
+                          "in the gunicorn config (or pass -k gevent)", "worker_class")
+    pack = load_pack()
+    pack.pack_def.validate()  # refused here, a bad definition fails the boot instead of a greenlet
+    state = _WorkerPack(pack, os.getpid())
+    _worker = state
+    state.spawn(_start, state, worker.pid)
+    state.spawn(_watch, worker, state)
+    log.info("worker %s runs pack %r (pack id %r)", worker.pid, pack.pack_def.name, pack.pack_def.id)
+
+
+def worker_exit(server, worker):
+    """gunicorn hook: drain this worker's pack (stop taking, finish or FATAL running actions, flush)."""
+    global _worker
+    state = _worker
+    if state is None or state.pid != os.getpid():
+        return  # no pack here: the master calls this hook too, for workers that vanished
+    _begin_stop(worker, state)
+    state.stopper.join()
+    state.greenlets.kill(block=True, timeout=1)
+    _worker = None
+
+
+def load_pack(environ=None):
+    """The :class:`~flyte_gevent.Pack` that ``FLYTE_PACK`` names, configured for a gunicorn worker.
+
+    A ``PackDef`` (or a factory returning one) is configured from ``FLYTE_*``
+    variables like ``flyte-gevent run`` does, except that the health server is
+    off unless ``FLYTE_HEALTH_PORT`` is set. A ready ``Pack`` is used as it is.
+
+    :raises ConfigError: ``FLYTE_PACK`` is missing or names nothing usable.
+    """
+    from .models import PackDef
+    from .pack import Pack
+
+    environ = os.environ if environ is None else environ
+    spec = environ.get(PACK_VARIABLE, "").strip()
+    if not spec:
+        raise ConfigError(f"{PACK_VARIABLE} is not set: name the pack each worker runs as module:attr, "
+                          "e.g. mypack:pack_def", PACK_VARIABLE)
+    target = load_target(spec, PACK_VARIABLE)
+    if callable(target) and not isinstance(target, (Pack, PackDef)):
+        target = target()
+    if not isinstance(target, PackDef):
+        return build_pack(target)
+    overrides = {} if environ.get(_HEALTH_PORT_VARIABLE, "").strip() else {"health_port": None}
+    return build_pack(target, overrides, environ)
+
+
+def shutdown_budget(pack, cfg):
+    """``(grace_period, flush_timeout)`` for stopping *pack* within gunicorn's deadline (*cfg* is its config).
+
+    The worker has ``graceful_timeout`` seconds after the master's signal before
+    it is killed, and must not go ``timeout`` seconds without a heartbeat when it
+    restarts on its own (``max_requests``); keep ``_EXIT_MARGIN`` of that for the
+    end of the stop, give the flush at most half the rest, the grace the others.
+    """
+    limit = float(cfg.graceful_timeout)
+    if cfg.timeout:
+        limit = min(limit, float(cfg.timeout))
+    budget = max(0.0, limit - _EXIT_MARGIN)
+    flush = min(pack.flush_timeout, budget / 2)
+    grace = min(pack.grace_period, budget - flush)
+    return grace, flush
+
+
+def _start(state, pid):
+    from .errors import FlyteError
+
+    pack = state.pack
+    if state.stopper is not None:
+        return  # the worker was told to stop before this greenlet ran
+    try:
+        pack.start()
+    except FlyteError as exc:
+        log.error("pack %r will not take actions in worker %s: %s", pack.pack_def.name, pid, exc)
+    except Exception:
+        log.exception("pack %r failed to start in worker %s", pack.pack_def.name, pid)
+
+
+def _watch(worker, state):
+    import gevent
+
+    while worker.alive:
+        gevent.sleep(_WATCH_INTERVAL)
+    _begin_stop(worker, state)
+
+
+def _begin_stop(worker, state):
+    """Start draining the pack in its own greenlet, once."""
+    if state.stopper is not None:
+        return
+    grace, flush = shutdown_budget(state.pack, worker.cfg)
+    log.info("worker %s is stopping: draining pack %r (grace %g s, flush %g s)", worker.pid,
+             state.pack.pack_def.name, grace, flush)
+    state.stopper = state.spawn(state.pack.stop, grace_period=grace, flush_timeout=flush)

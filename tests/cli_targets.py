@@ -1,0 +1,51 @@
+"""Targets for the ``flyte-gevent run``/``check`` subprocess tests (tests/test_cli.py).
+
+Every kind of target the CLI accepts, on one small pack ``CliEcho`` whose
+``Echo`` command logs through its own logger (so the tests can look for the
+action context on the pack author's records) and can be made to sleep:
+
+* ``pack_def`` — a PackDef; ``create_pack_def`` — a factory returning one;
+* tests/cli_pack_target.py holds a ready ``pack`` (a ``Pack``);
+* ``broken_factory`` — raises, the CLI's "unexpected error" case; ``not_a_pack`` — neither;
+* ``bad_pack_def`` — a definition Flyte would refuse.
+
+Nothing here patches: the CLI does that before importing this module.
+"""
+
+import logging
+
+import gevent
+
+from flyte_gevent import Event, EventDef, PackDef
+
+log = logging.getLogger("cli_targets.echo")
+
+echoed = EventDef("Echoed")
+
+
+def _make_pack_def(name="CliEcho"):
+    pack_def = PackDef(name, labels={"team": "cli"})
+
+    @pack_def.command("Echo", output_events=[echoed])
+    def echo(input):
+        log.info("echoing %s", input.get("text"))
+        gevent.sleep(float(input.get("sleep_s", 0)))
+        return Event(echoed, {"text": input.get("text")})
+
+    return pack_def
+
+
+pack_def = _make_pack_def()
+
+
+def create_pack_def():
+    return _make_pack_def("CliFactory")
+
+
+def broken_factory():
+    raise RuntimeError("the database is on fire")
+
+
+not_a_pack = 42
+
+bad_pack_def = PackDef("bad name")

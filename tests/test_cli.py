@@ -1,0 +1,263 @@
+"""The ``flyte-gevent`` command, run as a subprocess against the in-process FakeFlyteApi.
+
+Targets live in tests/cli_targets.py and tests/cli_pack_target.py; the subprocesses run with tests/ as their
+working directory, so ``cli_targets:pack_def`` imports the way a pack author's ``mypack:pack_def`` would.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import gevent
+import pytest
+
+from flyte_gevent import config
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+FLYTE_GEVENT = os.path.join(os.path.dirname(sys.executable), "flyte-gevent")
+DEAD_API = "http://127.0.0.1:9"  # nothing listens on the discard port
+
+
+@pytest.fixture
+def cli_env(subprocess_env):
+    env = dict(subprocess_env)
+    env.pop("COLUMNS", None)
+    return env
+
+
+def flyte_gevent(*args, env, timeout=10):
+    """Run ``flyte-gevent ARGS`` to completion; the CompletedProcess (text output)."""
+    return subprocess.run([FLYTE_GEVENT, *args], cwd=TESTS, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+class Running:
+    """``flyte-gevent ARGS`` left running, its output in files, so the test can act while it runs."""
+
+    def __init__(self, args, env, tmp_path, command=(FLYTE_GEVENT,)):
+        self._out = open(tmp_path / "stdout", "w+")
+        self._err = open(tmp_path / "stderr", "w+")
+        self.process = subprocess.Popen([*command, *args], cwd=TESTS, env=env, stdout=self._out, stderr=self._err,
+                                        text=True)
+
+    def stop(self, timeout=10):
+        """SIGTERM, wait, and return ``(returncode, stdout, stderr)``."""
+        self.process.send_signal(signal.SIGTERM)
+        returncode = self.process.wait(timeout=timeout)
+        return returncode, self._read(self._out), self._read(self._err)
+
+    def kill(self):
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=5)
+        self._out.close()
+        self._err.close()
+
+    @staticmethod
+    def _read(f):
+        f.flush()
+        f.seek(0)
+        return f.read()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _one_error_line(result):
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("Error: ")
+    return lines[0]
+
+
+# -- run -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target, pack_id", [
+    ("cli_targets:pack_def", "CliEcho.team.cli"),          # a PackDef
+    ("cli_pack_target:pack", "CliReady.team.cli"),         # a ready Pack
+    ("cli_targets:create_pack_def", "CliFactory.team.cli"),  # a factory
+])
+def test_run_takes_actions_for_each_kind_of_target_and_exits_0_after_sigterm(target, pack_id, flyte_api, cli_env,
+                                                                           tmp_path):
+    cli_env.update({"FLYTE_API": flyte_api.url, "FLYTE_HEALTH_PORT": "off",
+                    "FLYTE_GEVENT_POLLING_INTERVAL": "0.5"})
+    action = flyte_api.enqueue(pack_id.split(".")[0], "Echo", {"text": "hi"})
+    running = Running(["run", target], cli_env, tmp_path)
+    try:
+        assert flyte_api.wait_for_pack(pack_id, timeout=10).id == pack_id
+        assert flyte_api.wait_for_result(action, timeout=10).payload == {"text": "hi"}
+        returncode, _, stderr = running.stop()
+        assert returncode == 0, stderr
+        assert "stopped" in stderr and "Traceback" not in stderr
+    finally:
+        running.kill()
+
+
+def test_run_flags_win_over_the_environment(flyte_api, cli_env, tmp_path):
+    health_port = _free_port()
+    cli_env.update({"FLYTE_API": DEAD_API, "FLYTE_LABELS": "team=env", "FLYTE_HEALTH_PORT": "off",
+                    "FLYTE_GEVENT_MAX_IN_FLIGHT": "1", "FLYTE_GEVENT_LOG_LEVEL": "error",
+                    "FLYTE_GEVENT_LOG_FORMAT": "text"})
+    ids = flyte_api.enqueue_many("CliEcho", "Echo", [{"text": f"t{i}", "sleep_s": 0.6} for i in range(4)])
+    running = Running(["run", "cli_targets:pack_def", "--api", flyte_api.url, "--labels", "team=flag",
+                       "--health-port", str(health_port), "--max-in-flight", "3", "--log-level", "info",
+                       "--log-format", "json", "--polling-interval", "0.5"], cli_env, tmp_path)
+    try:
+        flyte_api.wait_for_pack("CliEcho.team.flag", timeout=10)        # --api and --labels won
+        with urllib.request.urlopen(f"http://127.0.0.1:{health_port}/livez", timeout=3) as response:
+            assert response.status == 200                               # --health-port won over "off"
+        most_pending = 0
+        deadline = time.monotonic() + 10
+        while any(flyte_api.action(i).result is None for i in ids) and time.monotonic() < deadline:
+            most_pending = max(most_pending, len(flyte_api.pending()))
+            gevent.sleep(0.02)
+        assert most_pending == 3                                        # --max-in-flight won over 1
+        flyte_api.wait_for_results(ids, timeout=1)
+        returncode, _, stderr = running.stop()
+    finally:
+        running.kill()
+    assert returncode == 0, stderr
+
+    records = [json.loads(line) for line in stderr.splitlines() if line.strip()]  # --log-format json won
+    assert {"INFO", "WARNING"} <= {r["level"] for r in records}                    # --log-level info won
+    for i, action_id in enumerate(ids):
+        (mine,) = [r for r in records if r["msg"] == f"echoing t{i}"]
+        assert mine["logger"] == "cli_targets.echo"
+        assert (mine["action_id"], mine["command"], mine["pack"]) == (action_id, "Echo", "CliEcho")
+    stopping = next(r for r in records if r["msg"].startswith("stopping pack"))
+    assert stopping["action_id"] is None and stopping["command"] is None
+    assert set(records[0]) >= {"ts", "level", "logger", "msg", "pack", "action_id", "command"}
+
+
+def test_print_config_shows_flags_over_environment_and_redacts_the_token(cli_env):
+    cli_env.update({"FLYTE_API": DEAD_API, "FLYTE_HEALTH_PORT": "9999", "FLYTE_JWT": "s3cret-token",
+                    "FLYTE_GEVENT_MAX_IN_FLIGHT": "7"})
+    result = flyte_gevent("run", "cli_targets:pack_def", "--print-config", "--api", "http://flyte:8080",
+                          "--health-port", "off", env=cli_env)
+    assert result.returncode == 0, result.stderr
+    lines = set(result.stdout.splitlines())
+    assert {"api = 'http://flyte:8080'", "health_port = None", "max_in_flight = 7", "jwt = '<redacted>'"} <= lines
+    assert "s3cret-token" not in result.stdout + result.stderr
+
+
+# -- configuration errors and crashes ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args, environ, names", [
+    (["run", "cli_targets:pack_def"], {}, "FLYTE_API or FLYTE_API_URL is not set"),
+    (["run", "cli_targets:pack_def"], {"FLYTE_API": DEAD_API, "FLYTE_LABELS": "team"},
+     "FLYTE_LABELS='team': item 1 ('team') is not key=value"),
+    (["run", "cli_targets:pack_def", "--max-in-flight", "0"], {"FLYTE_API": DEAD_API},
+     "--max-in-flight='0': expected a whole number of at least 1"),
+    (["run", "no_such_module:pack_def"], {"FLYTE_API": DEAD_API},
+     "target 'no_such_module:pack_def': cannot import 'no_such_module'"),
+    (["run", "cli_targets:nothing_here"], {"FLYTE_API": DEAD_API}, "has no attribute nothing_here"),
+    (["run", "cli_targets:not_a_pack"], {"FLYTE_API": DEAD_API}, "the target is a int"),
+    (["run", "cli_targets:bad_pack_def"], {"FLYTE_API": DEAD_API}, "invalid pack definition 'bad name'"),
+    (["check", "cli_targets:bad_pack_def"], {}, "invalid pack definition 'bad name'"),
+])
+def test_configuration_errors_exit_78_with_one_line_naming_the_problem(args, environ, names, cli_env):
+    cli_env.update(environ)
+    result = flyte_gevent(*args, env=cli_env)
+    assert result.returncode == 78, result.stderr
+    assert names in _one_error_line(result)
+    assert result.stdout == ""
+
+
+def test_an_unexpected_error_exits_1_with_one_line(cli_env):
+    cli_env["FLYTE_API"] = DEAD_API
+    result = flyte_gevent("run", "cli_targets:broken_factory", env=cli_env)
+    assert result.returncode == 1
+    assert _one_error_line(result) == "Error: unexpected RuntimeError: the database is on fire"
+
+
+def test_sigterm_while_the_api_is_unreachable_still_exits_0(cli_env, tmp_path):
+    cli_env.update({"FLYTE_API": DEAD_API, "FLYTE_HEALTH_PORT": "off"})
+    running = Running(["run", "cli_targets:pack_def"], cli_env, tmp_path)
+    try:
+        deadline = time.monotonic() + 10
+        while "cannot register" not in Running._read(running._err) and time.monotonic() < deadline:
+            gevent.sleep(0.05)
+        returncode, _, stderr = running.stop()
+    finally:
+        running.kill()
+    assert returncode == 0, stderr
+    assert "cannot register" in stderr and "stopped" in stderr
+
+
+# -- check, python -m, help -------------------------------------------------------------------------------------
+
+
+def test_check_prints_the_registration_json_with_labels_merged(cli_env):
+    cli_env["FLYTE_LABELS"] = "env=ignored"
+    result = flyte_gevent("check", "cli_targets:pack_def", "--labels", "env=dev", env=cli_env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {
+        "name": "CliEcho",
+        "labels": {"team": "cli", "env": "dev"},
+        "events": [{"name": "Echoed"}],
+        "commands": [{"name": "Echo", "events": ["Echoed"]}],
+    }
+    assert result.stderr.strip() == "pack id: CliEcho.env.dev.team.cli"
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["check", "cli_targets:pack_def"]])
+def test_python_dash_m_is_the_same_command(args, cli_env):
+    script = flyte_gevent(*args, env=cli_env)
+    module = subprocess.run([sys.executable, "-m", "flyte_gevent", *args], cwd=TESTS, env=cli_env,
+                            capture_output=True, text=True, timeout=10)
+    assert script.returncode == module.returncode == 0
+    assert (script.stdout, script.stderr) == (module.stdout, module.stderr)
+    assert script.stdout
+
+
+def _subparsers():
+    from flyte_gevent import cli
+
+    parser = cli._parser()
+    (commands,) = [a for a in parser._actions if a.dest == "command"]
+    return parser, commands.choices
+
+
+@pytest.mark.parametrize("command", ["run", "check", "demo", "fake-api"])
+def test_help_of_each_command_explains_every_option_and_fits_80_columns(command, monkeypatch, capsys):
+    from flyte_gevent import cli
+
+    monkeypatch.setenv("COLUMNS", "80")
+    _, commands = _subparsers()
+    for action in commands[command]._actions:
+        assert action.help, f"{command}: {action.option_strings or action.dest} has no help"
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"usage: flyte-gevent {command}")
+    assert max(map(len, text.splitlines())) <= 80
+    if command == "run":
+        for setting in config.SETTINGS:
+            if setting.flag is not None:
+                assert setting.flag in text and setting.env[0] in text, setting.name
+        assert "exit codes:" in text and "78" in text
+
+
+def test_top_level_help_lists_the_commands_examples_and_exit_codes(monkeypatch, capsys):
+    from flyte_gevent import cli
+
+    monkeypatch.setenv("COLUMNS", "80")
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    text = capsys.readouterr().out
+    for command in ("run", "check", "demo", "fake-api"):
+        assert f"    {command} " in text
+    assert "flyte-gevent run mypack:pack_def" in text
+    for code in ("0", "1", "2", "69", "78"):
+        assert f"\n  {code} " in text
+    assert max(map(len, text.splitlines())) <= 80
