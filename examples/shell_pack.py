@@ -21,6 +21,8 @@ What the port does better:
 Run it::
 
     FLYTE_API_URL=http://flyte:8080 FLYTE_LABELS=ABC=123 python examples/shell_pack.py
+    # or, with the CLI (SHELL_TIMEOUT applies either way):
+    FLYTE_API=http://flyte:8080 flyte-gevent run examples/shell_pack.py:create_pack_def
 """
 
 from gevent import monkey
@@ -116,12 +118,17 @@ def make_pack_def(timeout=None):
 pack_def = make_pack_def()
 
 
+def create_pack_def():
+    """The definition with ``SHELL_TIMEOUT`` applied: ``flyte-gevent run shell_pack:create_pack_def``."""
+    return make_pack_def(_timeout_from_env())
+
+
 def main():
     # Like the Go pack, FLYTE_API_URL is required; FLYTE_API is accepted too and wins.
     if not (os.environ.get("FLYTE_API") or os.environ.get("FLYTE_API_URL")):
         sys.exit("FLYTE_API_URL env. variable is not set")
     try:
-        pack = Pack.from_env(make_pack_def(_timeout_from_env()))
+        pack = Pack.from_env(create_pack_def())
     except ConfigError as exc:
         sys.exit(f"Error: {exc}")
     pack.run()

@@ -37,14 +37,18 @@ log = logging.getLogger("flyte_gevent.actions")
 SHUTDOWN_MESSAGE = "pack shutting down"
 
 # Take answers 500 when another replica won the race for the same action; retry
-# those soon and quietly, and only treat a run of them as an outage.
-_RACE_RETRIES = 3
+# those soon and quietly. Every poller goes for the oldest action, so with R
+# replicas (and several takers each) long runs of lost races are normal: only
+# 500s with no successful take for _RACE_PERIOD seconds count as an outage.
+_RACE_PERIOD = 3.0
 _RACE_DELAY = 0.2
 _ERROR_BACKOFF_CAP = 60.0
 _RESULT_BACKOFF = (0.5, 30.0)
-# A 500 on a result means "not PENDING any more" (our earlier post probably
-# landed and only its response was lost) or a database error: try twice more.
+# A 500 on a result means "not PENDING any more" or a database error. After an
+# attempt whose answer never came (or came from a gateway), it means that attempt
+# landed: stop at once. Otherwise it is a server error: try twice more.
 _RESULT_500_RETRIES = 2
+_OUTCOME_UNKNOWN = frozenset({None, 502, 504})
 
 
 class _Cancelled(BaseException):
@@ -79,7 +83,7 @@ class Poller:
         self.resume_at = 0.0     # no new take before this (monotonic)
         self.consecutive_errors = 0
         self.last_error = None
-        self._races = 0
+        self._racing_since = None  # when the take 500s since the last successful take began
         self._backoff = Backoff(pack.polling_interval, _ERROR_BACKOFF_CAP)
         self._throttle = LogThrottle(log)
         self._changed = gevent.event.Event()
@@ -155,7 +159,7 @@ class Poller:
             log.info("taking actions works again after %d failed attempts", self.consecutive_errors)
         self.consecutive_errors = 0
         self.last_error = None
-        self._races = 0
+        self._racing_since = None
         self._backoff.reset()
         self._throttle.reset()
 
@@ -167,9 +171,10 @@ class Poller:
     def _on_error(self, exc, reason=None):
         now = time.monotonic()
         self.target = 1
-        if getattr(exc, "status", None) == 500 and self._races < _RACE_RETRIES:
+        if getattr(exc, "status", None) == 500 and self._racing_since is None:
+            self._racing_since = now
+        if getattr(exc, "status", None) == 500 and now - self._racing_since < _RACE_PERIOD:
             # Probably another replica took the action we were about to get.
-            self._races += 1
             self.pack._metrics.take_error("race")
             log.debug("take answered 500 (a replica won the race?); retrying soon")
             self.resume_at = max(self.resume_at, now + random.uniform(0, _RACE_DELAY))
@@ -272,7 +277,9 @@ def _execute(pack, action):
             try:
                 value = command.input_schema.load(value)
             except ValidationError as exc:
-                message = f"invalid input for command '{command.name}':\n" + "\n".join(flatten_errors(exc.messages))
+                # Problems with the input as a whole (not an object, say) have no field path of their own.
+                lines = [line if ": " in line else f"input: {line}" for line in flatten_errors(exc.messages)]
+                message = f"invalid input for command '{command.name}':\n" + "\n".join(lines)
                 log.warning("%s", message.replace("\n", "; "))
                 return Event(command.failure_event or FATAL, message), "invalid_input"
         result = command.handler(value)
@@ -307,14 +314,15 @@ def _deliver_result(pack, action, body, event_name):
 
     202 ends it; 400 turns it into a FATAL result naming the refused event; a 404
     registers the pack again and tries once more (a second 404 means the action
-    is gone); 500 is tried at most twice more; connection errors, timeouts, 401,
-    429 and gateway errors are retried with backoff. A result given up on is
-    logged with the action id and counted as lost.
+    is gone); a 500 after an attempt whose answer was lost means that attempt
+    landed, otherwise a 500 is tried at most twice more; connection errors,
+    timeouts, 401, 429 and gateway errors are retried with backoff. A result
+    given up on is logged with the action id and counted as lost.
     """
     deadline = time.monotonic() + pack.result_deadline
     backoff = Backoff(*_RESULT_BACKOFF)
     attempts = server_errors = 0
-    reregistered = rejected = False
+    reregistered = rejected = maybe_landed = False
     while True:
         attempts += 1
         registration = pack._registration
@@ -345,9 +353,14 @@ def _deliver_result(pack, action, body, event_name):
                 continue
             if exc.status == 500:
                 server_errors += 1
+                if maybe_landed:
+                    log.warning("result for action %s answered 500 after an attempt whose answer was lost: that "
+                                "attempt completed the action, not retrying", action.id)
+                    return
                 if server_errors > _RESULT_500_RETRIES:
-                    log.warning("result for action %s answered 500 %d times; the action is probably completed "
-                                "already (an earlier response was lost), not retrying", action.id, server_errors)
+                    log.error("result %r for action %s lost: the Flyte API answered 500 %d times", event_name,
+                              action.id, server_errors)
+                    pack._metrics.result_lost()
                     return
             elif not (exc.status is None or exc.status == 401 or exc.status in RETRYABLE_STATUSES):
                 log.error("result %r for action %s lost: %s", event_name, action.id, exc)
@@ -357,13 +370,17 @@ def _deliver_result(pack, action, body, event_name):
             if attempts > 1:
                 log.info("result for action %s delivered after %d attempts", action.id, attempts)
             return
+        maybe_landed = maybe_landed or error.status in _OUTCOME_UNKNOWN
         remaining = min(deadline, pack._flush_deadline) - time.monotonic()
         if remaining <= 0:
             log.error("result %r for action %s lost after %d attempts: %s", event_name, action.id, attempts, error)
             pack._metrics.result_lost()
             return
         delay = min(backoff.next(), remaining)
-        pack._result_throttle.log(logging.WARNING, str(error),
+        # Keyed without the URL: during an outage, one line per interval rather than one per pending action.
+        # A token refused even after reloading it needs an operator: say so loudly.
+        pack._result_throttle.log(logging.ERROR if isinstance(error, FlyteAuthError) else logging.WARNING,
+                                  error.reason,
                                   "posting a result failed (action %s, attempt %d), retrying in %.1f s: %s",
                                   action.id, attempts, delay, error)
         pack._metrics.result_retried()

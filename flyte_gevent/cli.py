@@ -15,14 +15,13 @@ from gevent import monkey
 monkey.patch_all()
 
 import argparse  # noqa: E402
-import importlib  # noqa: E402
-import importlib.util  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 
 from . import __version__, config  # noqa: E402
+from ._target import build_pack, load_target  # noqa: E402 - shared with flyte_gevent.gunicorn
 from .errors import ConfigError, FlyteError  # noqa: E402
 
 __all__ = ["main", "load_target", "build_pack"]
@@ -34,78 +33,12 @@ EX_SOFTWARE = 1
 EX_UNAVAILABLE = 69
 EX_CONFIG = 78
 
-_DEFAULT_ATTRIBUTES = ("pack", "pack_def", "create_pack")
-
-
-def load_target(spec):
-    """Import ``module:attr`` (or ``path/to/file.py:attr``) the way gunicorn does.
-
-    The current directory is put on ``sys.path`` first. Without ``:attr`` the
-    names ``pack``, ``pack_def`` and ``create_pack`` are tried in turn.
-
-    :raises ConfigError: the module cannot be imported or has no such attribute.
-    """
-    module_name, _, attribute = spec.partition(":")
-    if not module_name:
-        raise ConfigError(f"target {spec!r}: expected module:attribute, e.g. mypack:pack_def", "target")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        if module_name.endswith(".py") or os.sep in module_name:
-            module = _import_file(module_name)
-        else:
-            module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"target {spec!r}: cannot import {module_name!r}: {exc}", "target") from None
-    names = [attribute] if attribute else list(_DEFAULT_ATTRIBUTES)
-    for name in names:
-        if hasattr(module, name):
-            return getattr(module, name)
-    raise ConfigError(f"target {spec!r}: module {module_name!r} has no attribute {' or '.join(names)}", "target")
-
-
-def _import_file(path):
-    if not os.path.isfile(path):
-        raise ImportError(f"no such file {path!r}")
-    name = os.path.splitext(os.path.basename(path))[0]
-    directory = os.path.dirname(os.path.abspath(path))
-    if directory not in sys.path:
-        sys.path.insert(0, directory)
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def build_pack(target, overrides=None, environ=None):
-    """Turn a loaded target (a Pack, a PackDef, or a factory returning either) into a Pack.
-
-    A PackDef is configured from the environment with *overrides* (parsed
-    settings) winning; a ready-made Pack is used as it is.
-    """
-    from .models import PackDef
-    from .pack import Pack
-
-    if callable(target) and not isinstance(target, (Pack, PackDef)):
-        target = target()
-    if isinstance(target, Pack):
-        given = sorted(name for name, value in (overrides or {}).items() if value is not None)
-        if given:
-            log.warning("the target is an already built Pack; ignoring %s", ", ".join(given))
-        return target
-    if isinstance(target, PackDef):
-        return Pack.from_env(target, environ, **{k: v for k, v in (overrides or {}).items() if v is not None})
-    raise ConfigError(f"the target is a {type(target).__name__}; expected a Pack, a PackDef or a function "
-                      "returning one", "target")
-
-
 def _settings_arguments(parser, targets):
     group = parser.add_argument_group("settings (flags win over the environment)")
     for setting in config.SETTINGS:
         if setting.flag is None or setting.target not in targets:
             continue
-        default = "" if setting.default in (None, config.REQUIRED) else f"; default {setting.default}"
+        default = "" if setting.default in (None, False, config.REQUIRED) else f"; default {setting.default}"
         help_text = f"{setting.help} [env {' or '.join(setting.env)}{default}]"
         if setting.parse is config._bool:
             group.add_argument(setting.flag, dest=setting.name, action="store_const", const="true",
@@ -125,12 +58,38 @@ def _parsed_flags(args, targets):
     return values
 
 
+_EXIT_CODES = ("exit codes:\n"
+               "  0   normal shutdown (SIGTERM or SIGINT included)\n"
+               "  1   unexpected error\n"
+               "  2   bad usage\n"
+               "  69  the Flyte API was unreachable for --start-timeout seconds\n"
+               "  78  configuration error: a missing or malformed setting, a target that\n"
+               "      cannot be imported, an invalid pack definition (one 'Error: ...' line)")
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Wraps one-paragraph descriptions as usual; keeps multi-line text (examples, exit codes) as written."""
+
+    def _fill_text(self, text, width, indent):
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+_TARGET_HELP = ("the pack: a Pack, a PackDef, or a function returning one, as module:attr or path/to/file.py:attr; "
+                "without :attr, pack, pack_def and create_pack are tried")
+
+
 def _parser():
     parser = argparse.ArgumentParser(
         prog="flyte-gevent",
-        description="Run Flyte packs written with flyte_gevent.",
-        epilog="Exit codes: 0 normal shutdown, 78 configuration error, 69 API unreachable within "
-               "--start-timeout, 1 unexpected error.")
+        formatter_class=_HelpFormatter,
+        description="Run and check Flyte packs written with flyte_gevent.",
+        epilog="examples:\n"
+               "  flyte-gevent run mypack:pack_def --api http://flyte:8080 --labels env=prod\n"
+               "  flyte-gevent check mypack:pack_def\n"
+               "  flyte-gevent run --help   (every option, and the FLYTE_* variable behind it)\n\n"
+               + _EXIT_CODES)
     parser.add_argument("--version", action="version", version=f"flyte-gevent {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -138,8 +97,9 @@ def _parser():
         "run", help="run a pack until SIGTERM/SIGINT",
         description="Import MODULE:ATTR (a Pack, a PackDef, or a function returning one), configure it from "
                     "flags and FLYTE_* variables, register it and run it until SIGTERM or SIGINT. "
-                    "A second signal forces the stop.")
-    run.add_argument("target", metavar="MODULE:ATTR", help="e.g. mypack:pack_def or path/to/pack.py:pack_def")
+                    "The first signal drains running actions; a second one forces the stop.",
+        epilog=_EXIT_CODES, formatter_class=_HelpFormatter)
+    run.add_argument("target", metavar="MODULE:ATTR", help=_TARGET_HELP)
     _settings_arguments(run, ("client", "pack", "labels", "cli"))
     run.add_argument("--start-timeout", type=float, metavar="SECONDS",
                      help="give up (exit 69) when the pack cannot register within this time; default: keep trying")
@@ -150,7 +110,7 @@ def _parser():
         "check", help="validate a pack definition offline and print its registration JSON",
         description="Import MODULE:ATTR, validate the pack definition without contacting Flyte, and print the "
                     "JSON body it registers with.")
-    check.add_argument("target", metavar="MODULE:ATTR")
+    check.add_argument("target", metavar="MODULE:ATTR", help=_TARGET_HELP)
     check.add_argument("--labels", metavar="LABELS", help="labels to merge in, as key=value[,key=value...] "
                                                           "[env FLYTE_LABELS]")
 
@@ -163,9 +123,9 @@ def _parser():
 
     fake = commands.add_parser("fake-api", help="serve the fake Flyte API for local development",
                                description="Serve flyte_gevent.testing.FakeFlyteApi until SIGTERM/SIGINT.")
-    fake.add_argument("--host", default="127.0.0.1")
-    fake.add_argument("--port", type=int, default=8080)
-    fake.add_argument("--latency", type=float, default=0.0, help="seconds added to every request")
+    fake.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    fake.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
+    fake.add_argument("--latency", type=float, default=0.0, metavar="SECONDS", help="seconds added to every request")
     fake.add_argument("--token", action="append", dest="tokens", metavar="TOKEN",
                       help="require Authorization: Bearer TOKEN (repeat to accept several)")
     return parser
@@ -204,12 +164,11 @@ def _run(args):
         return EX_OK
     pack = build_pack(load_target(args.target), pack_flags)
     try:
-        pack.start(timeout=args.start_timeout)
+        pack.run(start_timeout=args.start_timeout)
     except FlyteError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         pack.stop(grace_period=0)
         return EX_UNAVAILABLE if exc.status != 400 else EX_CONFIG
-    pack.run()
     return EX_OK
 
 

@@ -130,7 +130,7 @@ class Client:
     def __init__(self, url, timeout=10.0, insecure=False, jwt=None, *, jwt_file=None, ca_file=None,
                  pool_size=10):
         self.url = _check_url(url)
-        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0:
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 < timeout < float("inf"):
             raise ConfigError(f"timeout={timeout!r}: must be a positive number of seconds", "timeout")
         self.timeout = float(timeout)
         self.insecure = bool(insecure)
@@ -179,7 +179,7 @@ class Client:
         url = self.url.rstrip("/") + "/v1"
         status, _, body = self._send("GET", url, via_requests=True)
         if status != 200:
-            raise _http_error("GET", url, status, body, "discovery expected 200")
+            raise _http_error("GET", url, status, body, "discovery expected 200", pack_url=False)
         document = self._load(_LINKS_DOCUMENT, body, "GET", url, "link document")
         packs_url = find_link(document["links"], REL_PACKS)
         if packs_url is None:
@@ -200,7 +200,7 @@ class Client:
         if status != 201:
             reason = ("the Flyte API refused the pack definition (400)" if status == 400
                       else "registration expected 201")
-            raise _http_error("POST", packs_url, status, body, reason)
+            raise _http_error("POST", packs_url, status, body, reason, pack_url=False)
         pack = self._load(_PACK_RESPONSE, body, "POST", packs_url, "registration response") if body else {}
         links = pack.get("links") or []
         take_url, events_url = find_link(links, REL_TAKE), find_link(links, REL_EVENTS)
@@ -280,8 +280,9 @@ class Client:
             headers["Authorization"] = authorization
         try:
             if via_requests or self._lean is None:
+                # verify is passed explicitly: requests lets REQUESTS_CA_BUNDLE override a session's ca_file.
                 response = self._session.request(method, url, data=body, headers=headers, timeout=self.timeout,
-                                                 allow_redirects=False)
+                                                 allow_redirects=False, verify=self._session.verify)
                 return response.status_code, response.headers, response.content
             headers["User-Agent"] = USER_AGENT
             response = self._lean.request(method, url, body, headers)
@@ -306,7 +307,10 @@ class Client:
         self._session.mount("https://", adapter)
 
     def _ssl_context(self):
-        context = ssl.create_default_context(cafile=self.ca_file)
+        try:
+            context = ssl.create_default_context(cafile=self.ca_file)
+        except OSError as exc:  # a missing or unreadable bundle (ssl.SSLError is an OSError too)
+            raise ConfigError(f"ca_file={self.ca_file!r}: cannot load CA certificates: {exc}", "ca_file") from None
         if self.insecure:
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
@@ -316,6 +320,8 @@ class Client:
 def _check_url(url):
     try:
         parts = urlsplit(url) if isinstance(url, str) else None
+        if parts is not None:
+            parts.port  # noqa: B018 - raises ValueError for a port that is not a number in 0-65535
     except ValueError:
         parts = None
     if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
@@ -332,12 +338,13 @@ def _cause(exc):
     return f"{type(exc).__name__}: {text}" if text != type(exc).__name__ else text
 
 
-def _http_error(method, url, status, body, expectation):
+def _http_error(method, url, status, body, expectation, pack_url=True):
+    """The FlyteError for an unexpected status; a 404 means "pack deleted" only on a pack's own URLs."""
     text = f"{expectation}, got {status} {http.client.responses.get(status, '')}".rstrip()
     if status == 401:
         return FlyteAuthError(f"unauthorized (401): the token is missing, expired or not allowed ({expectation})",
                               method=method, url=url, status=status, body=body)
-    if status == 404:
+    if status == 404 and pack_url:
         return PackNotFoundError(f"not found (404): the pack is not registered ({expectation})",
                                  method=method, url=url, status=status, body=body)
     return FlyteHTTPError(text, method=method, url=url, status=status, body=body)

@@ -18,6 +18,7 @@ import os
 from urllib.parse import urlsplit
 
 from .errors import ConfigError, redact_url
+from .models import is_path_safe
 
 __all__ = ["Setting", "SETTINGS", "from_environ", "parse_labels", "MIN_POLLING_INTERVAL"]
 
@@ -38,9 +39,14 @@ def parse_labels(text):
         return labels
     for number, item in enumerate(text.split(","), 1):
         key, sep, value = item.partition("=")
-        if not sep or not key.strip():
+        key, value = key.strip(), value.strip()
+        if not sep or not key:
             raise ValueError(f"item {number} ({item.strip()!r}) is not key=value")
-        labels[key.strip()] = value.strip()
+        if not is_path_safe(key) or (value and not is_path_safe(value)):
+            # Flyte puts labels into the pack id and its links unescaped.
+            raise ValueError(f"item {number} ({item.strip()!r}) holds a space or one of / ? # % \" < >, which "
+                             "break the pack's links")
+        labels[key] = value
     return labels
 
 
@@ -187,10 +193,11 @@ SETTINGS = (
     Setting("allow_unpatched", ("FLYTE_GEVENT_ALLOW_UNPATCHED",), None, _bool, False,
             "start even though gevent's monkey-patching was not applied (experts only)"),
     Setting("log_level", ("FLYTE_GEVENT_LOG_LEVEL",), "--log-level",
-            _choice("debug", "info", "warning", "error", "critical"), "info", "log level", target="cli",
-            metavar="LEVEL"),
+            _choice("debug", "info", "warning", "error", "critical"), "info",
+            "log level: debug, info, warning, error or critical", target="cli", metavar="LEVEL"),
     Setting("log_format", ("FLYTE_GEVENT_LOG_FORMAT",), "--log-format", _choice("text", "json"), "text",
-            "log format", target="cli", metavar="FORMAT"),
+            "text, or json for one JSON object per line (with action_id and command while an action runs)",
+            target="cli", metavar="text|json"),
 )
 
 _BY_NAME = {setting.name: setting for setting in SETTINGS}
@@ -209,6 +216,7 @@ def from_environ(environ=None, names=None, overrides=None):
     """Read settings from *environ* (``os.environ``): ``{name: value}`` for every setting in *names*.
 
     :param overrides: values that win over the environment (already parsed), e.g. CLI flags.
+        ``None`` wins too (``--health-port off``), except for a required setting.
     :raises ConfigError: a required setting is missing or a value is malformed.
     """
     environ = os.environ if environ is None else environ
@@ -217,7 +225,7 @@ def from_environ(environ=None, names=None, overrides=None):
     for setting in SETTINGS:
         if names is not None and setting.name not in names:
             continue
-        if overrides.get(setting.name) is not None:
+        if setting.name in overrides and (overrides[setting.name] is not None or setting.default is not REQUIRED):
             values[setting.name] = overrides[setting.name]
             continue
         for variable in setting.env:

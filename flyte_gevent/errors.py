@@ -60,9 +60,9 @@ def redact_url(url):
         return "<unparsable url>"
     if parts.username is None and parts.password is None:
         return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
+    # The host and port as written: parts.port would raise for a bad port, and
+    # parts.hostname drops an IPv6 address's brackets.
+    host = parts.netloc.rpartition("@")[2]
     return urlunsplit((parts.scheme, "***@" + host, parts.path, parts.query, parts.fragment))
 
 

@@ -183,7 +183,12 @@ class HealthServer:
         self._server = server
         log.info("health server listening on %s:%s", self.host, self.port)
 
-    def stop(self, timeout=1.0):
+    def stop(self, timeout=0.2):
+        """Stop listening; requests still being answered get *timeout* seconds.
+
+        Kept short because probes and scrapers hold idle keep-alive connections
+        open, and stop() waits for those too before closing them.
+        """
         server, self._server = self._server, None
         if server is not None:
             server.stop(timeout=timeout)

@@ -27,6 +27,7 @@ Series (no action ids as labels; unknown command names are folded into
 """
 
 import logging
+import weakref
 
 from . import __version__
 
@@ -179,16 +180,24 @@ def make_metrics(setting, pack_name, commands):
     return Metrics(pack_name, commands, registry)
 
 
+_blocked_counters = weakref.WeakSet()
+
+
 def _subscribe_loop_monitor(counter):
-    # gevent publishes EventLoopBlocked when its monitor thread is enabled
-    # (GEVENT_MONITOR_THREAD_ENABLE=1); count them so a blocked hub shows up.
-    try:
-        from gevent import events
-    except ImportError:  # pragma: no cover - gevent always ships it
-        return
+    """Count gevent's EventLoopBlocked reports (published when ``GEVENT_MONITOR_THREAD_ENABLE=1``).
 
-    def on_event(event):
-        if isinstance(event, events.EventLoopBlocked):
-            counter.inc()
+    One subscriber per process feeds every live pack's counter; a pack that is
+    gone drops out of the weak set instead of being kept alive by gevent.
+    """
+    from gevent import events
 
-    events.subscribers.append(on_event)
+    if not _blocked_counters:
+        def on_event(event):
+            if isinstance(event, events.EventLoopBlocked):
+                for live in list(_blocked_counters):
+                    live.inc()
+
+        if not any(getattr(s, "__name__", "") == "on_event" and getattr(s, "__module__", "") == __name__
+                   for s in events.subscribers):
+            events.subscribers.append(on_event)
+    _blocked_counters.add(counter)

@@ -15,13 +15,19 @@ __all__ = ["EventDef", "Event", "Command", "PackDef", "Action", "FATAL", "fatal_
 
 log = logging.getLogger(__name__)
 
-# Characters that survive unescaped in a URL path and query: the server puts pack
-# ids and command names into links verbatim.
-_URL_SAFE = re.compile(r"^[A-Za-z0-9._~-]+$")
-_URL_SAFE_OR_EMPTY = re.compile(r"^[A-Za-z0-9._~-]*$")
+# The server puts pack ids (name and labels) into link paths and command names
+# into a query string, verbatim. These are the characters that survive that
+# unescaped (RFC 3986 pchar without '%', and the unreserved set for queries).
+_PATH_SAFE = re.compile(r"^[A-Za-z0-9._~!$&'()*+,;=:@-]+$")
+_QUERY_SAFE = re.compile(r"^[A-Za-z0-9._~-]+$")
 # The server's reserved-rel check (flyte pack/handler.go): deliberately unanchored
 # for "up" and "self", so rels such as "support" or "setup" are refused too.
 _RESERVED_REL = re.compile(r"up|self|/actionResult$|/takeAction$|/event$")
+
+
+def is_path_safe(text):
+    """Whether *text* is non-empty and survives unescaped in a URL path (pack names, label keys and values)."""
+    return isinstance(text, str) and bool(_PATH_SAFE.match(text))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +102,8 @@ class Command:
     :param input_schema: optional marshmallow schema (class or instance): input
         is validated and loaded before the handler runs.
     :param failure_event: optional :class:`EventDef` used instead of ``FATAL``
-        when the input does not pass ``input_schema``.
+        when the input does not pass ``input_schema`` (added to ``output_events``);
+        its payload is the same text as the FATAL one.
     :param timeout: seconds after which a running handler is killed and the
         action completed as ``FATAL`` ("timed out after N s"); overrides the
         pack's default.
@@ -112,6 +119,9 @@ class Command:
         if isinstance(failure_event, str):
             failure_event = EventDef(failure_event)
         self.failure_event = failure_event
+        if failure_event is not None and failure_event.name not in {e.name for e in self.output_events}:
+            # The command can emit it, so it is registered among the command's events.
+            self.output_events += (failure_event,)
         self.timeout = timeout
 
     def __repr__(self):
@@ -204,19 +214,19 @@ class PackDef:
         or handler-less commands, and malformed help URLs.
         """
         problems = []
-        if not isinstance(self.name, str) or not _URL_SAFE.match(self.name):
-            problems.append(f"pack name {self.name!r} must be non-empty and use only letters, digits and -._~")
+        if not is_path_safe(self.name):
+            problems.append(f"pack name {self.name!r} must be non-empty, without spaces or any of / ? # % \" < >")
         for key, value in self.labels.items():
-            if not isinstance(key, str) or not _URL_SAFE.match(key):
-                problems.append(f"label key {key!r} must be non-empty and use only letters, digits and -._~")
-            if not isinstance(value, str) or not _URL_SAFE_OR_EMPTY.match(value):
-                problems.append(f"label {key}={value!r}: value must use only letters, digits and -._~")
+            if not is_path_safe(key):
+                problems.append(f"label key {key!r} must be non-empty, without spaces or any of / ? # % \" < >")
+            if not isinstance(value, str) or (value and not is_path_safe(value)):
+                problems.append(f"label {key}={value!r}: the value must not hold spaces or any of / ? # % \" < >")
         seen = set()
         for command in self.commands:
             if not isinstance(command, Command):
                 problems.append(f"commands must be Command objects, got {type(command).__name__}")
                 continue
-            if not isinstance(command.name, str) or not _URL_SAFE.match(command.name):
+            if not isinstance(command.name, str) or not _QUERY_SAFE.match(command.name):
                 problems.append(f"command name {command.name!r} must be non-empty and use only letters, digits and -._~")
             if command.name in seen:
                 problems.append(f"command {command.name!r} is defined twice")
@@ -226,6 +236,9 @@ class PackDef:
             for event_def in command.output_events:
                 if not isinstance(event_def, EventDef):
                     problems.append(f"command {command.name!r}: output events must be EventDef objects")
+            if command.input_schema is not None and not callable(getattr(command.input_schema, "load", None)):
+                problems.append(f"command {command.name!r}: input_schema must be a marshmallow Schema (class or "
+                                f"instance), not {type(command.input_schema).__name__}")
             if command.timeout is not None and not command.timeout > 0:
                 problems.append(f"command {command.name!r}: timeout must be a positive number of seconds")
             problems += _url_problems(f"command {command.name!r} help_url", command.help_url)

@@ -132,6 +132,8 @@ class Pack:
         self._grace_end = math.inf
         self._flush_deadline = math.inf
         self._service_failure = None
+        self._start_failure = None
+        self._stopper = None
 
         self._events = gevent.queue.JoinableQueue(maxsize=event_buffer)
         self._events_closed = False
@@ -199,6 +201,8 @@ class Pack:
         if self._stopping.is_set():
             return False, "shutting down"
         if not self._registered.is_set():
+            if self._start_failure is not None:
+                return False, f"registration failed: {self._start_failure}"
             return False, "not registered with the Flyte API yet"
         poller = self._poller
         if poller is not None and poller.consecutive_errors >= _NOT_READY_AFTER_ERRORS:
@@ -234,8 +238,9 @@ class Pack:
         bind_pack(self.pack_def.name)
         try:
             registered = self._register_until(None if timeout is None else time.monotonic() + timeout, timeout)
-        except BaseException:
+        except BaseException as exc:
             self._started = False
+            self._start_failure = str(exc) or type(exc).__name__
             if self._health_server is not None:
                 self._health_server.stop()
             raise
@@ -252,11 +257,17 @@ class Pack:
         log.info("pack %r is registered as %r and %s", self.pack_def.name, self.pack_id,
                  f"taking actions for {sorted(self._commands)}" if self._commands else "has no commands to take")
 
-    def run(self):
+    def run(self, start_timeout=None):
         """:meth:`start` if needed, then block until :meth:`stop` or SIGTERM/SIGINT has finished.
 
-        The first signal stops gracefully; a second one cuts the grace period
-        and the flush short. Returns normally, so the program exits 0.
+        Signals are handled from the moment it is called, so a SIGTERM during a
+        long registration also ends in a clean stop. The first signal stops
+        gracefully; a second one cuts the grace period and the flush short.
+        Returns normally, so the program exits 0.
+
+        :param start_timeout: passed to :meth:`start` as its ``timeout``.
+        :raises RuntimeError: the pack stopped because its poller or event
+            sender died (a bug, logged with its traceback).
         """
         watchers = []
         try:
@@ -265,16 +276,20 @@ class Pack:
         except ValueError:  # not the main thread: the embedding program owns signals
             pass
         try:
-            self.start()
+            self.start(timeout=start_timeout)
             self._stopped.wait()
         finally:
             for watcher in watchers:
                 watcher.cancel()
+        if self._service_failure is not None:
+            raise RuntimeError(self._service_failure)
 
-    def stop(self, grace_period=None):
+    def stop(self, grace_period=None, flush_timeout=None):
         """Stop gracefully; returns when everything is delivered or given up on.
 
         :param grace_period: overrides the pack's ``grace_period`` for this stop.
+        :param flush_timeout: overrides the pack's ``flush_timeout`` for this stop
+            (e.g. to fit an embedding server's own shutdown deadline).
         """
         if self._stop_begun:
             self._stopped.wait()
@@ -292,12 +307,15 @@ class Pack:
         if self._poller is not None:
             self._poller.notify()
 
-        if not self._wait_for(lambda: not self._running and not self._taking(), lambda: self._grace_end):
+        # A take still in flight also delays the cut-off, but only handlers are worth a warning.
+        if not self._wait_for(lambda: not self._running and not self._taking(), lambda: self._grace_end) \
+                and self._running:
             log.warning("%d actions still running after the grace period; completing them as FATAL %r",
                         len(self._running), SHUTDOWN_MESSAGE)
         cancel_handlers(self)
 
-        self._flush_deadline = min(self._flush_deadline, time.monotonic() + self.flush_timeout)
+        flush = self.flush_timeout if flush_timeout is None else flush_timeout
+        self._flush_deadline = min(self._flush_deadline, time.monotonic() + flush)
         self._events_closed = True
         self._next_stage()
         self._wait_for(lambda: not self._actions and not self._events.unfinished_tasks, lambda: self._flush_deadline)
@@ -448,9 +466,13 @@ class Pack:
         self._next_stage()
 
     def _service_died(self, greenlet):
-        self._service_failure = f"{greenlet.name} greenlet died: {greenlet.exception!r}"
-        log.error("the %s greenlet died: %r", greenlet.name, greenlet.exception,
-                  exc_info=(type(greenlet.exception), greenlet.exception, greenlet.exception.__traceback__))
+        # A dead poller or event sender is a bug, and a pack without one only looks
+        # alive: fail liveness, stop cleanly, and make run() raise (CLI exit 1).
+        exc = greenlet.exception
+        self._service_failure = f"the {greenlet.name} greenlet died: {type(exc).__name__}: {exc}"
+        log.error("%s; stopping the pack", self._service_failure, exc_info=(type(exc), exc, exc.__traceback__))
+        if not self._stop_begun:
+            self._stopper = gevent.spawn(self.stop)
 
     @staticmethod
     def _task_died(greenlet):
@@ -529,7 +551,8 @@ class Pack:
                 raise DeliveryError(f"event {name!r} not delivered within {limit:g} s ({attempts} attempts): "
                                     f"{error.reason}", last_error=error)
             delay = min(backoff.next(), remaining)
-            self._event_throttle.log(logging.WARNING, str(error),
+            # A token refused even after reloading it needs an operator: say so loudly.
+            self._event_throttle.log(logging.ERROR if error.status == 401 else logging.WARNING, str(error),
                                      "sending event %r failed (attempt %d), retrying in %.1f s: %s",
                                      name, attempts, delay, error)
             self._sleep(delay)

@@ -202,15 +202,16 @@ class CommandRegistrationSchema(_RegistrationPart):
 class PackRegistrationSchema(_RegistrationPart):
     """The registration body built from a :class:`~flyte_gevent.models.PackDef`.
 
-    Labels and links are left out when there are none; help links appear only
-    where a help URL is given; event definitions are de-duplicated in
-    declaration order.
+    Labels, events, commands and links are left out when there are none (as in
+    the bodies of docs/flyte-api.md Part 5); help links appear only where a help
+    URL is given; event definitions are de-duplicated in declaration order.
     """
 
     name = fields.String()
     labels = fields.Function(lambda pack_def: dict(pack_def.labels) or None)
-    events = fields.Function(lambda pack_def: EventDefRegistrationSchema(many=True).dump(pack_def.all_event_defs()))
-    commands = fields.Function(lambda pack_def: CommandRegistrationSchema(many=True).dump(pack_def.commands))
+    events = fields.Function(
+        lambda pack_def: EventDefRegistrationSchema(many=True).dump(pack_def.all_event_defs()) or None)
+    commands = fields.Function(lambda pack_def: CommandRegistrationSchema(many=True).dump(pack_def.commands) or None)
     links = fields.Function(lambda pack_def: _pack_links(pack_def))
 
 

@@ -296,3 +296,11 @@ def test_from_env_raises_a_config_error_naming_the_variable(environ, variable):
         Pack.from_env(demo_def(), environ=environ)
     assert caught.value.name == variable
     assert variable in str(caught.value)
+
+
+@pytest.mark.parametrize("text", ["env=dev test", "team/x=a", "env=a?b", "k=50%"])
+def test_labels_that_would_break_the_pack_links_are_refused_naming_flyte_labels(text):
+    with pytest.raises(ConfigError) as caught:
+        config.from_environ({"FLYTE_API": "http://flyte:8080", "FLYTE_LABELS": text}, names={"labels"})
+    assert str(caught.value).startswith(f"FLYTE_LABELS={text!r}: item 1")
+    assert "break the pack's links" in str(caught.value)

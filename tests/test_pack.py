@@ -469,3 +469,30 @@ def test_run_in_a_greenlet_returns_after_stop(flyte_api, make_pack):
     pack.stop()
     runner.join(timeout=3)
     assert runner.dead and runner.successful()
+
+
+def test_a_dead_poller_fails_liveness_stops_the_pack_and_makes_run_raise(flyte_api, make_pack, monkeypatch):
+    import flyte_gevent._actions as actions
+
+    def broken_run(self):
+        raise ZeroDivisionError("bug in the poller")
+
+    monkeypatch.setattr(actions.Poller, "run", broken_run)
+    pack = make_pack(worker_def(name="Broken"))
+    runner = gevent.spawn(pack.run)
+    runner.join(timeout=5)
+    assert runner.dead, "run() must return once the poller died, not leave a pack that only looks alive"
+    assert isinstance(runner.exception, RuntimeError)
+    assert "poller greenlet died: ZeroDivisionError: bug in the poller" in str(runner.exception)
+    ok, reason = pack.live()
+    assert not ok and reason == "stopped"
+
+
+def test_readiness_names_a_failed_start(flyte_api, make_pack):
+    flyte_api.fail("register", 400)
+    pack = make_pack(worker_def(name="Refused"))
+    with pytest.raises(FlyteHTTPError):
+        pack.start()
+    ok, reason = pack.ready()
+    assert not ok
+    assert reason.startswith("registration failed: ") and "400" in reason

@@ -161,7 +161,7 @@ def test_input_that_is_not_a_json_object_is_fatal_not_a_crash(payload, flyte_api
     run_pack(_issue_pack(CreateIssueSchema, received)[0])
     result = flyte_api.wait_for_result(flyte_api.enqueue("Jira", "createIssue", payload))
     assert result.event == "FATAL"
-    assert result.payload == "invalid input for command 'createIssue':\nInvalid input type."
+    assert result.payload == "invalid input for command 'createIssue':\ninput: Invalid input type."
     assert received == []
 
 

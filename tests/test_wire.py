@@ -213,13 +213,13 @@ def valid_command(name="Run"):
 @pytest.mark.parametrize("pack_def, problem", [
     (PackDef(""), "pack name '' must be non-empty"),
     (PackDef(None), "pack name None must be non-empty"),
-    (PackDef("my pack"), "pack name 'my pack' must be non-empty and use only letters, digits and -._~"),
+    (PackDef("my pack"), "pack name 'my pack' must be non-empty, without spaces or any of / ? # % \" < >"),
     (PackDef("a/b"), "pack name 'a/b'"),
     (PackDef("a?b"), "pack name 'a?b'"),
     (PackDef("P", labels={"": "x"}), "label key '' must be non-empty"),
     (PackDef("P", labels={"team/x": "a"}), "label key 'team/x'"),
-    (PackDef("P", labels={"env": "dev test"}), "label env='dev test': value must use only"),
-    (PackDef("P", labels={"env": "a&b"}), "label env='a&b'"),
+    (PackDef("P", labels={"env": "dev test"}), "label env='dev test': the value must not hold spaces"),
+    (PackDef("P", labels={"env": "a%20b"}), "label env='a%20b'"),
     (PackDef("P", commands=[valid_command("")]), "command name '' must be non-empty"),
     (PackDef("P", commands=[valid_command("do it")]), "command name 'do it'"),
     (PackDef("P", commands=[valid_command("a?b")]), "command name 'a?b'"),
@@ -233,6 +233,8 @@ def valid_command(name="Run"):
     (PackDef("P", event_defs=[EventDef("")]), "an event definition has an empty name"),
 ])
 def test_validate_refuses_definitions_flyte_would_reject_or_break(pack_def, problem):
+    # Characters legal unescaped in a URL path (such as '=' from FLYTE_LABELS='a=b=c') are fine in
+    # names and labels; those that end a path segment or need escaping are not.
     with pytest.raises(PackDefError) as caught:
         pack_def.validate()
     assert problem in str(caught.value)
@@ -654,3 +656,8 @@ def test_flatten_errors_accepts_bare_lists_strings_and_a_prefix():
     assert flatten_errors("alone") == ["alone"]
     assert flatten_errors({"a": ["x"]}, prefix="body") == ["body.a: x"]
     assert flatten_errors({}) == []
+
+
+def test_validate_accepts_labels_the_go_format_allows():
+    # FLYTE_LABELS='a=b=c' gives the value 'b=c' (Go splits on the first '='); '=' is legal in a path.
+    PackDef("P", labels={"a": "b=c", "team": "a&b", "empty": ""}).validate()
