@@ -28,7 +28,7 @@ demo: venv
 	$(BIN)/flyte-gevent demo
 
 bench: venv
-	$(BIN)/python bench/run.py
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info bench/results
