@@ -92,6 +92,12 @@ class Poller:
         """Wake the poller: a slot was freed, a take finished, or the pack is stopping."""
         self._changed.set()
 
+    def api_answered(self):
+        """Another request just succeeded: if takes are backing off after errors, try again now."""
+        if self.consecutive_errors and self.resume_at > time.monotonic():
+            self.resume_at = 0.0
+            self.notify()
+
     def _slot_freed(self, greenlet):
         self._changed.set()
         self.pack._progress.set()
@@ -369,8 +375,12 @@ def _deliver_result(pack, action, body, event_name):
         else:
             if attempts > 1:
                 log.info("result for action %s delivered after %d attempts", action.id, attempts)
+                pack._api_answered()
             return
-        maybe_landed = maybe_landed or error.status in _OUTCOME_UNKNOWN
+        # Did the server perhaps apply an attempt whose answer we never got? Not
+        # when no connection could even be made.
+        if error.status in _OUTCOME_UNKNOWN and getattr(error, "request_sent", None) is not False:
+            maybe_landed = True
         remaining = min(deadline, pack._flush_deadline) - time.monotonic()
         if remaining <= 0:
             log.error("result %r for action %s lost after %d attempts: %s", event_name, action.id, attempts, error)

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 from gevent import monkey
 
-__all__ = ["Response", "HTTPPool"]
+__all__ = ["Response", "HTTPPool", "ConnectError"]
 
 # Readiness of an idle socket must be tested without waiting, so use the
 # blocking-module original even when select is patched.
@@ -25,6 +25,10 @@ _select = monkey.get_original("select", "select")
 # Close connections idle for longer than this: load balancers drop idle flows
 # silently, and a request sent on such a connection waits out the full timeout.
 _MAX_IDLE = 60.0
+
+
+class ConnectError(OSError):
+    """No connection could be made, so the request was certainly not sent."""
 
 
 class Response:
@@ -66,7 +70,8 @@ class HTTPPool:
     def request(self, method, url, body=None, headers=None):
         """Send one request and read the whole response.
 
-        :raises OSError: connection errors and timeouts (``TimeoutError``).
+        :raises ConnectError: no connection could be made (the request was not sent).
+        :raises OSError: other connection errors and timeouts (``TimeoutError``).
         :raises http.client.HTTPException: a malformed or missing response.
         """
         origin, target = self._resolve(url)
@@ -141,7 +146,11 @@ class HTTPPool:
                                                context=self.ssl_context)
         else:
             conn = http.client.HTTPConnection(origin.host, origin.port, timeout=self.timeout)
-        conn.connect()
+        try:
+            conn.connect()
+        except OSError as exc:
+            conn.close()
+            raise ConnectError(f"cannot connect: {type(exc).__name__}: {exc}") from exc
         # http.client writes headers and body separately; without NODELAY the
         # second write waits for the peer's delayed ACK (40 ms on Linux).
         conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

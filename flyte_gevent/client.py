@@ -17,11 +17,12 @@ import ssl
 from urllib.parse import urlsplit
 
 import requests
+import urllib3.exceptions
 from marshmallow import ValidationError
 from requests.adapters import HTTPAdapter
 
 from . import __version__
-from ._http import HTTPPool
+from ._http import ConnectError, HTTPPool
 from .errors import (
     ConfigError,
     FlyteAuthError,
@@ -287,10 +288,16 @@ class Client:
             headers["User-Agent"] = USER_AGENT
             response = self._lean.request(method, url, body, headers)
             return response.status, response.headers, response.body
+        except ConnectError as exc:
+            raise FlyteConnectionError(str(exc), method=method, url=url, request_sent=False) from None
+        except requests.ConnectTimeout as exc:
+            raise FlyteTimeout(f"cannot connect within {self.timeout:g} s ({_cause(exc)})", method=method, url=url,
+                               request_sent=False) from None
         except (requests.Timeout, TimeoutError) as exc:
             raise FlyteTimeout(f"no answer within {self.timeout:g} s ({_cause(exc)})", method=method, url=url) from None
         except (requests.RequestException, OSError, http.client.HTTPException, ValueError) as exc:
-            raise FlyteConnectionError(_cause(exc), method=method, url=url) from None
+            raise FlyteConnectionError(_cause(exc), method=method, url=url,
+                                       request_sent=False if _not_connected(exc) else None) from None
 
     def _load(self, schema, body, method, url, what):
         try:
@@ -336,6 +343,12 @@ def _cause(exc):
         inner = exc.args[0]
         text = str(getattr(inner, "reason", None) or inner)
     return f"{type(exc).__name__}: {text}" if text != type(exc).__name__ else text
+
+
+def _not_connected(exc):
+    # requests wraps urllib3's MaxRetryError, whose reason says whether a connection was made at all.
+    reason = getattr(exc.args[0], "reason", None) if isinstance(exc, requests.ConnectionError) and exc.args else None
+    return isinstance(reason, urllib3.exceptions.NewConnectionError)
 
 
 def _http_error(method, url, status, body, expectation, pack_url=True):

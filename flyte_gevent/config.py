@@ -71,6 +71,12 @@ def _positive_float(text):
     return value
 
 
+def _non_negative_float(text):
+    if text.strip() == "0":
+        return 0.0
+    return _positive_float(text)
+
+
 def _optional_positive_float(text):
     if text.strip().lower() in ("", "none", "off", "0"):
         return None
@@ -186,8 +192,14 @@ SETTINGS = (
             "most takes in flight at once while there is a backlog", metavar="N"),
     Setting("action_timeout", ("FLYTE_GEVENT_ACTION_TIMEOUT",), "--action-timeout", _optional_positive_float,
             None, "default seconds a handler may run before its action is completed as FATAL", metavar="SECONDS"),
-    Setting("grace_period", ("FLYTE_GEVENT_GRACE_PERIOD",), "--grace-period", _positive_float, 30.0,
+    Setting("grace_period", ("FLYTE_GEVENT_GRACE_PERIOD",), "--grace-period", _non_negative_float, 30.0,
             "seconds running actions get to finish at shutdown", metavar="SECONDS"),
+    Setting("flush_timeout", ("FLYTE_GEVENT_FLUSH_TIMEOUT",), "--flush-timeout", _non_negative_float, 10.0,
+            "seconds after the grace period to deliver results and queued events at shutdown", metavar="SECONDS"),
+    Setting("event_deadline", ("FLYTE_GEVENT_EVENT_DEADLINE",), "--event-deadline", _positive_float, 60.0,
+            "seconds a spontaneous event is retried before it is given up", metavar="SECONDS"),
+    Setting("event_buffer", ("FLYTE_GEVENT_EVENT_BUFFER",), "--event-buffer", _positive_int, 1000,
+            "events send_event_nowait() can queue before it drops them", metavar="N"),
     Setting("result_deadline", ("FLYTE_GEVENT_RESULT_DEADLINE",), "--result-deadline", _positive_float, 600.0,
             "seconds a result post is retried before it is given up as lost", metavar="SECONDS"),
     Setting("allow_unpatched", ("FLYTE_GEVENT_ALLOW_UNPATCHED",), None, _bool, False,

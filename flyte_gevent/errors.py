@@ -94,7 +94,15 @@ class FlyteError(Exception):
 
 
 class FlyteConnectionError(FlyteError):
-    """No HTTP response: connection refused or reset, DNS or TLS failure."""
+    """No HTTP response: connection refused or reset, DNS or TLS failure.
+
+    :ivar request_sent: ``False`` when no connection could be made, so the
+        server certainly did not see the request; ``None`` when unknown.
+    """
+
+    def __init__(self, message, *, request_sent=None, **kwargs):
+        self.request_sent = request_sent
+        super().__init__(message, **kwargs)
 
 
 class FlyteTimeout(FlyteConnectionError):

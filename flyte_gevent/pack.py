@@ -414,6 +414,11 @@ class Pack:
                         self.pack_def.name, why)
             return True
 
+    def _api_answered(self):
+        """A retried result or event got through: the API is back, so takes need not wait out their backoff."""
+        if self._poller is not None:
+            self._poller.api_answered()
+
     def _sleep(self, seconds):
         """Sleep, but wake up early when shutdown moves to its next stage."""
         self._stage.wait(seconds)
@@ -544,6 +549,8 @@ class Pack:
                     raise
             else:
                 self._metrics.event_sent(name)
+                if attempts > 1:
+                    self._api_answered()
                 return
             remaining = min(deadline, self._flush_deadline) - time.monotonic()
             if remaining <= 0:
@@ -565,6 +572,10 @@ class Pack:
                 self._deliver_event(name, body, time.monotonic() + self.event_deadline, self.event_deadline)
             except FlyteError as exc:
                 log.error("event %r not sent: %s", name, exc)
+            except gevent.GreenletExit:
+                log.error("event %r not sent: the pack stopped before the Flyte API took it", name)
+                self._metrics.event_failed(name)
+                raise
             finally:
                 self._events.task_done()
                 self._progress.set()

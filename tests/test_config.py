@@ -304,3 +304,14 @@ def test_labels_that_would_break_the_pack_links_are_refused_naming_flyte_labels(
         config.from_environ({"FLYTE_API": "http://flyte:8080", "FLYTE_LABELS": text}, names={"labels"})
     assert str(caught.value).startswith(f"FLYTE_LABELS={text!r}: item 1")
     assert "break the pack's links" in str(caught.value)
+
+
+def test_shutdown_and_event_knobs_come_from_the_environment(flyte_api):
+    pack = Pack.from_env(PackDef("Knobs"), {
+        "FLYTE_API": flyte_api.url, "FLYTE_HEALTH_PORT": "off", "FLYTE_GEVENT_GRACE_PERIOD": "0",
+        "FLYTE_GEVENT_FLUSH_TIMEOUT": "2.5", "FLYTE_GEVENT_EVENT_DEADLINE": "7", "FLYTE_GEVENT_EVENT_BUFFER": "3"})
+    assert (pack.grace_period, pack.flush_timeout, pack.event_deadline) == (0.0, 2.5, 7.0)
+    assert pack._events.maxsize == 3
+    with pytest.raises(ConfigError) as caught:
+        config.from_environ({"FLYTE_GEVENT_EVENT_BUFFER": "0"}, names={"event_buffer"})
+    assert str(caught.value) == "FLYTE_GEVENT_EVENT_BUFFER='0': expected a whole number of at least 1"

@@ -512,3 +512,31 @@ def test_action_running_past_its_timeout_is_completed_as_fatal(flyte_api, where)
                    "the timeout counted")
         gevent.sleep(0.2)
         assert not finished
+
+
+def test_a_retried_event_getting_through_ends_the_takes_backoff_early(flyte_api):
+    # The first take fails, so takes back off one polling interval (3 s here). When a
+    # retried event then gets through, the API is back: takes resume at once.
+    flyte_api.fail("take", 503, times=1)
+    with running_pack(flyte_api, polling_interval=3.0) as pack:
+        wait_until(lambda: flyte_api.requests_for("take"), message="the first (failing) take")
+        flyte_api.fail("event", 503, times=1)
+        started = time.monotonic()
+        action = flyte_api.enqueue(PACK_NAME, "Echo", {"n": 1})
+        pack.send_event(Event(noticed, {"n": 1}))  # 503, then accepted after ~0.5 s
+        assert flyte_api.wait_for_result(action, timeout=2.5).event == "Done"
+        assert time.monotonic() - started < 2.0, "the take waited out its whole backoff"
+
+
+def test_a_refused_connection_is_known_not_to_have_reached_the_server(flyte_api):
+    client = Client(flyte_api.url, timeout=1.0)
+    registration = client.register(make_pack_def())
+    flyte_api.outage()
+    with pytest.raises(FlyteError) as caught:
+        client.post_event(registration.events_url, b'{"event":"X","payload":null}')
+    assert caught.value.request_sent is False
+    flyte_api.restore()
+    flyte_api.delay("event", 2.0)
+    with pytest.raises(FlyteError) as caught:
+        client.post_event(registration.events_url, b'{"event":"X","payload":null}')
+    assert caught.value.request_sent is None  # sent, answer unknown
