@@ -15,7 +15,7 @@ from .errors import ConfigError
 
 __all__ = ["load_target", "build_pack", "DEFAULT_ATTRIBUTES"]
 
-log = logging.getLogger("flyte_gevent.cli")
+log = logging.getLogger(__name__)
 
 DEFAULT_ATTRIBUTES = ("pack", "pack_def", "create_pack")
 
