@@ -4,9 +4,9 @@ This process hosts the fake Flyte API (:class:`flyte_gevent.testing.FakeFlyteApi
 on loopback) and runs the pack under test, ``bench/pack_proc.py``, as a separate
 process, once per scenario and client configuration:
 
-* **this** — the library's defaults (concurrent takers, ``max_takers=32``), with
-  the options a scenario needs (``max_in_flight`` for 1,000 or 5,000 actions at
-  once; ``max_takers=64`` for io1s_rtt20);
+* **this** — the library's defaults (concurrent takers, up to ``max_takers=64``),
+  with the options a scenario needs (``max_in_flight`` for 1,000 or 5,000 actions
+  at once);
 * **serial** — the same, but with a single serial taker (``max_takers=1``), the
   way the Go client and the older Python client take actions.
 
@@ -92,7 +92,7 @@ def scenarios(quick):
             Scenario("io1s", "handler sleeps 0.1 s", "n/a (quick)", "Sleep", 100, input=0.1,
                      options={"max_in_flight": 100}),
             Scenario("io1s_rtt20", "sleep 0.1 s, 20 ms", "n/a (quick)", "Sleep", 100, 10, input=0.1, latency=0.02,
-                     options={"max_in_flight": 100, "max_takers": 64}),
+                     options={"max_in_flight": 100}),
             Scenario("memory", "held at once", "n/a (quick)", "Hold", 200, input=30.0,
                      options={"max_in_flight": 200}),
             Scenario("idle", "no actions, default polling", "n/a (quick)", idle_seconds=0.3),
@@ -102,10 +102,8 @@ def scenarios(quick):
         Scenario("rtt20", "20 ms per request", ">= 800/s", "Noop", 3000, 200, latency=0.02),
         Scenario("io1s", "1,000 x sleep 1 s", "max <= 1.3 s", "Sleep", 1000, input=1.0,
                  options={"max_in_flight": 1000}),
-        # With 20 ms per take, 32 takers (the default) drain 1,000 actions in ~0.7 s and the batch runs at
-        # ~540/s; 64 drain it in ~0.45 s.
         Scenario("io1s_rtt20", "sleep 1 s + 20 ms", ">= 600/s", "Sleep", 1000, 200, input=1.0, latency=0.02,
-                 options={"max_in_flight": 1000, "max_takers": 64}),
+                 options={"max_in_flight": 1000}),
         Scenario("memory", "5,000 sleeping at once", "<= 20 KB/action", "Hold", 5000, input=120.0,
                  options={"max_in_flight": 5000}),
         Scenario("idle", "no actions, default polling", "<= 0.5 % CPU", idle_seconds=10.0),
@@ -476,7 +474,7 @@ def format_notes(report):
                          f"{result['kb_per_action']:.1f} KB per in-flight action.")
     tuned = [f"{e['scenario']}: {', '.join(f'{k}={v}' for k, v in e['options'].items())}"
              for e in report["scenarios"] if e.get("options")]
-    lines.append("this = the library's defaults (max_takers=32, Prometheus metrics on, health server on), "
+    lines.append("this = the library's defaults (max_takers=64, Prometheus metrics on, health server on), "
                  f"polling_interval {BENCH_POLLING_INTERVAL:g} s (idle: the default 5 s)"
                  + (f"; per scenario {'; '.join(tuned)}" if tuned else "")
                  + (f"; overridden on the command line: {report['this_overrides']}" if report.get("this_overrides")

@@ -15,6 +15,7 @@ import time
 from urllib.parse import urlsplit
 
 from gevent import monkey
+from gevent.lock import BoundedSemaphore
 
 __all__ = ["Response", "HTTPPool", "ConnectError"]
 
@@ -43,27 +44,34 @@ class Response:
 
 
 class _Origin:
-    __slots__ = ("scheme", "host", "port", "idle")
+    __slots__ = ("scheme", "host", "port", "idle", "slots")
 
-    def __init__(self, scheme, host, port):
+    def __init__(self, scheme, host, port, max_connections):
         self.scheme = scheme
         self.host = host
         self.port = port
         self.idle = []  # LIFO of (connection, released_at)
+        self.slots = BoundedSemaphore(max_connections)  # connections open at once
 
 
 class HTTPPool:
     """Keep-alive connections per origin, reused last-in first-out.
 
-    :param timeout: seconds for connecting and for each socket read.
+    :param timeout: seconds for connecting, for each socket read, and for
+        waiting for a free connection when *max_connections* are in use.
     :param ssl_context: context for ``https`` URLs (verification is its business).
     :param maxsize: idle connections kept per origin; extra ones are closed.
+    :param max_connections: connections open at once per origin. Thousands of
+        actions finishing together then queue for a connection instead of
+        opening thousands of sockets (file descriptors, a connect storm at the
+        API's load balancer).
     """
 
-    def __init__(self, timeout, ssl_context=None, maxsize=10):
+    def __init__(self, timeout, ssl_context=None, maxsize=10, max_connections=100):
         self.timeout = timeout
         self.ssl_context = ssl_context
         self.maxsize = maxsize
+        self.max_connections = max_connections
         self._origins = {}
         self._targets = {}
 
@@ -75,6 +83,15 @@ class HTTPPool:
         :raises http.client.HTTPException: a malformed or missing response.
         """
         origin, target = self._resolve(url)
+        if not origin.slots.acquire(timeout=self.timeout):
+            raise ConnectError(f"no free connection within {self.timeout:g} s "
+                               f"({self.max_connections} in use)")
+        try:
+            return self._request(origin, target, method, body, headers)
+        finally:
+            origin.slots.release()
+
+    def _request(self, origin, target, method, body, headers):
         conn, reused = self._acquire(origin)
         try:
             try:
@@ -116,7 +133,7 @@ class HTTPPool:
         key = (scheme, parts.hostname, port)
         origin = self._origins.get(key)
         if origin is None:
-            origin = self._origins[key] = _Origin(scheme, parts.hostname, port)
+            origin = self._origins[key] = _Origin(scheme, parts.hostname, port, self.max_connections)
         target = parts.path or "/"
         if parts.query:
             target += "?" + parts.query
@@ -135,7 +152,7 @@ class HTTPPool:
         return self._connect(origin), False
 
     def _release(self, origin, conn):
-        if len(origin.idle) < self.maxsize:
+        if len(origin.idle) < min(self.maxsize, self.max_connections):
             origin.idle.append((conn, time.monotonic()))
         else:
             conn.close()

@@ -121,6 +121,8 @@ class Client:
     :param ca_file: a PEM bundle to verify the API's certificate with.
     :param pool_size: keep-alive connections kept open; a :class:`~flyte_gevent.Pack`
         raises it to match its concurrency.
+    :param max_connections: most connections open to the API at once; further
+        requests wait (up to *timeout*) for one to be free.
 
     Usage::
 
@@ -129,11 +131,14 @@ class Client:
     """
 
     def __init__(self, url, timeout=10.0, insecure=False, jwt=None, *, jwt_file=None, ca_file=None,
-                 pool_size=10):
+                 pool_size=10, max_connections=100):
         self.url = _check_url(url)
         if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 < timeout < float("inf"):
             raise ConfigError(f"timeout={timeout!r}: must be a positive number of seconds", "timeout")
         self.timeout = float(timeout)
+        if isinstance(max_connections, bool) or not isinstance(max_connections, int) or max_connections < 1:
+            raise ConfigError(f"max_connections={max_connections!r}: expected a whole number of at least 1",
+                              "max_connections")
         self.insecure = bool(insecure)
         self.ca_file = ca_file
         self._token = _Token(jwt, jwt_file)
@@ -150,7 +155,7 @@ class Client:
         self._lean = None
         if not requests.utils.get_environ_proxies(self.url):
             self._lean = HTTPPool(self.timeout, self._ssl_context() if self.url.startswith("https") else None,
-                                  maxsize=pool_size)
+                                  maxsize=pool_size, max_connections=max_connections)
         if self.insecure:
             log.warning("TLS certificate verification is disabled for %s", redact_url(self.url))
 

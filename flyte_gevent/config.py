@@ -188,7 +188,7 @@ SETTINGS = (
             "seconds between takes while idle (floor 0.5)", metavar="SECONDS"),
     Setting("max_in_flight", ("FLYTE_GEVENT_MAX_IN_FLIGHT",), "--max-in-flight", _positive_int, 100,
             "most actions run at once; a take is made only when a slot is free", metavar="N"),
-    Setting("max_takers", ("FLYTE_GEVENT_MAX_TAKERS",), "--max-takers", _positive_int, 32,
+    Setting("max_takers", ("FLYTE_GEVENT_MAX_TAKERS",), "--max-takers", _positive_int, 64,
             "most takes in flight at once while there is a backlog", metavar="N"),
     Setting("action_timeout", ("FLYTE_GEVENT_ACTION_TIMEOUT",), "--action-timeout", _optional_positive_float,
             None, "default seconds a handler may run before its action is completed as FATAL", metavar="SECONDS"),

@@ -79,7 +79,7 @@ class Pack:
     """
 
     def __init__(self, pack_def, client, health_checks=None, polling_interval=5.0, max_in_flight=100,
-                 health_port=8090, *, health_host="0.0.0.0", max_takers=32, action_timeout=None,
+                 health_port=8090, *, health_host="0.0.0.0", max_takers=64, action_timeout=None,
                  grace_period=30.0, flush_timeout=10.0, result_deadline=600.0, event_deadline=60.0,
                  event_buffer=1000, check_timeout=5.0, metrics=None, allow_unpatched=False):
         if not isinstance(pack_def, PackDef):

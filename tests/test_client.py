@@ -16,6 +16,7 @@ import subprocess
 import time
 
 import certifi
+import gevent
 import pytest
 from gevent.pywsgi import WSGIServer
 
@@ -787,3 +788,39 @@ def test_close_drops_the_keep_alive_connections():
         client.close()
         client.take(f"{url}/take")
     assert len(set(ports)) == 2
+
+
+def test_connections_to_the_api_are_capped_and_requests_queue_for_a_free_one(flyte_api):
+    client = Client(flyte_api.url, timeout=5.0, max_connections=2)
+    registration = client.register(PackDef("Capped"))
+    flyte_api.delay("event", 0.2, times=None)
+    started = time.monotonic()
+    senders = [gevent.spawn(client.post_event, registration.events_url, b'{"event":"E","payload":null}')
+               for _ in range(6)]
+    gevent.joinall(senders, timeout=10, raise_error=True)
+    # Six 0.2 s requests over two connections take three rounds; uncapped they would overlap in one.
+    assert time.monotonic() - started >= 0.55
+    assert len(flyte_api.requests_for("event")) == 6
+
+
+def test_waiting_too_long_for_a_free_connection_fails_without_sending(flyte_api):
+    # Requests hold a connection at most `timeout` (then they time out), so occupy the only
+    # connection slot directly to see what a request that finds none free does.
+    from flyte_gevent._http import ConnectError, HTTPPool
+
+    pool = HTTPPool(timeout=0.2, max_connections=1)
+    origin, _ = pool._resolve(flyte_api.url + "/v1")
+    origin.slots.acquire()
+    started = time.monotonic()
+    with pytest.raises(ConnectError, match=r"no free connection within 0.2 s \(1 in use\)"):
+        pool.request("GET", flyte_api.url + "/v1")
+    assert 0.15 < time.monotonic() - started < 1.0
+    assert not flyte_api.requests_for("v1")  # nothing was sent
+    origin.slots.release()
+    assert pool.request("GET", flyte_api.url + "/v1").status == 200
+
+
+@pytest.mark.parametrize("value", [0, -1, 2.5, True])
+def test_max_connections_must_be_a_positive_whole_number(value):
+    with pytest.raises(ConfigError, match="max_connections"):
+        Client("http://flyte:8080", max_connections=value)
