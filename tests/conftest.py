@@ -4,6 +4,7 @@ from gevent import monkey
 
 monkey.patch_all()
 
+import functools  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 
@@ -24,3 +25,34 @@ def subprocess_env():
 @pytest.fixture
 def python():
     return sys.executable
+
+
+# Settings that keep packs under test quick: short polling, no fixed health port, and a stop that
+# does not wait long for handlers a test left blocked.
+PACK_TEST_DEFAULTS = {"health_port": None, "health_host": "127.0.0.1", "polling_interval": 0.5,
+                      "grace_period": 1.0, "flush_timeout": 1.0}
+
+
+@pytest.fixture
+def make_pack(flyte_api):
+    """``make_pack(pack_def, start=False, **options)``: a Pack against the fake; all are stopped after the test."""
+    from flyte_gevent import Client, Pack
+
+    packs = []
+
+    def make(pack_def, *, start=False, **options):
+        pack = Pack(pack_def, Client(flyte_api.url, timeout=5.0), **{**PACK_TEST_DEFAULTS, **options})
+        packs.append(pack)
+        if start:
+            pack.start(timeout=5)
+        return pack
+
+    yield make
+    for pack in packs:
+        pack.stop(grace_period=0)
+
+
+@pytest.fixture
+def run_pack(make_pack):
+    """Like ``make_pack``, but the pack is started (registered) before it is returned."""
+    return functools.partial(make_pack, start=True)

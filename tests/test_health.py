@@ -4,6 +4,7 @@ Everything is asked over real HTTP: a HealthServer on a free loopback port, or t
 server a Pack starts with health_port=0.
 """
 
+import functools
 import time
 
 import gevent
@@ -13,7 +14,7 @@ import requests
 from gevent.pywsgi import WSGIServer
 
 import flyte_gevent.pack as pack_module
-from flyte_gevent import Client, Command, Event, EventDef, Health, Pack, PackDef, flyte_api_health_check
+from flyte_gevent import Client, Command, Event, EventDef, Health, PackDef, flyte_api_health_check
 from flyte_gevent.health import HealthApp, HealthServer, mount
 
 DEFAULT_MAP = {"DefaultCheck": {"healthy": True, "status": "Pack is running."}}
@@ -33,6 +34,12 @@ class AlwaysUp:
 
 
 @pytest.fixture
+def make_pack(make_pack):
+    """The shared fixture, with a health server on a free loopback port: these tests talk to it."""
+    return functools.partial(make_pack, health_port=0)
+
+
+@pytest.fixture
 def serve_checks():
     """Start a HealthServer for some checks on a free loopback port; returns its base URL."""
     servers = []
@@ -46,24 +53,6 @@ def serve_checks():
     yield serve
     for server in servers:
         server.stop()
-
-
-@pytest.fixture
-def make_pack(flyte_api):
-    packs = []
-
-    def make(pack_def, **options):
-        options.setdefault("health_port", 0)
-        options.setdefault("health_host", "127.0.0.1")
-        options.setdefault("polling_interval", 0.5)
-        options.setdefault("flush_timeout", 1.0)
-        pack = Pack(pack_def, Client(flyte_api.url, timeout=5.0), **options)
-        packs.append(pack)
-        return pack
-
-    yield make
-    for pack in packs:
-        pack.stop(grace_period=0)
 
 
 def get(url, method="GET"):

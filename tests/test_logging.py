@@ -9,7 +9,7 @@ import sys
 import gevent
 import pytest
 
-from flyte_gevent import Client, Event, EventDef, Pack, PackDef, current_action
+from flyte_gevent import Event, EventDef, PackDef, current_action
 from flyte_gevent.log import ActionContextFilter, JsonFormatter, configure
 
 done = EventDef("Done")
@@ -37,22 +37,6 @@ def captured():
     yield capture.records
     root.removeHandler(capture)
     root.setLevel(old_level)
-
-
-@pytest.fixture
-def run_pack(flyte_api):
-    packs = []
-
-    def run(pack_def):
-        pack = Pack(pack_def, Client(flyte_api.url, timeout=5.0), health_port=None, polling_interval=0.5,
-                    grace_period=1.0, flush_timeout=1.0, metrics=False)
-        packs.append(pack)
-        pack.start(timeout=5)
-        return pack
-
-    yield run
-    for pack in packs:
-        pack.stop(grace_period=0)
 
 
 def test_the_package_logger_has_only_a_null_handler_and_prints_nothing_unconfigured(python, subprocess_env):

@@ -1,5 +1,6 @@
 """Prometheus metrics: /metrics on the health server, one private registry per pack, and no prometheus_client."""
 
+import functools
 import json
 import subprocess
 import urllib.error
@@ -12,7 +13,7 @@ from marshmallow import Schema, fields
 from prometheus_client.parser import text_string_to_metric_families
 
 import flyte_gevent
-from flyte_gevent import Client, Command, Event, EventDef, FlyteHTTPError, Pack, PackDef, fatal_event
+from flyte_gevent import Command, Event, EventDef, FlyteHTTPError, PackDef, fatal_event
 
 done = EventDef("Done")
 tick = EventDef("Tick")
@@ -42,20 +43,9 @@ def _pack_def(name="Metered"):
 
 
 @pytest.fixture
-def run_pack(flyte_api):
-    packs = []
-
-    def run(pack_def, **options):
-        options.setdefault("health_port", 0)
-        pack = Pack(pack_def, Client(flyte_api.url, timeout=5.0), health_host="127.0.0.1", polling_interval=0.5,
-                    grace_period=1.0, flush_timeout=1.0, **options)
-        packs.append(pack)
-        pack.start(timeout=5)
-        return pack
-
-    yield run
-    for pack in packs:
-        pack.stop(grace_period=0)
+def run_pack(run_pack):
+    """The shared fixture, with a health server on a free loopback port to scrape /metrics from."""
+    return functools.partial(run_pack, health_port=0)
 
 
 def _get(url):

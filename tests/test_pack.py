@@ -15,53 +15,25 @@ import requests
 
 import flyte_gevent.pack as pack_module
 from flyte_gevent import (
-    Client,
     Command,
     Event,
     EventDef,
     FlyteError,
     FlyteHTTPError,
     NotRegisteredError,
-    Pack,
     PackDef,
     current_action,
 )
+from helpers import wait_until
 
 done = EventDef("Done")
 tick = EventDef("Tick")
 
 
 @pytest.fixture
-def make_pack(flyte_api):
-    """Build packs against the fake with test-friendly settings; every one is stopped after the test."""
-    packs = []
-
-    def make(pack_def, **options):
-        options.setdefault("health_port", None)
-        options.setdefault("polling_interval", 0.5)
-        options.setdefault("grace_period", 1.0)
-        options.setdefault("flush_timeout", 1.0)
-        pack = Pack(pack_def, Client(flyte_api.url, timeout=5.0), **options)
-        packs.append(pack)
-        return pack
-
-    yield make
-    for pack in packs:
-        pack.stop(grace_period=0)
-
-
-@pytest.fixture
 def quick_registration_retries(monkeypatch):
     """Registration retries back off from 1 s; a tenth of that keeps retry tests short."""
     monkeypatch.setattr(pack_module, "_REGISTER_BACKOFF", (0.1, 0.2))
-
-
-def wait_until(condition, timeout=5.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout} s")
-        gevent.sleep(0.01)
 
 
 def echo(input):

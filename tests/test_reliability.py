@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from flyte_gevent import Client, Command, DeliveryError, Event, FlyteError, FlyteHTTPError, Pack, PackDef
 from flyte_gevent._retry import Backoff, LogThrottle
+from helpers import wait_until
 from packs_for_tests import PACK_NAME, done, make_pack_def, noticed
 
 SECRET_OLD = "old-secret-token-5d1e"
@@ -27,15 +28,6 @@ SECRET_NEW = "new-secret-token-9a7c"
 
 
 # --- helpers -------------------------------------------------------------------------------------------------
-
-
-def wait_until(predicate, timeout=5.0, message="condition"):
-    """Poll *predicate* until it is true; fail the test after *timeout* seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{message} not reached within {timeout} s")
-        gevent.sleep(0.02)
 
 
 class Gate:
@@ -106,7 +98,7 @@ def test_results_of_actions_finished_during_a_refused_outage_are_delivered_after
     gate = Gate()
     with running_pack(flyte_api, gate.pack_def()) as pack:
         ids = flyte_api.enqueue_many(PACK_NAME, "Wait", [{"n": n} for n in range(5)])
-        wait_until(lambda: gate.entered == 5, message="all five actions taken")
+        wait_until(lambda: gate.entered == 5, what="all five actions taken")
         flyte_api.outage("refuse")
         gate.opened.set()
         gevent.sleep(1.5)  # every result post is refused at least once
@@ -124,10 +116,10 @@ def test_results_finished_during_a_503_outage_are_delivered_after_restore(flyte_
     gate = Gate()
     with running_pack(flyte_api, gate.pack_def()):
         ids = flyte_api.enqueue_many(PACK_NAME, "Wait", [1, 2, 3])
-        wait_until(lambda: gate.entered == 3, message="all actions taken")
+        wait_until(lambda: gate.entered == 3, what="all actions taken")
         flyte_api.outage("503")
         gate.opened.set()
-        wait_until(lambda: len(flyte_api.requests_for("result")) >= 6, message="result posts answered 503")
+        wait_until(lambda: len(flyte_api.requests_for("result")) >= 6, what="result posts answered 503")
         flyte_api.restore()
         flyte_api.wait_for_results(ids, timeout=8)
         assert_all_completed_once(flyte_api, ids)
@@ -208,7 +200,7 @@ def test_result_answered_404_registers_the_pack_again_and_is_delivered(flyte_api
     gate = Gate()
     with running_pack(flyte_api, gate.pack_def()):
         aid = flyte_api.enqueue(PACK_NAME, "Wait", "x")
-        wait_until(lambda: gate.entered == 1, message="action taken")
+        wait_until(lambda: gate.entered == 1, what="action taken")
         flyte_api.delete_pack(PACK_NAME)
         deleted_at = time.monotonic()
         gate.opened.set()
@@ -377,7 +369,7 @@ def test_backoff_grows_with_jitter_and_is_capped():
 def test_pack_deleted_mid_run_registers_again_once_and_completes_every_action(flyte_api, caplog):
     with running_pack(flyte_api, max_in_flight=20, max_takers=8) as pack:
         ids = flyte_api.enqueue_many(PACK_NAME, "Sleep", [{"seconds": 0.1, "tag": n} for n in range(60)])
-        wait_until(lambda: sum(flyte_api.action(a).state == "SUCCESS" for a in ids) >= 10, message="10 done")
+        wait_until(lambda: sum(flyte_api.action(a).state == "SUCCESS" for a in ids) >= 10, what="10 done")
         deleted_at = time.monotonic()
         flyte_api.delete_pack(PACK_NAME)
         flyte_api.wait_until_idle(timeout=15)
@@ -431,7 +423,7 @@ def test_token_that_stays_invalid_is_logged_loudly_backed_off_and_never_printed(
     gate = Gate()
     with running_pack(flyte_api, gate.pack_def(), jwt_file=str(token_file)) as pack:
         aid = flyte_api.enqueue(PACK_NAME, "Wait", "x")
-        wait_until(lambda: gate.entered == 1, message="action taken")
+        wait_until(lambda: gate.entered == 1, what="action taken")
         flyte_api.accepted_tokens = {SECRET_NEW}  # the file still holds the old one
         flyte_api.clear_requests()
         gate.opened.set()
@@ -519,7 +511,7 @@ def test_a_retried_event_getting_through_ends_the_takes_backoff_early(flyte_api)
     # retried event then gets through, the API is back: takes resume at once.
     flyte_api.fail("take", 503, times=1)
     with running_pack(flyte_api, polling_interval=3.0) as pack:
-        wait_until(lambda: flyte_api.requests_for("take"), message="the first (failing) take")
+        wait_until(lambda: flyte_api.requests_for("take"), what="the first (failing) take")
         flyte_api.fail("event", 503, times=1)
         started = time.monotonic()
         action = flyte_api.enqueue(PACK_NAME, "Echo", {"n": 1})

@@ -20,21 +20,14 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from flyte_gevent import Client, Event, Pack
+from helpers import wait_until
 from packs_for_tests import PACK_NAME, make_pack_def, noticed
 
 SHUTDOWN = "pack shutting down"
 PACK_SCRIPT = os.path.join(os.path.dirname(__file__), "packs_for_tests.py")
 
 
-def wait_until(predicate, timeout=5.0, message="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{message} not reached within {timeout} s")
-        gevent.sleep(0.02)
-
-
-def make_pack(api, **options):
+def new_pack(api, **options):
     options.setdefault("polling_interval", 0.5)
     options.setdefault("health_port", None)
     options.setdefault("metrics", CollectorRegistry())
@@ -65,12 +58,12 @@ def assert_completed_once(api, ids):
 
 
 def test_stop_finishes_quick_actions_cuts_long_ones_flushes_events_and_is_not_ready(flyte_api):
-    pack = make_pack(flyte_api, health_port=0, health_host="127.0.0.1", grace_period=1.0, flush_timeout=3.0)
+    pack = new_pack(flyte_api, health_port=0, health_host="127.0.0.1", grace_period=1.0, flush_timeout=3.0)
     pack.start(timeout=5)
     try:
         assert readyz(pack)[0] == 200
         quick, slow = sleeps(flyte_api, 0.4, 0.4, 0.4), sleeps(flyte_api, 30, 30)
-        wait_until(lambda: len(flyte_api.pending()) == 5, message="all five actions taken")
+        wait_until(lambda: len(flyte_api.pending()) == 5, what="all five actions taken")
         flyte_api.fail("event", 503, times=2)  # the queued events need retries during the flush
         assert all(pack.send_event_nowait(Event(noticed, {"n": n})) for n in range(3))
 
@@ -99,7 +92,7 @@ def test_stop_finishes_quick_actions_cuts_long_ones_flushes_events_and_is_not_re
 def test_action_taken_while_stopping_is_completed_not_stranded(flyte_api):
     # The take is answered only after the grace period has ended: the action is
     # ours (PENDING on the server), so it must still get a result.
-    pack = make_pack(flyte_api, grace_period=0.3, flush_timeout=3.0)
+    pack = new_pack(flyte_api, grace_period=0.3, flush_timeout=3.0)
     pack.start(timeout=5)
     gevent.sleep(0.1)
     flyte_api.delay("take", 1.0, before=True)
@@ -113,11 +106,11 @@ def test_action_taken_while_stopping_is_completed_not_stranded(flyte_api):
 
 
 def test_stop_when_results_cannot_be_delivered_gives_up_after_the_flush_timeout_and_says_so(flyte_api, caplog):
-    pack = make_pack(flyte_api, grace_period=2.0, flush_timeout=1.0)
+    pack = new_pack(flyte_api, grace_period=2.0, flush_timeout=1.0)
     pack.start(timeout=5)
     try:
         [aid] = sleeps(flyte_api, 0.5)
-        wait_until(lambda: flyte_api.action(aid).state == "PENDING", message="action taken")
+        wait_until(lambda: flyte_api.action(aid).state == "PENDING", what="action taken")
         flyte_api.outage("refuse")
         started = time.monotonic()
         pack.stop()
@@ -133,7 +126,7 @@ def test_stop_when_results_cannot_be_delivered_gives_up_after_the_flush_timeout_
 
 def test_stop_while_registration_is_still_retrying_returns_promptly(flyte_api):
     flyte_api.outage("refuse")
-    pack = make_pack(flyte_api)
+    pack = new_pack(flyte_api)
     starting = gevent.spawn(pack.start)
     gevent.sleep(1.5)
     started = time.monotonic()

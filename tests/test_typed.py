@@ -9,7 +9,7 @@ import json
 import pytest
 from marshmallow import Schema, ValidationError, fields, post_load, validate, validates_schema
 
-from flyte_gevent import Client, Command, Event, EventDef, Pack, PackDef, PackDefError
+from flyte_gevent import Command, Event, EventDef, PackDef, PackDefError
 from flyte_gevent.schemas import registration_body
 
 created = EventDef("IssueCreated")
@@ -52,23 +52,6 @@ class Issue:
 class IssueSchema(Schema):
     issueId = fields.String(attribute="issue_id")
     project = fields.String()
-
-
-@pytest.fixture
-def run_pack(flyte_api):
-    """Start a pack for *pack_def* against the fake; every one is stopped after the test."""
-    packs = []
-
-    def run(pack_def):
-        pack = Pack(pack_def, Client(flyte_api.url, timeout=5.0), health_port=None, polling_interval=0.5,
-                    grace_period=1.0, flush_timeout=1.0, metrics=False)
-        packs.append(pack)
-        pack.start(timeout=5)
-        return pack
-
-    yield run
-    for pack in packs:
-        pack.stop(grace_period=0)
 
 
 def _issue_pack(schema, received, **options):
