@@ -26,6 +26,8 @@ from urllib.parse import parse_qs
 
 import gevent
 
+from .models import pack_id
+
 __all__ = [
     "ROUTES",
     "BadRequest",
@@ -298,17 +300,6 @@ def decode_event(value):
                     elif field == "labels":
                         _labels(sub, "pack.labels")
     return name, payload, created_at, smuggled
-
-
-def pack_id(name, labels=None):
-    """The pack id the Flyte server derives from a pack's name and labels (``pack/pack.go`` ``generateId``).
-
-    The name, then ``.key.value`` for each label in byte-wise sorted key order. Nothing is escaped, so dots in keys
-    or values can make two packs collide: ``pack_id("a", {"b": "c.d"}) == pack_id("a", {"b.c": "d"})``.
-    """
-    if not labels:
-        return name
-    return name + "".join(f".{key}.{labels[key]}" for key in sorted(labels))
 
 
 # --- links -------------------------------------------------------------------------------------------------------

@@ -134,8 +134,13 @@ def _schema_instance(schema):
     return schema
 
 
-def pack_id(name, labels):
-    """The id the Flyte server gives a pack: its name, then ``.key.value`` per label in sorted key order."""
+def pack_id(name, labels=None):
+    """The id the Flyte server gives a pack (``pack/pack.go`` ``generateId``).
+
+    The name, then ``.key.value`` for each label in byte-wise sorted key order.
+    Nothing is escaped, so dots in keys or values can make two packs collide:
+    ``pack_id("a", {"b": "c.d"}) == pack_id("a", {"b.c": "d"})``.
+    """
     parts = [name]
     for key in sorted(labels or {}, key=lambda k: k.encode()):
         parts.append(f".{key}.{labels[key]}")
