@@ -122,7 +122,7 @@ class Poller:
     def _take_and_run(self):
         pack = self.pack
         registration = pack._registration
-        action = None
+        failure = None
         try:
             action = pack._client.take(registration.take_url)
         except MalformedActionError as exc:
@@ -132,8 +132,7 @@ class Poller:
                 log.error("an action was taken but cannot be completed (no result link); it stays PENDING: %s",
                           exc)
                 return
-            run_action(pack, action, failure=f"malformed action from the Flyte API: {exc.reason}")
-            return
+            failure = f"malformed action from the Flyte API: {exc.reason}"
         except PackNotFoundError:
             self._on_not_found(registration)
             return
@@ -144,11 +143,12 @@ class Poller:
             self.taking -= 1
             self.notify()
             pack._progress.set()
-        if action is None:
-            self._on_idle()
-            return
-        self._on_action()
-        run_action(pack, action)
+        if failure is None:
+            if action is None:
+                self._on_idle()
+                return
+            self._on_action()
+        run_action(pack, action, failure=failure)
 
     def _on_action(self):
         self._recovered()

@@ -15,12 +15,14 @@ import requests
 
 import flyte_gevent.pack as pack_module
 from flyte_gevent import (
+    Client,
     Command,
     Event,
     EventDef,
     FlyteError,
     FlyteHTTPError,
     NotRegisteredError,
+    Pack,
     PackDef,
     current_action,
 )
@@ -468,3 +470,51 @@ def test_readiness_names_a_failed_start(flyte_api, make_pack):
     ok, reason = pack.ready()
     assert not ok
     assert reason.startswith("registration failed: ") and "400" in reason
+
+
+def test_a_malformed_taken_action_is_completed_as_fatal_not_stranded():
+    # The fake never sends a malformed action, so a stand-in server does: a 200 take without
+    # "command". The action is PENDING on the server all the same, so the pack must complete it.
+    import json
+
+    from gevent.pywsgi import WSGIServer
+
+    results, takes = [], []
+
+    def app(environ, start_response):
+        base = f"http://{environ['HTTP_HOST']}"
+        method, path = environ["REQUEST_METHOD"], environ["PATH_INFO"]
+        status, body = "404 Not Found", b""
+        if (method, path) == ("GET", "/v1"):
+            status, body = "200 OK", {"links": [{"href": f"{base}/v1/packs", "rel": f"{base}/swagger#!/pack/listPacks"}]}
+        elif (method, path) == ("POST", "/v1/packs"):
+            status, body = "201 Created", {"id": "Worker", "links": [
+                {"href": f"{base}/v1/packs/Worker/actions/take", "rel": f"{base}/swagger#!/action/takeAction"},
+                {"href": f"{base}/v1/packs/Worker/events", "rel": f"{base}/swagger#/event"}]}
+        elif path.endswith("/take"):
+            takes.append(path)
+            status, body = ("200 OK", {"input": {"x": 1}, "links": [
+                {"href": f"{base}/v1/packs/Worker/actions/abc123/result", "rel": f"{base}/swagger#/actionResult"}]}) \
+                if len(takes) == 1 else ("204 No Content", b"")
+        elif path.endswith("/result"):
+            results.append((path, json.loads(environ["wsgi.input"].read())))
+            status = "202 Accepted"
+        body = body if isinstance(body, bytes) else json.dumps(body).encode()
+        start_response(status, [("Content-Length", str(len(body))), ("Content-Type", "application/json")])
+        return [body]
+
+    server = WSGIServer(("127.0.0.1", 0), app, log=None)
+    server.start()
+    try:
+        pack = Pack(worker_def(), Client(f"http://127.0.0.1:{server.server_port}", timeout=5.0), health_port=None,
+                    polling_interval=0.5)
+        pack.start(timeout=5)
+        wait_until(lambda: results, what="the malformed action's result")
+        pack.stop(grace_period=0)
+    finally:
+        server.stop(timeout=1)
+    (path, body), = results
+    assert path == "/v1/packs/Worker/actions/abc123/result"
+    assert body["event"] == "FATAL"
+    assert body["payload"].startswith("malformed action from the Flyte API: take answered 200 with a malformed action")
+    assert "command: Missing data for required field." in body["payload"]
