@@ -80,7 +80,7 @@ def run_demo(examples_dir=None):
         results = api.wait_for_results(ids, timeout=20)
         for (pack_name, _, command, input), result in zip(_ACTIONS, results):
             print(f"  {pack_name}.{command}({_show(input, 40)})", file=out)
-            print(f"      -> {result.event} {_show(result.payload)}", file=out)
+            print(f"      -> {result.event} {_show(result.payload, 120)}", file=out)
         print(f"  ({len(ids)} actions completed in {time.monotonic() - started:.2f} s)", file=out)
 
         ticks = api.wait_for_events(2, timeout=10, name="Tick")
