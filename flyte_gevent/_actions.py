@@ -23,7 +23,7 @@ import gevent.event
 from gevent import GreenletExit, getcurrent
 from marshmallow import ValidationError
 
-from ._retry import RETRYABLE_STATUSES, Backoff, LogThrottle
+from ._retry import Backoff, LogThrottle, retry_log_level, worth_retrying
 from .client import MalformedActionError
 from .errors import FlyteAuthError, FlyteConnectionError, FlyteError, FlyteTimeout, PackNotFoundError
 from .log import bind_action, bind_pack
@@ -177,14 +177,15 @@ class Poller:
     def _on_error(self, exc, reason=None):
         now = time.monotonic()
         self.target = 1
-        if getattr(exc, "status", None) == 500 and self._racing_since is None:
-            self._racing_since = now
-        if getattr(exc, "status", None) == 500 and now - self._racing_since < _RACE_PERIOD:
-            # Probably another replica took the action we were about to get.
-            self.pack._metrics.take_error("race")
-            log.debug("take answered 500 (a replica won the race?); retrying soon")
-            self.resume_at = max(self.resume_at, now + random.uniform(0, _RACE_DELAY))
-            return
+        if exc.status == 500:
+            if self._racing_since is None:
+                self._racing_since = now
+            if now - self._racing_since < _RACE_PERIOD:
+                # Probably another replica took the action we were about to get.
+                self.pack._metrics.take_error("race")
+                log.debug("take answered 500 (a replica won the race?); retrying soon")
+                self.resume_at = max(self.resume_at, now + random.uniform(0, _RACE_DELAY))
+                return
         self.pack._metrics.take_error(reason or _error_reason(exc))
         self.consecutive_errors += 1
         self.last_error = exc
@@ -368,7 +369,7 @@ def _deliver_result(pack, action, body, event_name):
                               action.id, server_errors)
                     pack._metrics.result_lost()
                     return
-            elif not (exc.status is None or exc.status == 401 or exc.status in RETRYABLE_STATUSES):
+            elif not worth_retrying(exc):
                 log.error("result %r for action %s lost: %s", event_name, action.id, exc)
                 pack._metrics.result_lost()
                 return
@@ -388,9 +389,7 @@ def _deliver_result(pack, action, body, event_name):
             return
         delay = min(backoff.next(), remaining)
         # Keyed without the URL: during an outage, one line per interval rather than one per pending action.
-        # A token refused even after reloading it needs an operator: say so loudly.
-        pack._result_throttle.log(logging.ERROR if isinstance(error, FlyteAuthError) else logging.WARNING,
-                                  error.reason,
+        pack._result_throttle.log(retry_log_level(error), error.reason,
                                   "posting a result failed (action %s, attempt %d), retrying in %.1f s: %s",
                                   action.id, attempts, delay, error)
         pack._metrics.result_retried()

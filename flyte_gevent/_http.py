@@ -152,7 +152,7 @@ class HTTPPool:
         return self._connect(origin), False
 
     def _release(self, origin, conn):
-        if len(origin.idle) < min(self.maxsize, self.max_connections):
+        if len(origin.idle) < self.maxsize:
             origin.idle.append((conn, time.monotonic()))
         else:
             conn.close()

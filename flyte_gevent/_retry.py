@@ -1,12 +1,27 @@
-"""Backoff with jitter, and log lines that do not repeat themselves."""
+"""Backoff with jitter, which failures to retry, and log lines that do not repeat themselves."""
 
+import logging
 import random
 import time
 
-__all__ = ["Backoff", "LogThrottle", "RETRYABLE_STATUSES"]
+__all__ = ["Backoff", "LogThrottle", "RETRYABLE_STATUSES", "worth_retrying", "retry_log_level"]
 
 # Statuses worth sending a request again for: overload and gateway trouble.
 RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
+
+
+def worth_retrying(error):
+    """Whether a :class:`~flyte_gevent.FlyteError` may go away by itself.
+
+    No answer at all, overload or gateway trouble, and 401 (the client already
+    reloaded the token once; a rotated token file may still fix it).
+    """
+    return error.status is None or error.status == 401 or error.status in RETRYABLE_STATUSES
+
+
+def retry_log_level(error):
+    """ERROR for a token refused even after reloading it (an operator must act), else WARNING."""
+    return logging.ERROR if error.status == 401 else logging.WARNING
 
 
 class Backoff:

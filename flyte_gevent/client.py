@@ -23,6 +23,7 @@ from requests.adapters import HTTPAdapter
 
 from . import __version__
 from ._http import ConnectError, HTTPPool
+from .config import check_count, check_seconds
 from .errors import (
     ConfigError,
     FlyteAuthError,
@@ -133,12 +134,8 @@ class Client:
     def __init__(self, url, timeout=10.0, insecure=False, jwt=None, *, jwt_file=None, ca_file=None,
                  pool_size=10, max_connections=100):
         self.url = _check_url(url)
-        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 < timeout < float("inf"):
-            raise ConfigError(f"timeout={timeout!r}: must be a positive number of seconds", "timeout")
-        self.timeout = float(timeout)
-        if isinstance(max_connections, bool) or not isinstance(max_connections, int) or max_connections < 1:
-            raise ConfigError(f"max_connections={max_connections!r}: expected a whole number of at least 1",
-                              "max_connections")
+        self.timeout = check_seconds("timeout", timeout)
+        check_count("max_connections", max_connections)
         self.insecure = bool(insecure)
         self.ca_file = ca_file
         self._token = _Token(jwt, jwt_file)

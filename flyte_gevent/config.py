@@ -20,7 +20,8 @@ from urllib.parse import urlsplit
 from .errors import ConfigError, redact_url
 from .models import is_path_safe
 
-__all__ = ["Setting", "SETTINGS", "from_environ", "parse_labels", "MIN_POLLING_INTERVAL"]
+__all__ = ["Setting", "SETTINGS", "from_environ", "parse_labels", "check_seconds", "check_count",
+           "MIN_POLLING_INTERVAL"]
 
 log = logging.getLogger(__name__)
 
@@ -61,20 +62,23 @@ def _url(text):
     return text.strip()
 
 
-def _positive_float(text):
+def _float_seconds(text, allow_zero):
     try:
         value = float(text)
     except ValueError:
         raise ValueError("expected a number of seconds") from None
-    if not value > 0 or value == float("inf"):
-        raise ValueError("expected a positive number of seconds")
+    if not (0 <= value if allow_zero else 0 < value) or value == float("inf"):
+        raise ValueError("expected zero or a positive number of seconds" if allow_zero
+                         else "expected a positive number of seconds")
     return value
 
 
+def _positive_float(text):
+    return _float_seconds(text, allow_zero=False)
+
+
 def _non_negative_float(text):
-    if text.strip() == "0":
-        return 0.0
-    return _positive_float(text)
+    return _float_seconds(text, allow_zero=True)
 
 
 def _optional_positive_float(text):
@@ -250,6 +254,22 @@ def from_environ(environ=None, names=None, overrides=None):
                 raise ConfigError(f"{' or '.join(setting.env)} is not set: {setting.help}", setting.env[0])
             values[setting.name] = setting.default
     return values
+
+
+def check_seconds(name, value, allow_zero=False):
+    """*value* as float seconds, for settings given as Python arguments; ``ConfigError`` naming *name* if bad."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value < 0 or \
+            (value == 0 and not allow_zero) or value == float("inf"):
+        kind = "zero or a positive" if allow_zero else "a positive"
+        raise ConfigError(f"{name}={value!r}: must be {kind} number of seconds", name)
+    return float(value)
+
+
+def check_count(name, value):
+    """*value* if it is a whole number of at least 1; ``ConfigError`` naming *name* otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name}={value!r}: expected a whole number of at least 1", name)
+    return value
 
 
 def setting(name):

@@ -183,6 +183,14 @@ def make_metrics(setting, pack_name, commands):
 _blocked_counters = weakref.WeakSet()
 
 
+def _count_blocked(event):
+    from gevent import events
+
+    if isinstance(event, events.EventLoopBlocked):
+        for counter in list(_blocked_counters):
+            counter.inc()
+
+
 def _subscribe_loop_monitor(counter):
     """Count gevent's EventLoopBlocked reports (published when ``GEVENT_MONITOR_THREAD_ENABLE=1``).
 
@@ -191,13 +199,6 @@ def _subscribe_loop_monitor(counter):
     """
     from gevent import events
 
-    if not _blocked_counters:
-        def on_event(event):
-            if isinstance(event, events.EventLoopBlocked):
-                for live in list(_blocked_counters):
-                    live.inc()
-
-        if not any(getattr(s, "__name__", "") == "on_event" and getattr(s, "__module__", "") == __name__
-                   for s in events.subscribers):
-            events.subscribers.append(on_event)
+    if _count_blocked not in events.subscribers:
+        events.subscribers.append(_count_blocked)
     _blocked_counters.add(counter)

@@ -232,7 +232,8 @@ class PackDef:
                 problems.append(f"commands must be Command objects, got {type(command).__name__}")
                 continue
             if not isinstance(command.name, str) or not _QUERY_SAFE.match(command.name):
-                problems.append(f"command name {command.name!r} must be non-empty and use only letters, digits and -._~")
+                problems.append(f"command name {command.name!r} must be non-empty and use only letters, digits "
+                                "and -._~")
             if command.name in seen:
                 problems.append(f"command {command.name!r} is defined twice")
             seen.add(command.name)

@@ -29,7 +29,7 @@ from gevent.pool import Group, Pool
 
 from . import config
 from ._actions import SHUTDOWN_MESSAGE, Poller, cancel_handlers
-from ._retry import RETRYABLE_STATUSES, Backoff, LogThrottle
+from ._retry import Backoff, LogThrottle, retry_log_level, worth_retrying
 from .client import Client
 from .errors import ConfigError, DeliveryError, FlyteError, NotPatchedError, NotRegisteredError, PackNotFoundError
 from .health import HealthApp, HealthServer
@@ -88,17 +88,19 @@ class Pack:
             raise TypeError(f"Pack needs a Client, not {type(client).__name__}")
         self.pack_def = pack_def
         self.client = client
-        self.polling_interval = max(_seconds("polling_interval", polling_interval), config.MIN_POLLING_INTERVAL)
+        self.polling_interval = max(config.check_seconds("polling_interval", polling_interval),
+                                    config.MIN_POLLING_INTERVAL)
         if polling_interval < config.MIN_POLLING_INTERVAL:
             log.warning("polling interval %g s is below the %g s floor; using %g s",
                         polling_interval, config.MIN_POLLING_INTERVAL, config.MIN_POLLING_INTERVAL)
-        self.max_in_flight = _count("max_in_flight", max_in_flight)
-        self.max_takers = min(_count("max_takers", max_takers), self.max_in_flight)
-        self.action_timeout = None if action_timeout is None else _seconds("action_timeout", action_timeout)
-        self.grace_period = _seconds("grace_period", grace_period, allow_zero=True)
-        self.flush_timeout = _seconds("flush_timeout", flush_timeout, allow_zero=True)
-        self.result_deadline = _seconds("result_deadline", result_deadline)
-        self.event_deadline = _seconds("event_deadline", event_deadline)
+        self.max_in_flight = config.check_count("max_in_flight", max_in_flight)
+        self.max_takers = min(config.check_count("max_takers", max_takers), self.max_in_flight)
+        self.action_timeout = (None if action_timeout is None
+                               else config.check_seconds("action_timeout", action_timeout))
+        self.grace_period = config.check_seconds("grace_period", grace_period, allow_zero=True)
+        self.flush_timeout = config.check_seconds("flush_timeout", flush_timeout, allow_zero=True)
+        self.result_deadline = config.check_seconds("result_deadline", result_deadline)
+        self.event_deadline = config.check_seconds("event_deadline", event_deadline)
         self.allow_unpatched = allow_unpatched
         if health_port is not None and not (isinstance(health_port, int) and 0 <= health_port <= 65535):
             raise ConfigError(f"health_port={health_port!r}: expected a port number, 0, or None", "health_port")
@@ -133,7 +135,6 @@ class Pack:
         self._flush_deadline = math.inf
         self._service_failure = None
         self._start_failure = None
-        self._stopper = None
 
         self._events = gevent.queue.JoinableQueue(maxsize=event_buffer)
         self._events_closed = False
@@ -477,7 +478,7 @@ class Pack:
         self._service_failure = f"the {greenlet.name} greenlet died: {type(exc).__name__}: {exc}"
         log.error("%s; stopping the pack", self._service_failure, exc_info=(type(exc), exc, exc.__traceback__))
         if not self._stop_begun:
-            self._stopper = gevent.spawn(self.stop)
+            gevent.spawn(self.stop)
 
     @staticmethod
     def _task_died(greenlet):
@@ -544,7 +545,7 @@ class Pack:
                     continue
             except FlyteError as exc:
                 error = exc
-                if not (exc.status is None or exc.status in (401, 500) or exc.status in RETRYABLE_STATUSES):
+                if not (exc.status == 500 or worth_retrying(exc)):
                     self._metrics.event_failed(name)
                     raise
             else:
@@ -558,8 +559,7 @@ class Pack:
                 raise DeliveryError(f"event {name!r} not delivered within {limit:g} s ({attempts} attempts): "
                                     f"{error.reason}", last_error=error)
             delay = min(backoff.next(), remaining)
-            # A token refused even after reloading it needs an operator: say so loudly.
-            self._event_throttle.log(logging.ERROR if error.status == 401 else logging.WARNING, str(error),
+            self._event_throttle.log(retry_log_level(error), str(error),
                                      "sending event %r failed (attempt %d), retrying in %.1f s: %s",
                                      name, attempts, delay, error)
             self._sleep(delay)
@@ -580,15 +580,3 @@ class Pack:
                 self._events.task_done()
                 self._progress.set()
 
-
-def _seconds(name, value, allow_zero=False):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value < 0 or \
-            (value == 0 and not allow_zero) or value == math.inf:
-        raise ConfigError(f"{name}={value!r}: expected a positive number of seconds", name)
-    return float(value)
-
-
-def _count(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name}={value!r}: expected a whole number of at least 1", name)
-    return value
