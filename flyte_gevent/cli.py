@@ -22,7 +22,7 @@ import sys  # noqa: E402
 
 from . import __version__, config  # noqa: E402
 from ._target import build_pack, load_target  # noqa: E402 - shared with flyte_gevent.gunicorn
-from .errors import ConfigError, FlyteError  # noqa: E402
+from .errors import ConfigError, FlyteError, redact_url  # noqa: E402
 
 __all__ = ["main", "load_target", "build_pack"]
 
@@ -104,7 +104,7 @@ def _parser():
     run.add_argument("--start-timeout", type=float, metavar="SECONDS",
                      help="give up (exit 69) when the pack cannot register within this time; default: keep trying")
     run.add_argument("--print-config", action="store_true",
-                     help="print the resolved settings (token redacted) and exit")
+                     help="print the resolved settings (token and URL credentials redacted) and exit")
 
     check = commands.add_parser(
         "check", help="validate a pack definition offline and print its registration JSON",
@@ -158,9 +158,7 @@ def _run(args):
         wanted = {s.name for s in config.SETTINGS}
         values = config.from_environ(names=wanted, overrides=flags)
         for setting in config.SETTINGS:
-            value = values[setting.name]
-            shown = "<redacted>" if setting.secret and value else value
-            print(f"{setting.name} = {shown!r}")
+            print(f"{setting.name} = {_shown(setting, values[setting.name])!r}")
         return EX_OK
     pack = build_pack(load_target(args.target), pack_flags)
     try:
@@ -170,6 +168,13 @@ def _run(args):
         pack.stop(grace_period=0)
         return EX_UNAVAILABLE if exc.status != 400 else EX_CONFIG
     return EX_OK
+
+
+def _shown(setting, value):
+    """*value* as --print-config may show it: secrets hidden, credentials cut out of any URL."""
+    if setting.secret and value:
+        return "<redacted>"
+    return redact_url(value) if isinstance(value, str) else value
 
 
 def _check(args):

@@ -16,21 +16,44 @@ anything else  the Go client's JSON map ``{"<check>": {"healthy", "status"}}``,
 
 Checks run concurrently, each under a timeout; a check that raises, hangs or
 returns garbage is reported unhealthy under its ``__name__`` while the others are
-still reported. Probes never call the Flyte API unless a check does
+still reported. Checks that report the same name are all kept, the second as
+``name#2`` and so on (with one warning), so a healthy check never hides an
+unhealthy one. Probes never call the Flyte API unless a check does
 (:func:`flyte_api_health_check`).
+
+The port is often reachable from far more than the kubelet, so the server bounds
+what any client can hold (see :class:`HealthServer`): each request must arrive
+within ``request_timeout``, its head within ``max_request_head`` bytes, and past
+``max_connections`` the connection that has waited longest for a request is
+closed to make room, so a probe is answered however many idle connections are
+open.
 """
 
 import dataclasses
+import errno
 import json
 import logging
+import socket
+import time
+from http import HTTPStatus
 
 import gevent
 from gevent.pool import Pool
-from gevent.pywsgi import WSGIServer
+from gevent.pywsgi import WSGIHandler, WSGIServer
+
+from .errors import ConfigError
 
 __all__ = ["Health", "HealthApp", "HealthServer", "default_check", "flyte_api_health_check", "mount"]
 
 log = logging.getLogger(__name__)
+
+#: Seconds a request may take to arrive, counted from when the server starts
+#: waiting for it (the connection's accept, or the end of the previous answer).
+REQUEST_TIMEOUT = 5.0
+#: Connections open at once; past it the longest-waiting one is closed.
+MAX_CONNECTIONS = 256
+#: Bytes of request line and headers one request may send.
+MAX_REQUEST_HEAD = 8192
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +116,13 @@ class HealthApp:
         self.checks = list(checks) if checks else [default_check]
         self.check_timeout = check_timeout
         self.metrics = metrics
+        self._warned_names = set()
+        seen = set()
+        for check in self.checks:
+            if id(check) in seen:
+                raise ConfigError(f"health_checks: the health check {_check_name(check)!r} is listed twice",
+                                  "health_checks")
+            seen.add(id(check))
 
     def __call__(self, environ, start_response):
         path = environ.get("PATH_INFO") or "/"
@@ -108,18 +138,41 @@ class HealthApp:
     def run_checks(self):
         """Run every check concurrently; ``(all_healthy, {name: {"healthy", "status"}})``."""
         greenlets = [gevent.spawn(_run_check, check) for check in self.checks]
-        gevent.joinall(greenlets, timeout=self.check_timeout)
+        try:
+            gevent.joinall(greenlets, timeout=self.check_timeout)
+        finally:
+            # Checks past their timeout, or every check when this request is cut short, are not left running.
+            gevent.killall([greenlet for greenlet in greenlets if not greenlet.dead], block=False)
         results = {}
         for check, greenlet in zip(self.checks, greenlets):
             if greenlet.successful():
                 name, health = greenlet.value
             else:
-                greenlet.kill(block=False)
                 name = _check_name(check)
                 health = Health(False, f"health check timed out after {self.check_timeout:g} s")
-            results[name] = {"healthy": bool(health.healthy), "status": health.status}
+            results[self._unique(name, results)] = {"healthy": bool(health.healthy), "status": health.status}
         healthy = all(entry["healthy"] for entry in results.values())
         return healthy, dict(sorted(results.items()))
+
+    def _unique(self, name, results):
+        """*name*, or ``name#2``, ``name#3``... when an earlier check of this run took it.
+
+        Names are only known once checks have run, so a clash cannot be refused
+        up front; keeping every entry means an unhealthy check is never hidden
+        behind a healthy one of the same name. Checks run in list order, so each
+        keeps its key from one request to the next.
+        """
+        if name not in results:
+            return name
+        number = 2
+        while f"{name}#{number}" in results:
+            number += 1
+        key = f"{name}#{number}"
+        if name not in self._warned_names:
+            self._warned_names.add(name)
+            log.warning("two health checks are named %r: the later one is reported as %r; give each check its "
+                        "own name", name, key)
+        return key
 
     @staticmethod
     def _probe(start_response, ok, reason):
@@ -157,14 +210,37 @@ def mount(app, health_app, prefix="/flyte"):
 
 
 class HealthServer:
-    """A ``gevent.pywsgi.WSGIServer`` for a :class:`HealthApp`.
+    """The pack's health port: a ``gevent.pywsgi`` server for a :class:`HealthApp`.
+
+    Anyone who can reach the port is a client, so what one can hold is bounded
+    and none of it can keep a probe from being answered:
+
+    * **time**: a request (request line, headers and any body) must arrive within
+      *request_timeout* seconds of when the server starts waiting for it, however
+      the bytes trickle in; otherwise the connection is closed (``408`` once part
+      of a request has arrived). An idle keep-alive connection is closed after
+      the same time. Every send is bounded by it too.
+    * **size**: a request head over *max_request_head* bytes is answered ``431``
+      and closed; a request with a body is answered, then closed.
+    * **connections**: when a new connection would make more than
+      *max_connections*, the one that has waited longest for a request is
+      closed. A probe sends its request as soon as it connects, so it gets in
+      however many idle connections a client opens; connections being answered
+      (for at most the check timeout) are never cut.
+
+    Malformed requests are logged at DEBUG only: a client's mistake is not the
+    pack's, and a hostile client must not be able to flood the pack's log.
 
     :param port: 0 binds a free port; read :attr:`port` after :meth:`start`.
     """
 
-    def __init__(self, app, host="0.0.0.0", port=8090):
+    def __init__(self, app, host="0.0.0.0", port=8090, *, request_timeout=REQUEST_TIMEOUT,
+                 max_connections=MAX_CONNECTIONS, max_request_head=MAX_REQUEST_HEAD):
         self.app = app
         self.host = host
+        self.request_timeout = request_timeout
+        self.max_connections = max_connections
+        self.max_request_head = max_request_head
         self._requested_port = port
         self._server = None
 
@@ -174,12 +250,20 @@ class HealthServer:
         return self._server.server_port if self._server is not None else None
 
     def start(self):
-        """Start listening; raises ``OSError`` at once when the port is taken."""
+        """Start listening.
+
+        :raises ConfigError: the port is taken or not allowed, or the host is not
+            an address of this machine (naming the setting to change).
+        """
         if self._server is not None:
             return
-        server = WSGIServer((self.host, self._requested_port), self.app, log=None, error_log=log,
-                            spawn=Pool(64))
-        server.start()
+        server = _Server((self.host, self._requested_port), self.app, log=None, error_log=log, spawn=Pool(),
+                         handler_class=_Handler, request_timeout=self.request_timeout,
+                         connections=_Connections(self.max_connections), max_request_head=self.max_request_head)
+        try:
+            server.start()
+        except OSError as exc:
+            raise _bind_error(exc, self.host, self._requested_port) from None
         self._server = server
         log.info("health server listening on %s:%s", self.host, self.port)
 
@@ -192,3 +276,200 @@ class HealthServer:
         server, self._server = self._server, None
         if server is not None:
             server.stop(timeout=timeout)
+
+
+_PORT_SETTING = "FLYTE_HEALTH_PORT, --health-port or health_port"
+_HOST_SETTING = "FLYTE_GEVENT_HEALTH_HOST, --health-host or health_host"
+
+
+def _bind_error(exc, host, port):
+    """The ConfigError for a health port that cannot be bound, or *exc* itself when it is not a setting's fault."""
+    if exc.errno == errno.EADDRINUSE:
+        return ConfigError(f"health port {port} on {host} is already in use: set {_PORT_SETTING} to a free port "
+                           "(0 picks one, 'off' runs no server)", "FLYTE_HEALTH_PORT")
+    if exc.errno == errno.EACCES:
+        return ConfigError(f"health port {port} on {host}: permission denied (ports below 1024 need privileges): "
+                           f"set {_PORT_SETTING} to another port", "FLYTE_HEALTH_PORT")
+    if exc.errno == errno.EADDRNOTAVAIL or isinstance(exc, socket.gaierror):
+        return ConfigError(f"health host {host!r} is not an address of this machine ({exc.strerror or exc}): set "
+                           f"{_HOST_SETTING} to one, or 0.0.0.0 for all", "FLYTE_GEVENT_HEALTH_HOST")
+    return exc
+
+
+class _Connections:
+    """The health server's open connections, and which to close when there are too many.
+
+    A connection is *waiting* from its accept, or from the end of its last
+    answer, until its next request head has arrived; then it is *answering*.
+    When a new connection would make more than *limit*, the ones waiting longest
+    are shut down: a flood of idle connections loses its oldest members, while a
+    probe, which sends its request right after connecting, is among the newest.
+    The new connection itself is always let in, so the limit is only passed
+    while every other connection is being answered, which the check timeout
+    bounds.
+    """
+
+    def __init__(self, limit):
+        self.limit = limit
+        self._open = {}     # handler -> its socket
+        self._waiting = {}  # handler -> None, longest waiting first (dicts keep insertion order)
+
+    def opened(self, handler, sock):
+        self._open[handler] = sock
+        while len(self._open) > self.limit and self._waiting:
+            oldest = next(iter(self._waiting))
+            del self._waiting[oldest]
+            evicted = self._open.pop(oldest)
+            try:
+                # Its greenlet, blocked reading, sees the end of the stream and finishes as usual.
+                evicted.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self._waiting[handler] = None
+
+    def waiting(self, handler):
+        if handler in self._open:
+            self._waiting.pop(handler, None)
+            self._waiting[handler] = None  # to the back of the line
+
+    def answering(self, handler):
+        self._waiting.pop(handler, None)
+
+    def closed(self, handler):
+        self._open.pop(handler, None)
+        self._waiting.pop(handler, None)
+
+
+class _RequestTimeout(TimeoutError):
+    """A request did not arrive within the request timeout (an OSError, so pywsgi ends the connection)."""
+
+
+class _HeadTooLarge(ValueError):
+    """A request head went past the size limit."""
+
+
+class _RequestReader:
+    """A connection's input, read under the current request's deadline and head budget.
+
+    pywsgi reads the request line, the headers and any body through ``readline``
+    and ``read``. Each read waits only until the deadline, so a client sending a
+    byte now and then cannot stretch a request out; while the head is being read,
+    reads stop at the budget (``_HeadTooLarge`` once it is spent).
+    """
+
+    def __init__(self, rfile):
+        self._rfile = rfile
+        self._deadline = None
+        self._head_left = None  # None once the head is complete
+
+    @property
+    def closed(self):
+        return self._rfile.closed
+
+    def close(self):
+        self._rfile.close()
+
+    def begin_request(self, timeout, head_limit):
+        self._deadline = time.monotonic() + timeout
+        self._head_left = head_limit
+
+    def end_head(self):
+        self._head_left = None
+
+    def readline(self, size=-1):
+        if self._head_left is None:
+            return self._before_deadline(self._rfile.readline, size)
+        if self._head_left <= 0:
+            raise _HeadTooLarge("request head too large")
+        size = self._head_left if size is None or size < 0 else min(size, self._head_left)
+        line = self._before_deadline(self._rfile.readline, size)
+        self._head_left -= len(line)
+        return line
+
+    def read(self, size=-1):
+        return self._before_deadline(self._rfile.read, size)
+
+    def _before_deadline(self, read, size):
+        if self._deadline is None:
+            return read(size)
+        # Bytes already buffered are returned at once even past the deadline; only waiting is cut short.
+        left = max(self._deadline - time.monotonic(), 0.001)
+        with gevent.Timeout(left, _RequestTimeout("the request did not arrive in time")):
+            return read(size)
+
+
+def _error_response(status):
+    reason = status.phrase
+    return (f"HTTP/1.1 {status.value} {reason}\r\nConnection: close\r\nContent-Type: text/plain\r\n"
+            f"Content-Length: {len(reason)}\r\n\r\n{reason}").encode("latin-1")
+
+
+_CLIENT_ERRORS = {status: (str(status.value), _error_response(status)) for status in (
+    HTTPStatus.BAD_REQUEST, HTTPStatus.REQUEST_TIMEOUT, HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE)}
+
+
+class _Handler(WSGIHandler):
+    """pywsgi's handler with the health server's bounds (see :class:`HealthServer`)."""
+
+    def __init__(self, sock, address, server):
+        super().__init__(sock, address, server)
+        self.rfile = _RequestReader(self.rfile)
+        sock.settimeout(server.request_timeout)  # bounds each send to a client that does not read
+
+    def read_requestline(self):
+        self.server.connections.waiting(self)
+        self.rfile.begin_request(self.server.request_timeout, self.server.max_request_head)
+        return super().read_requestline()
+
+    def read_request(self, raw_requestline):
+        parsed = super().read_request(raw_requestline)
+        self.rfile.end_head()
+        self.server.connections.answering(self)
+        if self.content_length or "transfer-encoding" in self.headers:
+            # Nothing here reads a body; pywsgi discards it under the deadline, and the connection is not
+            # reused, so a body that stops halfway cannot leave the stream out of step.
+            self.close_connection = True
+        return parsed
+
+    def _handle_client_error(self, ex):
+        # pywsgi's hook for a request it cannot use: answer it and close, without the traceback pywsgi
+        # prints for errors that are not ValueErrors (http.client's "got more than 100 headers").
+        if isinstance(ex, TimeoutError):
+            status = HTTPStatus.REQUEST_TIMEOUT
+        elif isinstance(ex, _HeadTooLarge):
+            status = HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE
+        else:
+            status = HTTPStatus.BAD_REQUEST
+        log.debug("health server: refused a request from %s: %s", self.client_address,
+                  f"{type(ex).__name__}: {ex}")
+        return _CLIENT_ERRORS[status]
+
+    def handle_error(self, t, v, tb):
+        if issubclass(t, OSError):
+            # The client stopped reading or went away (a send timed out, a reset): its loss, not a server bug,
+            # so no traceback, and the connection is done.
+            log.debug("health server: connection to %s failed: %s", self.client_address, v)
+            self.close_connection = True
+            return
+        super().handle_error(t, v, tb)
+
+    def log_error(self, msg, *args):
+        log.debug("health server: %s", msg % args if args else msg)
+
+
+class _Server(WSGIServer):
+    """A ``WSGIServer`` that keeps track of its connections (see :class:`_Connections`)."""
+
+    def __init__(self, listener, application, *, request_timeout, connections, max_request_head, **kwargs):
+        super().__init__(listener, application, **kwargs)
+        self.request_timeout = request_timeout
+        self.connections = connections
+        self.max_request_head = max_request_head
+
+    def handle(self, sock, address):
+        handler = self.handler_class(sock, address, self)
+        self.connections.opened(handler, sock)
+        try:
+            handler.handle()
+        finally:
+            self.connections.closed(handler)

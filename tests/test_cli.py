@@ -148,6 +148,22 @@ def test_print_config_shows_flags_over_environment_and_redacts_the_token(cli_env
     assert "s3cret-token" not in result.stdout + result.stderr
 
 
+@pytest.mark.parametrize("where", ["flag", "environment"])
+def test_print_config_redacts_credentials_in_the_api_url(where, cli_env):
+    url = "https://flyte-user:pa55w0rd@flyte.example:8443/base"
+    args = ["run", "cli_targets:pack_def", "--print-config"]
+    if where == "flag":
+        args += ["--api", url]
+    else:
+        cli_env["FLYTE_API_URL"] = url
+    cli_env["FLYTE_JWT"] = "s3cret-token"
+    result = flyte_gevent(*args, env=cli_env)
+    assert result.returncode == 0, result.stderr
+    assert "api = 'https://***@flyte.example:8443/base'" in result.stdout.splitlines()
+    for secret in ("pa55w0rd", "flyte-user", "s3cret-token"):
+        assert secret not in result.stdout + result.stderr
+
+
 # -- configuration errors and crashes ---------------------------------------------------------------------------
 
 
@@ -169,6 +185,20 @@ def test_configuration_errors_exit_78_with_one_line_naming_the_problem(args, env
     result = flyte_gevent(*args, env=cli_env)
     assert result.returncode == 78, result.stderr
     assert names in _one_error_line(result)
+    assert result.stdout == ""
+
+
+def test_a_health_port_in_use_exits_78_with_one_line_naming_the_setting_and_the_port(cli_env):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cli_env.update({"FLYTE_API": DEAD_API, "FLYTE_GEVENT_HEALTH_HOST": "127.0.0.1"})
+        result = flyte_gevent("run", "cli_targets:pack_def", "--health-port", str(port), env=cli_env)
+    assert result.returncode == 78, result.stderr
+    line = _one_error_line(result)
+    for name in (str(port), "FLYTE_HEALTH_PORT", "--health-port", "health_port", "already in use"):
+        assert name in line, line
     assert result.stdout == ""
 
 

@@ -5,16 +5,20 @@ server a Pack starts with health_port=0.
 """
 
 import functools
+import logging
+import socket
 import time
 
 import gevent
 import gevent.event
+import gevent.socket
 import pytest
 import requests
+from gevent.pool import Group
 from gevent.pywsgi import WSGIServer
 
 import flyte_gevent.pack as pack_module
-from flyte_gevent import Client, Command, Event, EventDef, Health, PackDef, flyte_api_health_check
+from flyte_gevent import Client, Command, ConfigError, Event, EventDef, Health, PackDef, flyte_api_health_check
 from flyte_gevent.health import HealthApp, HealthServer, mount
 
 DEFAULT_MAP = {"DefaultCheck": {"healthy": True, "status": "Pack is running."}}
@@ -281,3 +285,229 @@ def test_mount_serves_the_health_app_under_a_prefix_inside_another_wsgi_app(make
         assert get(base + "/flytex").text == "app saw /flytex"  # a prefix match only on a path boundary
     finally:
         server.stop(timeout=1)
+
+
+# --- duplicate check names ------------------------------------------------------------------------------------------
+
+
+def test_checks_sharing_a_name_are_all_reported_under_numbered_keys_with_one_warning(serve_checks, caplog):
+    def replica_db():
+        return "Database", Health(False, "replica down")
+
+    base = serve_checks([healthy_check("Database", "primary up"), replica_db, healthy_check("Cache"),
+                         healthy_check("Database", "third")])
+    with caplog.at_level(logging.WARNING, logger="flyte_gevent.health"):
+        first, second = get(base + "/"), get(base + "/")
+    assert first.status_code == second.status_code == 500  # the unhealthy one is not overwritten by a healthy one
+    assert first.json() == second.json() == {
+        "Cache": {"healthy": True, "status": "ok"},
+        "Database": {"healthy": True, "status": "primary up"},
+        "Database#2": {"healthy": False, "status": "replica down"},
+        "Database#3": {"healthy": True, "status": "third"},
+    }
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings  # once per name, not once per probe
+    assert "'Database'" in warnings[0] and "Database#2" in warnings[0]
+
+
+def test_the_same_check_listed_twice_is_a_configuration_error(make_pack):
+    check = healthy_check("Database")
+    with pytest.raises(ConfigError, match="health_checks: the health check 'check' is listed twice"):
+        make_pack(PackDef("Quiet"), health_checks=[check, healthy_check("Cache"), check])
+
+
+# --- the health port: configuration errors --------------------------------------------------------------------------
+
+
+def test_a_health_port_in_use_is_a_configuration_error_naming_the_setting_and_the_port():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = HealthServer(HealthApp(AlwaysUp()), "127.0.0.1", port)
+        with pytest.raises(ConfigError) as error:
+            server.start()
+    assert error.value.name == "FLYTE_HEALTH_PORT"
+    assert str(error.value) == (f"health port {port} on 127.0.0.1 is already in use: set FLYTE_HEALTH_PORT, "
+                                "--health-port or health_port to a free port (0 picks one, 'off' runs no server)")
+    assert server.port is None
+
+
+def test_a_health_host_that_is_not_an_address_here_is_a_configuration_error_naming_the_setting():
+    server = HealthServer(HealthApp(AlwaysUp()), "192.0.2.1", 0)  # TEST-NET-1: never an address of this machine
+    with pytest.raises(ConfigError) as error:
+        server.start()
+    assert error.value.name == "FLYTE_GEVENT_HEALTH_HOST"
+    assert "192.0.2.1" in str(error.value)
+    assert "FLYTE_GEVENT_HEALTH_HOST, --health-host or health_host" in str(error.value)
+
+
+# --- the health port: hostile and broken clients --------------------------------------------------------------------
+
+
+@pytest.fixture
+def health_server():
+    """``health_server(**limits)``: a HealthServer for AlwaysUp on a free loopback port; stopped after the test."""
+    servers = []
+
+    def start(**limits):
+        server = HealthServer(HealthApp(AlwaysUp()), "127.0.0.1", 0, **limits)
+        server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def connect():
+    """``connect(port, n=1)``: *n* raw TCP connections to the health server (all closed after the test)."""
+    opened = []
+
+    def open_connections(port, n=1):
+        def one():
+            try:
+                return gevent.socket.create_connection(("127.0.0.1", port), timeout=3)
+            except OSError:
+                return None
+
+        group = Group()
+        greenlets = [group.spawn(one) for _ in range(n)]
+        group.join(timeout=5)
+        group.kill()
+        sockets = [g.value for g in greenlets if g.value is not None]
+        opened.extend(sockets)
+        assert len(sockets) == n, f"only {len(sockets)} of {n} connections were accepted"
+        return sockets
+
+    yield open_connections
+    for sock in opened:
+        sock.close()
+
+
+def ended_by_server(sock, timeout):
+    """Read *sock* until the server ends the connection; ``(ended, everything read)``; False if still open."""
+    received = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sock.settimeout(max(deadline - time.monotonic(), 0.01))
+        try:
+            data = sock.recv(65536)
+        except TimeoutError:
+            break
+        except ConnectionResetError:
+            return True, received
+        if not data:
+            return True, received
+        received += data
+    return False, received
+
+
+def still_open(sock):
+    ended, _ = ended_by_server(sock, 0.02)
+    return not ended
+
+
+def probe(port, path="/livez"):
+    """A probe as the kubelet sends it, given one second to answer."""
+    return requests.get(f"http://127.0.0.1:{port}{path}", timeout=1, headers={"Connection": "close"})
+
+
+def test_probes_answer_within_a_second_with_hundreds_of_idle_and_dribbling_connections_open(health_server, connect):
+    server = health_server()  # default limits
+    idle = connect(server.port, 300)
+    dribblers = connect(server.port, 30)
+    for sock in dribblers:
+        sock.sendall(b"GET /livez HTTP/1.1\r\nHost: dribbler\r\nX-Slow: ")  # and never the rest
+
+    for path in ("/livez", "/readyz", "/livez"):
+        response = probe(server.port, path)
+        assert response.status_code == 200, path
+    assert response.json() == {"status": "ok", "reason": "alive"}
+    assert any(still_open(sock) for sock in idle)  # the flood is still there: the probes got in beside it
+
+
+def test_idle_and_slow_connections_are_closed_after_the_request_timeout(health_server, connect):
+    server = health_server(request_timeout=0.3)
+    silent, dribbler, partial, keep_alive = connect(server.port, 4)
+    partial.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n")  # headers begun, never finished
+    keep_alive.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")  # answered, then left idle
+
+    def dribble():  # one byte every 50 ms: each read is quick, the request never completes
+        try:
+            for _ in range(100):
+                dribbler.sendall(b"G")
+                gevent.sleep(0.05)
+        except OSError:
+            pass
+
+    dribbling = gevent.spawn(dribble)
+    try:
+        results = {name: ended_by_server(sock, 3) for name, sock in
+                   [("silent", silent), ("dribbler", dribbler), ("partial", partial), ("keep_alive", keep_alive)]}
+    finally:
+        dribbling.kill()
+    assert {name: ended for name, (ended, _) in results.items()} == dict.fromkeys(results, True)
+    assert results["silent"][1] == b""
+    assert results["partial"][1].startswith(b"HTTP/1.1 408 ")
+    answer, _, rest = results["keep_alive"][1].partition(b"\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200 ") and b'"alive"' in rest
+    assert probe(server.port).status_code == 200
+
+
+def test_a_body_that_never_arrives_is_answered_then_the_connection_is_closed(health_server, connect):
+    server = health_server(request_timeout=0.3)
+    (sock,) = connect(server.port)
+    sock.sendall(b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\nthe start of it")
+    ended, received = ended_by_server(sock, 3)
+    assert ended
+    assert received.startswith(b"HTTP/1.1 200 ") and b"DefaultCheck" in received
+
+
+def test_a_request_head_over_the_limit_is_refused_without_a_traceback(health_server, connect, capfd):
+    server = health_server()
+    big, many = connect(server.port, 2)
+    big.sendall(b"GET /livez HTTP/1.1\r\nX-Pad: " + b"a" * 10_000 + b"\r\n\r\n")
+    many.sendall(b"GET /livez HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(200)) + b"\r\n")
+    ended, received = ended_by_server(big, 3)
+    assert ended and received.startswith(b"HTTP/1.1 431 ")
+    ended, received = ended_by_server(many, 3)
+    assert ended and received.startswith(b"HTTP/1.1 400 ")
+    assert probe(server.port).status_code == 200
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_past_the_connection_limit_the_longest_waiting_connection_makes_room_for_a_probe(health_server, connect):
+    server = health_server(max_connections=10, request_timeout=30)
+    idle = [connect(server.port)[0] for _ in range(10)]  # one by one: the server sees them in this order
+    newer = [connect(server.port)[0] for _ in range(3)]  # each pushes out the oldest
+    assert probe(server.port).status_code == 200          # and so does the probe
+    assert [still_open(sock) for sock in idle] == [False] * 4 + [True] * 6
+    assert all(still_open(sock) for sock in newer)
+    assert probe(server.port).status_code == 200
+
+
+def test_a_client_that_stops_reading_is_cut_off_after_the_request_timeout(capfd):
+    status = "x" * 16_000_000  # far more than the socket buffers hold
+
+    def huge():
+        return "Huge", Health(True, status)
+
+    server = HealthServer(HealthApp(AlwaysUp(), [huge]), "127.0.0.1", 0, request_timeout=0.3)
+    server.start()
+    try:
+        sock = gevent.socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(3)
+        sock.connect(("127.0.0.1", server.port))
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        gevent.sleep(1)  # not reading: the server's send stalls
+        ended, received = ended_by_server(sock, 5)
+        sock.close()
+    finally:
+        server.stop()
+    assert ended
+    assert received.startswith(b"HTTP/1.1 200 ") and len(received) < len(status)  # the server gave up sending
+    assert "Traceback" not in capfd.readouterr().err
