@@ -5,18 +5,33 @@ input is a JSON string holding the script, event ``Output`` with the raw (not
 trimmed) ``stdout``, ``stderr`` and ``exit_code`` (``-1`` when the script was
 killed by a signal). Input that is not a string gets Go's decode error text as
 ``stderr`` with ``exit_code`` 1; an empty or null script gets "No script
-supplied to handler".
+supplied to handler". Without a timeout, the action waits, as Go's does, until
+bash has exited and every process holding its output pipes has closed them.
 
 What the port does better:
 
-* ``SHELL_TIMEOUT`` (seconds, off by default) kills a script that runs too long;
-  it then ends like coreutils' ``timeout``: ``Output`` with ``exit_code`` 124 and
-  ``timeout after N s`` appended to ``stderr``, so flows that test ``exit_code``
-  keep working.
-* Secrets (``FLYTE_JWT`` and anything named like a token, secret or password)
-  are removed from the script's environment.
+* ``SHELL_TIMEOUT`` (seconds, off by default) bounds the whole action. The
+  script runs in a session of its own; when the time is up the whole process
+  group is killed (SIGKILL), what it already wrote is read for at most
+  0.25 s more, and the action ends like coreutils' ``timeout``: ``Output`` with
+  ``exit_code`` 124 and ``timeout after N s`` appended to ``stderr``, so flows
+  that test ``exit_code`` keep working. Every wait is bounded, so this holds
+  whatever the children do; a child that left the group (``setsid``, a daemon)
+  is not killed, and what it writes later is lost.
+* Secrets are removed from the script's environment: every variable whose name
+  contains ``TOKEN``, ``SECRET``, ``PASS``, ``KEY``, ``JWT`` or ``CREDENTIAL``
+  in any case (``FLYTE_JWT``, ``FLYTE_JWT_FILE``, ``API_KEY``, ``DB_PASS``...).
+  This keeps them out of ``env`` dumps and of tools that read the environment;
+  it is not a sandbox. The script runs as the pack's user, so it can still read
+  the pack's initial environment from ``/proc/$PPID/environ``: give the pack its
+  token in a file (``FLYTE_JWT_FILE``), never in ``FLYTE_JWT``. That file is
+  readable by the same user too, so to keep scripts from the token altogether,
+  run them as another user or in a sandbox.
 * If bash cannot be started, the action is completed as ``FATAL`` with a clear
   message instead of Go's nil-pointer panic text.
+
+Scripts run through ``gevent.subprocess`` with their pipes read by greenlets,
+so a running script never blocks the pack's other actions.
 
 Run it::
 
@@ -34,14 +49,19 @@ import os  # noqa: E402
 import re  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 
 from gevent import subprocess  # noqa: E402
+from gevent.pool import Group  # noqa: E402
 
 from flyte_gevent import Command, ConfigError, Event, EventDef, Pack, PackDef, fatal_event  # noqa: E402
 
 HELP_URL = "https://github.com/ExpediaGroup/flyte-shell/blob/master/README.md"
 TIMEOUT_EXIT_CODE = 124
-_SECRET_NAME = re.compile(r"JWT|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
+_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASS|KEY|JWT|CREDENTIAL", re.IGNORECASE)
+# After the kill: how long output the script already wrote is still read, and how long bash gets to be reaped.
+_DRAIN_AFTER_KILL = 0.25
+_REAP_AFTER_KILL = 1.0
 
 output = EventDef("Output")
 
@@ -61,34 +81,71 @@ def shell(script, timeout=None):
                                    stdin=subprocess.DEVNULL, env=_scrubbed_environ(), start_new_session=True)
     except OSError as exc:
         return fatal_event(f"cannot start bash: {exc.strerror or exc}")
+    stdout, stderr = [], []
+    readers = Group()
+    readers.spawn(_read_all, process.stdout, stdout)
+    readers.spawn(_read_all, process.stderr, stderr)
     try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        return _output(_text(stdout), _text(stderr) + f"timeout after {timeout:g} s", TIMEOUT_EXIT_CODE)
+        finished = _wait(process, readers, timeout)
     except BaseException:
         # Cut short (pack shutdown, per-action timeout): don't leave the script running.
-        _kill_quietly(process)
+        _kill(process, readers, drain=0)
         raise
+    if not finished:
+        _kill(process, readers, drain=_DRAIN_AFTER_KILL)
+        return _output(_text(stdout), _text(stderr) + f"timeout after {timeout:g} s", TIMEOUT_EXIT_CODE)
+    _close_pipes(process)
     exit_code = process.returncode if process.returncode >= 0 else -1
     return _output(_text(stdout), _text(stderr), exit_code)
+
+
+def _read_all(pipe, chunks):
+    while data := pipe.read1(65536):
+        chunks.append(data)
+
+
+def _wait(process, readers, timeout):
+    """Wait until both pipes are at their end and bash has exited; False when *timeout* passes first."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    if not readers.join(timeout=timeout, raise_error=True):
+        return False
+    try:
+        process.wait(timeout=None if deadline is None else max(deadline - time.monotonic(), 0))
+    except subprocess.TimeoutExpired:
+        return False
+    return True
+
+
+def _kill(process, readers, drain):
+    """Kill the script's process group, read for up to *drain* s what it wrote, close the pipes and reap bash.
+
+    Every step is bounded: a child that left the group may hold the pipes open forever.
+    """
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass  # bash and everything in its group have exited already
+    if drain:
+        readers.join(timeout=drain)
+    readers.kill(block=True, timeout=1)
+    _close_pipes(process)
+    try:
+        process.wait(timeout=_REAP_AFTER_KILL)
+    except subprocess.TimeoutExpired:
+        pass  # gevent's child watcher still reaps it when it exits
+
+
+def _close_pipes(process):
+    for pipe in (process.stdout, process.stderr):
+        pipe.close()
 
 
 def _output(stdout, stderr, exit_code):
     return Event(output, {"stdout": stdout, "stderr": stderr, "exit_code": exit_code})
 
 
-def _text(data):
-    return data.decode("utf-8", "replace")
-
-
-def _kill_quietly(process):
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    except OSError:
-        pass
+def _text(chunks):
+    return b"".join(chunks).decode("utf-8", "replace")
 
 
 def _scrubbed_environ():

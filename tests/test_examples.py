@@ -40,9 +40,10 @@ def start_pack(flyte_api):
     """Start a pack against the fake, configured the way the example's main() does; stopped after the test."""
     packs = []
 
-    def start(pack_def, labels=""):
+    def start(pack_def, labels="", **options):
         environ = {"FLYTE_API_URL": flyte_api.url, "FLYTE_LABELS": labels, "FLYTE_HEALTH_PORT": "off"}
-        pack = Pack.from_env(pack_def, environ=environ, polling_interval=0.5, grace_period=0.5, flush_timeout=1.0)
+        pack = Pack.from_env(pack_def, environ=environ, polling_interval=0.5, grace_period=0.5, flush_timeout=1.0,
+                             **options)
         packs.append(pack)
         pack.start()
         return pack
@@ -132,7 +133,9 @@ def test_shell_command_output(flyte_api, start_pack, script, output):
 
 def test_shell_scripts_do_not_see_secrets(flyte_api, start_pack, monkeypatch):
     secrets = {"FLYTE_JWT": "jwt-value-1", "GITHUB_TOKEN": "token-value-2", "DB_SECRET": "secret-value-3",
-               "MYSQL_PASSWORD": "password-value-4", "api_token": "token-value-5"}
+               "MYSQL_PASSWORD": "password-value-4", "api_token": "token-value-5", "API_KEY": "key-value-6",
+               "DB_PASS": "pass-value-7", "aws_secret_access_key": "key-value-8", "FLYTE_JWT_FILE": "/run/jwt",
+               "Flyte_Jwt_Extra": "jwt-value-9", "ssh_passphrase": "pass-value-10", "GPG_KEYID": "key-value-11"}
     for name, value in secrets.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("PLAIN_SETTING", "visible")
@@ -155,6 +158,50 @@ def test_shell_timeout_kills_the_script_and_ends_like_coreutils_timeout(flyte_ap
     while not process_gone(background_pid) and time.monotonic() < deadline:
         gevent.sleep(0.05)
     assert process_gone(background_pid)  # the whole process group, not just bash
+
+
+def test_shell_timeout_bounds_a_script_whose_child_leaves_its_session_holding_the_pipes(flyte_api, start_pack):
+    started = time.monotonic()
+    script = "setsid sleep 12 & echo $!; echo started >&2; sleep 30"
+    action = flyte_api.enqueue("Shell", "Shell", script, labels={"ABC": "123"})
+    start_pack(shell.make_pack_def(timeout=0.5), labels="ABC=123")
+    result = flyte_api.wait_for_result(action, timeout=5)
+    elapsed = time.monotonic() - started
+    escaped_pid = int(result.payload["stdout"])
+    try:
+        assert elapsed < 3  # the timeout plus a small margin, not the 12 s the escaped child holds the pipes
+        assert (result.event, result.payload) == (
+            "Output", {"stdout": f"{escaped_pid}\n", "stderr": "started\ntimeout after 0.5 s", "exit_code": 124})
+    finally:
+        try:
+            os.kill(escaped_pid, signal.SIGKILL)  # out of the script's session: ours to clean up
+        except ProcessLookupError:
+            pass
+
+
+def test_a_script_cut_short_by_the_action_timeout_is_killed_with_its_process_group(flyte_api, start_pack,
+                                                                                   tmp_path):
+    pid_file = tmp_path / "pid"
+    action = flyte_api.enqueue("Shell", "Shell", f"sleep 30 & echo $! > {pid_file}; wait", labels={"ABC": "123"})
+    start_pack(shell.pack_def, labels="ABC=123", action_timeout=0.3)
+    result = flyte_api.wait_for_result(action, timeout=3)
+    assert (result.event, result.payload) == ("FATAL", "timed out after 0.3 s")
+    background_pid = int(pid_file.read_text())
+    deadline = time.monotonic() + 2
+    while not process_gone(background_pid) and time.monotonic() < deadline:
+        gevent.sleep(0.05)
+    assert process_gone(background_pid)
+
+
+def test_without_a_timeout_output_of_a_background_child_is_waited_for_like_flyte_shell(flyte_api, start_pack):
+    [output] = run_shell(flyte_api, start_pack, "(sleep 0.2; echo late) & echo early")
+    assert output == {"stdout": "early\nlate\n", "stderr": "", "exit_code": 0}
+
+
+def test_shell_output_larger_than_a_pipe_buffer_is_kept_whole(flyte_api, start_pack):
+    [output] = run_shell(flyte_api, start_pack, "head -c 300000 /dev/zero | tr '\\0' a; echo done >&2",
+                         pack_def=shell.make_pack_def(timeout=5))
+    assert output == {"stdout": "a" * 300_000, "stderr": "done\n", "exit_code": 0}
 
 
 @pytest.mark.parametrize("text, seconds", [(None, None), ("", None), ("0", None), ("2.5", 2.5), (" 10 ", 10.0)])
