@@ -5,9 +5,10 @@ socket or ssl — and only then imports the rest. (``flyte_gevent/__init__`` is
 lazy, so the console-script wrapper importing the package first is harmless.)
 
 Exit codes: 0 after a normal shutdown, 78 (``EX_CONFIG``) for a configuration
-error such as a missing ``FLYTE_API`` or a target that cannot be imported, 69
-(``EX_UNAVAILABLE``) when ``--start-timeout`` expires before registration, 2 for
-bad usage (argparse), 1 for anything unexpected.
+error such as a missing ``FLYTE_API``, a target that cannot be imported or a
+health port already in use, 69 (``EX_UNAVAILABLE``) when ``--start-timeout``
+expires before registration, 2 for bad usage (argparse), 1 for anything
+unexpected.
 """
 
 from gevent import monkey
@@ -64,7 +65,8 @@ _EXIT_CODES = ("exit codes:\n"
                "  2   bad usage\n"
                "  69  the Flyte API was unreachable for --start-timeout seconds\n"
                "  78  configuration error: a missing or malformed setting, a target that\n"
-               "      cannot be imported, an invalid pack definition (one 'Error: ...' line)")
+               "      cannot be imported, an invalid pack definition, a health port in use\n"
+               "      (one 'Error: ...' line)")
 
 
 class _HelpFormatter(argparse.HelpFormatter):

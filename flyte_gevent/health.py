@@ -416,6 +416,13 @@ class _Handler(WSGIHandler):
         self.rfile = _RequestReader(self.rfile)
         sock.settimeout(server.request_timeout)  # bounds each send to a client that does not read
 
+    def handle(self):
+        try:
+            super().handle()
+        except OSError as exc:
+            # pywsgi sends its error answers (400, 408, 414...) unguarded: a client gone by then is no server error.
+            log.debug("health server: connection to %s failed: %s", self.client_address, exc)
+
     def read_requestline(self):
         self.server.connections.waiting(self)
         self.rfile.begin_request(self.server.request_timeout, self.server.max_request_head)
@@ -434,18 +441,18 @@ class _Handler(WSGIHandler):
     def _handle_client_error(self, ex):
         # pywsgi's hook for a request it cannot use: answer it and close, without the traceback pywsgi
         # prints for errors that are not ValueErrors (http.client's "got more than 100 headers").
-        if isinstance(ex, TimeoutError):
-            status = HTTPStatus.REQUEST_TIMEOUT
-        elif isinstance(ex, _HeadTooLarge):
-            status = HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE
-        else:
-            status = HTTPStatus.BAD_REQUEST
         log.debug("health server: refused a request from %s: %s", self.client_address,
                   f"{type(ex).__name__}: {ex}")
-        return _CLIENT_ERRORS[status]
+        if isinstance(ex, TimeoutError):
+            return _CLIENT_ERRORS[HTTPStatus.REQUEST_TIMEOUT]
+        if isinstance(ex, OSError):
+            return None  # the connection broke, or was shut to make room: nobody to answer, just close
+        if isinstance(ex, _HeadTooLarge):
+            return _CLIENT_ERRORS[HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE]
+        return _CLIENT_ERRORS[HTTPStatus.BAD_REQUEST]
 
     def handle_error(self, t, v, tb):
-        if issubclass(t, OSError):
+        if issubclass(t, (TimeoutError, ConnectionError)):
             # The client stopped reading or went away (a send timed out, a reset): its loss, not a server bug,
             # so no traceback, and the connection is done.
             log.debug("health server: connection to %s failed: %s", self.client_address, v)
