@@ -4,16 +4,22 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+BUILD_STAMP := $(VENV)/.build-stamp
+# The Python versions flyte_gevent supports (setup.cfg's classifiers list the same ones).
+SUPPORTED_PYTHONS := 3.11 3.12 3.13
 
-.PHONY: help venv test demo bench bench-smoke clean
+.PHONY: help venv test test-all dist check-wheel demo bench clean
 
 help:
-	@echo "make demo    run the example packs against the bundled fake Flyte API"
-	@echo "make test    run the test suite"
-	@echo "make bench   run the benchmark suite (prints a table, writes bench/results/)"
-	@echo "make clean   remove the virtualenv and build leftovers"
+	@echo "make demo         run the example packs against the bundled fake Flyte API"
+	@echo "make test         run the test suite"
+	@echo "make test-all     run the sdist's test suite on every supported Python found ($(SUPPORTED_PYTHONS))"
+	@echo "make dist         build the sdist and the wheel into dist/"
+	@echo "make check-wheel  install the built wheel into a fresh virtualenv and run flyte-gevent demo from it"
+	@echo "make bench        run the benchmark suite (prints a table, writes bench/results/)"
+	@echo "make clean        remove the virtualenv and build leftovers"
 
-$(STAMP): setup.cfg setup.py
+$(STAMP): setup.cfg setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test,metrics]'
@@ -21,8 +27,23 @@ $(STAMP): setup.cfg setup.py
 
 venv: $(STAMP)
 
+# The packaging targets need the PyPA build frontend, kept out of the test extra: packagers do not need it.
+$(BUILD_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet build
+	touch $(BUILD_STAMP)
+
 test: venv
 	$(BIN)/python -m pytest
+
+dist: $(BUILD_STAMP)
+	rm -rf dist
+	$(BIN)/python -m build --quiet --outdir dist .
+
+test-all: dist
+	.ci/test-all dist/flyte_gevent-*.tar.gz $(SUPPORTED_PYTHONS)
+
+check-wheel: dist
+	.ci/check-wheel dist/flyte_gevent-*-py3-none-any.whl $(PYTHON)
 
 demo: venv
 	$(BIN)/flyte-gevent demo

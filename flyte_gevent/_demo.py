@@ -15,6 +15,7 @@ import time
 import requests
 
 from .client import Client
+from .errors import ConfigError
 from .pack import Pack
 from .testing import FakeFlyteApi
 
@@ -31,16 +32,31 @@ _ACTIONS = [
 ]
 
 
+_PACKS = ("shell_pack", "jira_pack", "ticker_pack")
+
+
 def _find_examples(directory):
-    candidates = [directory] if directory else [
-        os.path.join(os.getcwd(), "examples"),
-        os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"),
-    ]
+    """The directory holding the example packs.
+
+    *directory* (``--examples``) if given; otherwise the ``flyte_gevent.examples``
+    package that setup.cfg installs from ``examples/``, or, when the package is
+    run from a source tree that was never installed (``PYTHONPATH=checkout``),
+    the ``examples/`` directory beside it.
+    """
+    if directory:
+        missing = [name for name in _PACKS if not os.path.isfile(os.path.join(directory, f"{name}.py"))]
+        if missing:
+            raise ConfigError(f"--examples {directory!r}: no {', '.join(f'{name}.py' for name in missing)} there",
+                              "--examples")
+        return directory
+    spec = importlib.util.find_spec(f"{__package__}.examples")
+    candidates = list(spec.submodule_search_locations) if spec else []
+    candidates.append(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
     for candidate in candidates:
-        if candidate and os.path.isfile(os.path.join(candidate, "shell_pack.py")):
+        if all(os.path.isfile(os.path.join(candidate, f"{name}.py")) for name in _PACKS):
             return candidate
-    raise SystemExit(f"Error: cannot find the example packs (looked in {', '.join(map(str, candidates))}); "
-                     "run from the project checkout or pass --examples DIR")
+    raise SystemExit(f"Error: cannot find the example packs (looked in {', '.join(candidates)}); "
+                     "the flyte-gevent installation is incomplete: reinstall it, or pass --examples DIR")
 
 
 def _load(directory, name):
@@ -57,7 +73,7 @@ def _show(value, width=100):
 
 def run_demo(examples_dir=None):
     directory = _find_examples(examples_dir)
-    shell, jira, ticker = (_load(directory, name) for name in ("shell_pack", "jira_pack", "ticker_pack"))
+    shell, jira, ticker = (_load(directory, name) for name in _PACKS)
     out = sys.stdout
 
     with FakeFlyteApi() as api:

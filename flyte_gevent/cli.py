@@ -121,7 +121,7 @@ def _parser():
         description="Start the fake Flyte API in this process, run the shell, jira and ticker example packs "
                     "against it, queue a few actions and print what happens.")
     demo.add_argument("--examples", metavar="DIR", help="directory holding the example packs (default: "
-                                                        "./examples or the one next to the package)")
+                                                        "the ones installed with flyte-gevent)")
 
     fake = commands.add_parser("fake-api", help="serve the fake Flyte API for local development",
                                description="Serve flyte_gevent.testing.FakeFlyteApi until SIGTERM/SIGINT.")
