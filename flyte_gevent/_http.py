@@ -442,12 +442,18 @@ def _serialize(method, target, host, headers, body):
 
 
 def _send(conn, data, deadline):
+    # send() rather than sendall(): a request almost always fits the socket
+    # buffer, and gevent's sendall() asks the kernel for the buffer size first
+    # (one more system call per request).
+    sock = conn.sock
     try:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError("timed out")
-        conn.sock.settimeout(remaining)
-        conn.sock.sendall(data)
+        sent = 0
+        while sent < len(data):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("timed out")
+            sock.settimeout(remaining)
+            sent += sock.send(data if not sent else memoryview(data)[sent:])
     except OSError as exc:
         raise _SendFailed() from exc
 
