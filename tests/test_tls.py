@@ -60,8 +60,12 @@ def pki(tmp_path_factory):
             "key": str(d / "server.key"), "self_signed": (str(d / "self.pem"), str(d / "self.key"))}
 
 
+CLIENT_PORTS = []  # the client port of every request flyte_app answered
+
+
 def flyte_app(environ, start_response):
     """Just enough of the Flyte API for discovery, registration and an empty take."""
+    CLIENT_PORTS.append(environ["REMOTE_PORT"])
     base = f"https://{environ['HTTP_HOST']}"
     pack = f"{base}/v1/packs/Tls"
     routes = {
@@ -143,6 +147,18 @@ def test_insecure_accepts_any_certificate_on_both_transports(pki):
     with https_server(*pki["self_signed"]) as url:
         assert outcomes(Client(url, timeout=2.0, insecure=True)) == ["registered", "took"]
         assert outcomes(Client(url, timeout=2.0)) == ["refused", "refused"]
+
+
+def test_tls_connections_are_kept_alive(api, pki):
+    # A TLS 1.3 server may send session tickets after the handshake: the idle
+    # check must not mistake them for a closed connection.
+    client = Client(api, timeout=2.0, ca_file=pki["ca"])
+    take_url = f"{api}/v1/packs/Tls/actions/take"
+    del CLIENT_PORTS[:]
+    for _ in range(5):
+        assert client.take(take_url) is None
+        gevent.sleep(0.02)
+    assert len(CLIENT_PORTS) == 5 and len(set(CLIENT_PORTS)) == 1
 
 
 @contextlib.contextmanager
