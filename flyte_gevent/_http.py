@@ -248,7 +248,7 @@ class HTTPPool:
 
     :param timeout: the deadline of each request in seconds (connect, send and
         the whole response), and the longest wait for a free connection.
-    :param ssl_context: a zero-argument callable returning the
+    :param tls_context: a zero-argument callable returning the
         :class:`ssl.SSLContext` for ``https`` origins (called when the first one
         is met), so the pool trusts exactly what its owner decided.
     :param maxsize: idle connections kept per origin; extra ones are closed.
@@ -259,10 +259,10 @@ class HTTPPool:
     :param max_response_size: the most bytes a response (headers and body) may have.
     """
 
-    def __init__(self, timeout, ssl_context=None, maxsize=10, max_connections=100,
+    def __init__(self, timeout, tls_context=None, maxsize=10, max_connections=100,
                  max_response_size=DEFAULT_MAX_RESPONSE_SIZE):
         self.timeout = timeout
-        self._ssl_context = ssl_context
+        self._tls_context = tls_context
         self.maxsize = maxsize
         self.max_connections = max_connections
         self.max_response_size = max_response_size
@@ -392,7 +392,7 @@ class HTTPPool:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if origin.scheme == "https":
                 sock.settimeout(max(deadline - time.monotonic(), 0.001))
-                sock = self._ssl_context().wrap_socket(sock, server_hostname=origin.host)
+                sock = self._tls_context().wrap_socket(sock, server_hostname=origin.host)
         except OSError as exc:  # ssl.SSLError (a failed verification too) is an OSError
             sock.close()
             raise RequestNotSent(f"cannot connect: {_describe(exc)}", timed_out=isinstance(exc, TimeoutError)) \
@@ -407,12 +407,14 @@ class HTTPPool:
         scheme = parts.scheme.lower()
         if scheme not in _DEFAULT_PORTS:
             raise ValueError(f"unsupported URL scheme {parts.scheme!r}")
-        if scheme == "https" and self._ssl_context is None:
+        if scheme == "https" and self._tls_context is None:
             raise ValueError("an https URL, but this pool has no TLS context")
         host, port = parts.hostname, parts.port or _DEFAULT_PORTS[scheme]  # .port raises ValueError when bad
         netloc = parts.netloc.rpartition("@")[2]  # the Host header: as written, without credentials
         if not host or not netloc.isprintable() or " " in netloc:
             raise ValueError("the URL has no usable host")
+        if not netloc.isascii():  # an internationalized name travels in its ASCII (IDNA) form
+            netloc = host.encode("idna").decode("ascii") + (f":{parts.port}" if parts.port else "")
         key = (scheme, host, port)
         origin = self._origins.get(key)
         if origin is None:
@@ -437,7 +439,10 @@ def _serialize(method, target, host, headers, body):
     if body is not None or method not in ("GET", "HEAD"):
         lines.append(f"Content-Length: {len(body) if body else 0}\r\n")
     lines.append("\r\n")
-    head = "".join(lines).encode("latin-1")
+    try:
+        head = "".join(lines).encode("latin-1")
+    except UnicodeEncodeError:
+        raise ValueError("a header holds a character outside latin-1") from None  # without the value
     return head + body if body else head
 
 
