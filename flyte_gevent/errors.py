@@ -26,8 +26,6 @@ __all__ = [
     "FlyteProtocolError",
     "NotRegisteredError",
     "DeliveryError",
-    "redact_url",
-    "scrub",
 ]
 
 _BODY_EXCERPT = 200
