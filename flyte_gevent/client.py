@@ -3,10 +3,14 @@
 Each method makes one attempt and either returns or raises a
 :class:`~flyte_gevent.errors.FlyteError` subclass that says which request failed
 and how; retry policy belongs to the pack runtime. The only retry here is the
-one a 401 earns: reload the token once and resend.
+one a 401 earns: reload the token (once, however many requests saw the 401)
+and resend.
 
 Discovery and registration use ``requests`` (one ``Session``); the calls made
-for every action use the lean keep-alive transport in :mod:`flyte_gevent._http`.
+for every action use the lean keep-alive transport in :mod:`flyte_gevent._http`
+(or ``requests`` too, when a proxy is configured in the environment). Both
+trust exactly the same certificate authorities (:class:`_Trust`), and both send
+the bearer token only to the configured API's origin.
 """
 
 import collections
@@ -16,14 +20,16 @@ import logging
 import ssl
 from urllib.parse import urlsplit
 
+import gevent
 import requests
 import urllib3.exceptions
+from gevent.lock import Semaphore
 from marshmallow import ValidationError
 from requests.adapters import HTTPAdapter
 
 from . import __version__
-from ._http import ConnectError, HTTPPool
-from .config import check_count, check_seconds
+from ._http import DEFAULT_MAX_RESPONSE_SIZE, BadResponse, HTTPPool, RequestNotSent, ResponseTooLarge
+from .config import API_URL_QUERY_PROBLEM, check_count, check_seconds, check_token, read_token_file
 from .errors import (
     ConfigError,
     FlyteAuthError,
@@ -34,6 +40,7 @@ from .errors import (
     FlyteTimeout,
     PackNotFoundError,
     redact_url,
+    scrub,
 )
 from .models import Action, pack_id
 from .schemas import (
@@ -65,6 +72,7 @@ _ACTION = ActionSchema()
 _LINKS_DOCUMENT = LinksDocumentSchema()
 _PACK_RESPONSE = PackResponseSchema()
 _TAKE_BODY = b"null"  # what the Go client sends; the server ignores the body
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 class MalformedActionError(FlyteProtocolError):
@@ -81,49 +89,177 @@ class MalformedActionError(FlyteProtocolError):
 
 
 class _Token:
-    """Where the bearer token comes from, and how to get a fresh one after a 401."""
+    """The bearer token: where it comes from, its current value, and one reload per rotation.
+
+    A static token and the first read of a token file are checked when the
+    client is built (:class:`~flyte_gevent.ConfigError`); a provider's answers
+    and later reads of the file are checked as they come, and an unusable one
+    is logged (without its value) while the previous token stays in use.
+
+    After a rotation, every request in flight comes back 401 at about the same
+    time. Each request remembers the *generation* of the token it was sent
+    with; only the first 401 of a generation reloads (the others wait for that
+    reload, then resend with its token), and a 401 for a token older than the
+    current one simply resends.
+    """
+
+    _REMEMBERED = 4  # past values kept for scrubbing: requests still in flight may have carried them
 
     def __init__(self, jwt=None, jwt_file=None):
         self._provider = jwt if callable(jwt) else None
         self._file = jwt_file
-        self._value = None if self._provider else jwt
+        self._value = None
+        self._secrets = collections.deque(maxlen=self._REMEMBERED)
+        self._lock = Semaphore()
+        self.generation = 0
         self.reloadable = bool(self._provider or self._file)
-        if self.reloadable:
-            self.reload()
+        self.configured = bool(self.reloadable or jwt is not None)
+        if self._provider is None and jwt is not None:
+            try:
+                self._set(check_token(jwt))
+            except ValueError as exc:
+                raise ConfigError(f"jwt=<redacted>: {exc}", "jwt") from None
+        if self._file is not None and self._provider is None:
+            try:
+                self._set(read_token_file(self._file))
+            except ValueError as exc:
+                raise ConfigError(f"jwt_file={self._file!r}: {exc}", "jwt_file") from None
+        elif self._provider is not None:
+            self._reload()
 
-    def header(self):
-        return f"Bearer {self._value}" if self._value else None
+    def current(self):
+        """``(generation, header value or None)`` to send a request with."""
+        return self.generation, (f"Bearer {self._value}" if self._value else None)
 
-    def reload(self):
-        """Fetch the token again; errors are logged (never with the token) and keep the old one."""
+    def refresh(self, generation):
+        """After a 401 for a request sent with *generation*: the header value to resend it with.
+
+        Reloads only if no other request has done so since that request was
+        sent; requests arriving meanwhile wait for the reload in progress.
+        """
+        with self._lock:
+            if self.generation == generation:
+                self._reload()
+                self.generation += 1
+            return self.current()[1]
+
+    def scrub(self, text):
+        """*text* without any value this token has held."""
+        return scrub(text, self._secrets)
+
+    def _set(self, value):
+        self._value = value
+        if value and value not in self._secrets:
+            self._secrets.append(value)
+
+    def _reload(self):
+        """Fetch the token again; failures are logged (never with a token) and keep the old one."""
+        source = "token provider" if self._provider else f"token file {self._file!r}"
         try:
             if self._provider:
-                value = self._provider()
-            elif self._file:
-                with open(self._file, encoding="utf-8") as f:
-                    value = f.read().strip()
+                value = check_token(self._provider())
             else:
-                return
-        except Exception as exc:  # a broken provider must not take the pack down
-            log.error("could not reload the Flyte API token: %s: %s", type(exc).__name__, exc)
+                value = read_token_file(self._file)
+        except ValueError as exc:
+            log.error("could not reload the Flyte API token: the %s: %s; keeping the previous token", source,
+                      self.scrub(str(exc)))
             return
-        self._value = value or None
+        except Exception as exc:  # a broken provider must not take the pack down
+            log.error("could not reload the Flyte API token: %s: %s", type(exc).__name__, self.scrub(str(exc)))
+            return
+        self._set(value)
+
+
+class _Trust:
+    """The one TLS trust decision, shared by both transports.
+
+    The certificate authorities are those of ``ca_file`` alone when it is set,
+    otherwise the system's store (OpenSSL's default locations, which honour
+    ``SSL_CERT_FILE`` and ``SSL_CERT_DIR``) — the store the Go client uses too.
+    ``REQUESTS_CA_BUNDLE``, ``CURL_CA_BUNDLE`` and certifi play no part: if
+    registration trusted other CAs than take and result, a pack could register
+    and then fail every take.
+
+    The context is built when first needed (loading the system store takes tens
+    of milliseconds), except with a ``ca_file``, which is loaded at once so that
+    a bad bundle is a :class:`~flyte_gevent.ConfigError` when the client is built.
+    """
+
+    def __init__(self, ca_file=None, insecure=False):
+        self.ca_file = ca_file
+        self.insecure = insecure
+        self._context = None
+        if ca_file is not None:
+            self.context()
+
+    def context(self):
+        """The :class:`ssl.SSLContext` for every ``https`` connection of the client."""
+        if self._context is None:
+            try:
+                context = ssl.create_default_context(cafile=self.ca_file)
+            except OSError as exc:  # a missing or unreadable bundle (ssl.SSLError is an OSError too)
+                raise ConfigError(f"ca_file={self.ca_file!r}: cannot load CA certificates: {exc}", "ca_file") \
+                    from None
+            if self.insecure:
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+            self._context = context
+        return self._context
+
+
+class _TrustAdapter(HTTPAdapter):
+    """requests' adapter, verifying with the client's one context instead of certifi or ``verify=``.
+
+    Uses the two hooks requests documents for a custom context: the pool key
+    carries the context (for direct and proxied connections alike), and
+    :meth:`cert_verify` keeps urllib3 from loading another bundle into it.
+    """
+
+    def __init__(self, trust, **kwargs):
+        self._trust = trust
+        super().__init__(**kwargs)
+
+    def build_connection_pool_key_attributes(self, request, verify, cert=None):
+        host_params, pool_kwargs = super().build_connection_pool_key_attributes(request, True, cert)
+        if host_params["scheme"] == "https":
+            context = self._trust.context()
+            pool_kwargs.pop("ca_certs", None)
+            pool_kwargs.pop("ca_cert_dir", None)
+            pool_kwargs["ssl_context"] = context
+            pool_kwargs["cert_reqs"] = context.verify_mode
+        return host_params, pool_kwargs
+
+    def cert_verify(self, conn, url, verify, cert):
+        if url.lower().startswith("https"):
+            conn.cert_reqs = self._trust.context().verify_mode
+        conn.ca_certs = None
+        conn.ca_cert_dir = None
 
 
 class Client:
     """A connection to one Flyte API.
 
-    :param url: the Flyte API root, e.g. ``http://flyte:8080`` (``/v1`` is appended).
-    :param timeout: seconds to connect and to wait for each read; every request has one.
+    :param url: the Flyte API root, e.g. ``http://flyte:8080`` or
+        ``http://gateway/flyte-api`` (``/v1`` is appended); no query string.
+    :param timeout: seconds each request may take, from connecting to the last
+        byte of the response (and, separately, the longest wait for a free connection).
     :param insecure: skip TLS certificate verification (off by default).
-    :param jwt: a bearer token, or a callable returning one; it is called again
-        whenever the API answers 401.
-    :param jwt_file: a file holding the token, re-read whenever the API answers 401.
-    :param ca_file: a PEM bundle to verify the API's certificate with.
+    :param jwt: a bearer token, or a callable returning one; the callable is
+        called again (once per rotation) when the API answers 401.
+    :param jwt_file: a file holding the token, re-read (once per rotation) when the API answers 401.
+    :param ca_file: a PEM bundle: the only CAs trusted for the API's
+        certificate. Without it, the system's store is used.
     :param pool_size: keep-alive connections kept open; a :class:`~flyte_gevent.Pack`
         raises it to match its concurrency.
     :param max_connections: most connections open to the API at once; further
         requests wait (up to *timeout*) for one to be free.
+    :param max_response_size: the most bytes a response may have (16 MiB); a
+        larger one fails its request with :class:`~flyte_gevent.FlyteProtocolError`.
+
+    The token is sent only to the API's own origin (the scheme, host and port
+    of *url*): a request to a link elsewhere is refused before it is sent.
+
+    :raises ConfigError: a bad URL, timeout, token, token file or CA bundle.
 
     Usage::
 
@@ -132,27 +268,30 @@ class Client:
     """
 
     def __init__(self, url, timeout=10.0, insecure=False, jwt=None, *, jwt_file=None, ca_file=None,
-                 pool_size=10, max_connections=100):
+                 pool_size=10, max_connections=100, max_response_size=DEFAULT_MAX_RESPONSE_SIZE):
         self.url = _check_url(url)
         self.timeout = check_seconds("timeout", timeout)
         check_count("max_connections", max_connections)
+        self.max_response_size = check_count("max_response_size", max_response_size)
         self.insecure = bool(insecure)
         self.ca_file = ca_file
+        self._trust = _Trust(ca_file, self.insecure)
         self._token = _Token(jwt, jwt_file)
+        self._origin = _origin(self.url)
+        self._origin_prefix = f"{self._origin[0]}://{urlsplit(self.url).netloc.rpartition('@')[2]}/"
         self._health_url = None
         self._pool_size = pool_size
 
         self._session = requests.Session()
         self._session.headers["User-Agent"] = USER_AGENT
-        self._session.verify = False if self.insecure else (ca_file or True)
         self._mount_adapters(pool_size)
 
         # Proxies configured in the environment apply to requests; the lean
         # transport does not speak to proxies, so it steps aside.
         self._lean = None
         if not requests.utils.get_environ_proxies(self.url):
-            self._lean = HTTPPool(self.timeout, self._ssl_context() if self.url.startswith("https") else None,
-                                  maxsize=pool_size, max_connections=max_connections)
+            self._lean = HTTPPool(self.timeout, self._trust.context, maxsize=pool_size,
+                                  max_connections=max_connections, max_response_size=self.max_response_size)
         if self.insecure:
             log.warning("TLS certificate verification is disabled for %s", redact_url(self.url))
 
@@ -196,6 +335,9 @@ class Client:
 
         Links come from the 201 body; a server whose body has none (servers
         before 2018) is asked again at the ``Location`` it gave.
+
+        :raises FlyteProtocolError: also when, with a token, the links point
+            outside the API's origin (the token would not be sent there).
         """
         packs_url = self.discover().packs_url
         data = json.dumps(registration_body(pack_def), separators=(",", ":")).encode()
@@ -218,6 +360,9 @@ class Client:
         if take_url is None or events_url is None:
             raise FlyteProtocolError("registration response has no take and events links",
                                      method="POST", url=packs_url, body=body)
+        # Refuse now, with one clear error, rather than on every take and event.
+        self._check_origin("POST", take_url)
+        self._check_origin("POST", events_url)
         return Registration(pack.get("id") or pack_id(pack_def.name, pack_def.labels), take_url, events_url,
                             location or find_link(links, "self"))
 
@@ -268,62 +413,118 @@ class Client:
             raise _http_error("POST", url, status, response_body, "expected 202")
 
     def _send(self, method, url, body=None, via_requests=False):
-        status, headers, data = self._send_once(method, url, body, via_requests)
-        if status == 401 and self._token.reloadable:
-            self._token.reload()
-            status, headers, data = self._send_once(method, url, body, via_requests)
+        token = self._token
+        if not token.configured:
+            return self._send_once(method, url, body, via_requests, None)
+        self._check_origin(method, url)
+        generation, authorization = token.current()
+        status, headers, data = self._send_once(method, url, body, via_requests, authorization)
+        if status == 401 and token.reloadable:
+            status, headers, data = self._send_once(method, url, body, via_requests, token.refresh(generation))
+        if status >= 300 and data:
+            # An error body ends up in exception text; a server echoing the request must not leak the token.
+            data = token.scrub(data.decode("latin-1")).encode("latin-1")
         return status, headers, data
 
-    def _send_once(self, method, url, body, via_requests):
+    def _send_once(self, method, url, body, via_requests, authorization):
+        try:
+            if via_requests or self._lean is None:
+                return self._send_with_requests(method, url, body, authorization)
+            headers = {"Accept": "application/json", "Content-Type": "application/json", "User-Agent": USER_AGENT}
+            if authorization:
+                headers["Authorization"] = authorization
+            response = self._lean.request(method, url, body, headers)
+            return response.status, response.headers, response.body
+        except RequestNotSent as exc:
+            error = FlyteTimeout if exc.timed_out else FlyteConnectionError
+            raise error(self._token.scrub(str(exc)), method=method, url=url, request_sent=False) from None
+        except ResponseTooLarge as exc:
+            raise FlyteProtocolError(str(exc), method=method, url=url, status=exc.status) from None
+        except _Deadline:
+            raise FlyteTimeout(f"no answer within {self.timeout:g} s", method=method, url=url) from None
+        except requests.ConnectTimeout as exc:
+            raise FlyteTimeout(f"cannot connect within {self.timeout:g} s ({self._cause(exc)})", method=method,
+                               url=url, request_sent=False) from None
+        except (requests.Timeout, TimeoutError) as exc:
+            raise FlyteTimeout(f"no answer within {self.timeout:g} s ({self._cause(exc)})", method=method,
+                               url=url) from None
+        except (requests.RequestException, OSError, BadResponse, http.client.HTTPException, ValueError) as exc:
+            raise FlyteConnectionError(self._cause(exc), method=method, url=url,
+                                       request_sent=False if _not_connected(exc) else None) from None
+
+    def _send_with_requests(self, method, url, body, authorization):
         headers = {"Accept": "application/json"}
         if body is not None:
             headers["Content-Type"] = "application/json"
-        authorization = self._token.header()
         if authorization:
             headers["Authorization"] = authorization
+        # requests' timeout bounds each socket operation; the deadline bounds
+        # the whole request, as on the lean transport. A gevent.Timeout is a
+        # BaseException, so urllib3 closes the connection instead of pooling it.
+        deadline = gevent.Timeout(self.timeout)
+        deadline.start()
         try:
-            if via_requests or self._lean is None:
-                # verify is passed explicitly: requests lets REQUESTS_CA_BUNDLE override a session's ca_file.
-                response = self._session.request(method, url, data=body, headers=headers, timeout=self.timeout,
-                                                 allow_redirects=False, verify=self._session.verify)
-                return response.status_code, response.headers, response.content
-            headers["User-Agent"] = USER_AGENT
-            response = self._lean.request(method, url, body, headers)
-            return response.status, response.headers, response.body
-        except ConnectError as exc:
-            raise FlyteConnectionError(str(exc), method=method, url=url, request_sent=False) from None
-        except requests.ConnectTimeout as exc:
-            raise FlyteTimeout(f"cannot connect within {self.timeout:g} s ({_cause(exc)})", method=method, url=url,
-                               request_sent=False) from None
-        except (requests.Timeout, TimeoutError) as exc:
-            raise FlyteTimeout(f"no answer within {self.timeout:g} s ({_cause(exc)})", method=method, url=url) from None
-        except (requests.RequestException, OSError, http.client.HTTPException, ValueError) as exc:
-            raise FlyteConnectionError(_cause(exc), method=method, url=url,
-                                       request_sent=False if _not_connected(exc) else None) from None
+            response = self._session.request(method, url, data=body, headers=headers, timeout=self.timeout,
+                                             allow_redirects=False, stream=True)
+            with response:
+                size, chunks = 0, []
+                for chunk in response.iter_content(65536):
+                    size += len(chunk)
+                    if size > self.max_response_size:
+                        raise ResponseTooLarge(f"the response exceeds the {self.max_response_size}-byte limit",
+                                               response.status_code)
+                    chunks.append(chunk)
+            return response.status_code, response.headers, b"".join(chunks)
+        except gevent.Timeout as exc:
+            if exc is not deadline:
+                raise
+            raise _Deadline() from None
+        finally:
+            deadline.close()
+
+    def _check_origin(self, method, url):
+        """Refuse to send the token anywhere but the API's origin (scheme, host and port of its URL)."""
+        if not self._token.configured or url.startswith(self._origin_prefix) or _origin(url) == self._origin:
+            return
+        api = f"{self._origin[0]}://{urlsplit(self.url).netloc.rpartition('@')[2]}"
+        hint = (" (a TLS-terminating proxy in front of it must set X-Forwarded-Proto: https)"
+                if self._origin[0] == "https" and url.lower().startswith("http:") else "")
+        raise FlyteProtocolError(f"the link leads outside the Flyte API's origin {api}, and the bearer token is "
+                                 f"only sent there, so the request was not made{hint}",
+                                 method=method, url=url, request_sent=False)
+
+    def _cause(self, exc):
+        return self._token.scrub(_cause(exc))
 
     def _load(self, schema, body, method, url, what):
         try:
             return schema.load(json.loads(body))
         except ValueError as exc:
-            raise FlyteProtocolError(f"{what} is not JSON ({exc})", method=method, url=url, body=body) from None
+            raise FlyteProtocolError(f"{what} is not JSON ({exc})", method=method, url=url,
+                                     body=self._token.scrub(body.decode("latin-1"))) from None
         except ValidationError as exc:
             raise FlyteProtocolError(f"malformed {what}: " + "; ".join(flatten_errors(exc.messages)),
-                                     method=method, url=url, body=body) from None
+                                     method=method, url=url, body=self._token.scrub(body.decode("latin-1"))) \
+                from None
 
     def _mount_adapters(self, size):
-        adapter = HTTPAdapter(pool_connections=2, pool_maxsize=size)
+        adapter = _TrustAdapter(self._trust, pool_connections=2, pool_maxsize=size)
         self._session.mount("http://", adapter)
         self._session.mount("https://", adapter)
 
-    def _ssl_context(self):
-        try:
-            context = ssl.create_default_context(cafile=self.ca_file)
-        except OSError as exc:  # a missing or unreadable bundle (ssl.SSLError is an OSError too)
-            raise ConfigError(f"ca_file={self.ca_file!r}: cannot load CA certificates: {exc}", "ca_file") from None
-        if self.insecure:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        return context
+
+class _Deadline(Exception):
+    """The whole-request deadline of a request made with requests passed (raised by a gevent.Timeout)."""
+
+
+def _origin(url):
+    """``(scheme, host, port)`` of *url*, with the default port filled in; ``None`` if it has none."""
+    try:
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        return scheme, (parts.hostname or "").lower(), parts.port or _DEFAULT_PORTS.get(scheme)
+    except ValueError:
+        return None
 
 
 def _check_url(url):
@@ -335,6 +536,8 @@ def _check_url(url):
         parts = None
     if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"Flyte API URL {redact_url(str(url))!r} is not an http(s) URL with a host", "url")
+    if parts.query or parts.fragment or url.endswith(("?", "#")):
+        raise ConfigError(f"Flyte API URL {redact_url(url)!r}: {API_URL_QUERY_PROBLEM}", "url")
     return url
 
 

@@ -20,8 +20,8 @@ from urllib.parse import urlsplit
 from .errors import ConfigError, redact_url
 from .models import is_path_safe
 
-__all__ = ["Setting", "SETTINGS", "from_environ", "parse_labels", "check_seconds", "check_count",
-           "MIN_POLLING_INTERVAL"]
+__all__ = ["Setting", "SETTINGS", "from_environ", "parse_labels", "check_seconds", "check_count", "check_token",
+           "read_token_file", "MIN_POLLING_INTERVAL"]
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,61 @@ def _url(text):
         parts.port  # noqa: B018 - raises ValueError for a bad port
     except ValueError:
         raise ValueError("the port is not a number between 0 and 65535") from None
+    if parts.query or parts.fragment or text.strip().endswith(("?", "#")):
+        raise ValueError(API_URL_QUERY_PROBLEM)
     return text.strip()
+
+
+# Why a query string cannot be part of the API URL: only discovery would carry
+# it, so a gateway that needs it would refuse everything after discovery.
+API_URL_QUERY_PROBLEM = ("a query string or fragment is not supported: the Flyte server builds its links without "
+                         "it, so only discovery would carry it; give the API root, e.g. http://gateway/flyte-api")
+
+
+def check_token(value):
+    """*value* without surrounding whitespace, or ``None`` when nothing is left.
+
+    :raises ValueError: the token holds a character an HTTP header cannot carry
+        (a control character such as a line break inside it, or one outside
+        latin-1); the message never shows the token.
+    """
+    if not isinstance(value, str):
+        raise ValueError(f"the token is a {type(value).__name__}, expected a string")
+    value = value.strip()
+    if not value.isprintable():
+        raise ValueError("the token holds a control or other unprintable character (a line break inside it?), "
+                         "which an HTTP header cannot carry")
+    if not value.isascii():
+        try:
+            value.encode("latin-1")
+        except UnicodeEncodeError:
+            raise ValueError("the token holds a character outside latin-1, which an HTTP header cannot carry") \
+                from None
+    return value or None
+
+
+def read_token_file(path):
+    """The token held in the file at *path* (see :func:`check_token`).
+
+    :raises ValueError: the file cannot be read, is empty, or holds an unusable token.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise ValueError(f"cannot read the token file: {exc.strerror or type(exc).__name__}") from None
+    except UnicodeDecodeError:
+        raise ValueError("the token file is not UTF-8 text") from None
+    token = check_token(text)
+    if token is None:
+        raise ValueError("the token file is empty")
+    return token
+
+
+def _token_file(text):
+    path = text.strip()
+    read_token_file(path)  # a missing or unusable file is a configuration error at start, not a 401 later
+    return path
 
 
 def _float_seconds(text, allow_zero):
@@ -169,21 +223,26 @@ REQUIRED = object()
 
 SETTINGS = (
     Setting("api", ("FLYTE_API", "FLYTE_API_URL"), "--api", _url, REQUIRED,
-            "Flyte API root URL, e.g. http://flyte:8080 (FLYTE_API wins over FLYTE_API_URL)",
+            "Flyte API root URL, e.g. http://flyte:8080 or http://gateway/flyte-api, no query string "
+            "(FLYTE_API wins over FLYTE_API_URL)",
             target="client", metavar="URL"),
     Setting("labels", ("FLYTE_LABELS",), "--labels", parse_labels, None,
             "pack labels as key=value[,key=value...], merged over the pack definition's",
             target="labels", metavar="LABELS"),
     Setting("timeout", ("FLYTE_API_TIMEOUT",), "--api-timeout", _positive_float, 10.0,
-            "seconds to connect to and wait for each read from the Flyte API", target="client", metavar="SECONDS"),
-    Setting("jwt", ("FLYTE_JWT",), None, _text, None,
-            "bearer token sent to the Flyte API", secret=True, target="client"),
-    Setting("jwt_file", ("FLYTE_JWT_FILE",), "--jwt-file", _text, None,
-            "file holding the bearer token; re-read when the API answers 401", target="client", metavar="PATH"),
+            "seconds each request to the Flyte API may take, from connecting to the last byte of the answer",
+            target="client", metavar="SECONDS"),
+    Setting("jwt", ("FLYTE_JWT",), None, check_token, None,
+            "bearer token sent to the Flyte API's origin (surrounding whitespace is stripped)", secret=True,
+            target="client"),
+    Setting("jwt_file", ("FLYTE_JWT_FILE",), "--jwt-file", _token_file, None,
+            "file holding the bearer token, read at start and again (once per rotation) when the API answers 401",
+            target="client", metavar="PATH"),
     Setting("insecure", ("FLYTE_API_INSECURE",), "--insecure", _bool, False,
             "skip TLS certificate verification of the Flyte API", target="client"),
     Setting("ca_file", ("FLYTE_CA_CERT_FILE",), "--ca-file", _text, None,
-            "PEM bundle to verify the Flyte API's certificate with", target="client", metavar="PATH"),
+            "PEM bundle: the only CAs trusted for the Flyte API's certificate (default: the system's store)",
+            target="client", metavar="PATH"),
     Setting("health_port", ("FLYTE_HEALTH_PORT",), "--health-port", _port, 8090,
             "health server port; 0 picks a free port, 'off' disables it", metavar="PORT"),
     Setting("health_host", ("FLYTE_GEVENT_HEALTH_HOST",), "--health-host", _text, "0.0.0.0",

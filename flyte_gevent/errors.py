@@ -7,7 +7,8 @@ Two families:
   traffic; the message is one line that names the setting and the bad value.
 * :class:`FlyteError` — talking to the Flyte API failed. Every instance carries
   the request ``method`` and ``url``, the HTTP ``status`` when there was one, and
-  a short ``body`` excerpt. Tokens and URL credentials never appear in them.
+  a short ``body`` excerpt. Tokens and URL credentials never appear in them
+  (:func:`scrub` takes tokens out of text that comes from lower layers).
 """
 
 from urllib.parse import urlsplit, urlunsplit
@@ -66,6 +67,19 @@ def redact_url(url):
     return urlunsplit((parts.scheme, "***@" + host, parts.path, parts.query, parts.fragment))
 
 
+def scrub(text, secrets):
+    """*text* with every non-empty string in *secrets* replaced by ``<redacted>``.
+
+    For text that a lower layer (an HTTP library, a token provider, a server's
+    error body) produced and that could hold a token: exception messages end up
+    in logs and in the health endpoint's JSON.
+    """
+    for secret in secrets:
+        if secret and secret in text:
+            text = text.replace(secret, "<redacted>")
+    return text
+
+
 class FlyteError(Exception):
     """A request to the Flyte API failed.
 
@@ -73,9 +87,14 @@ class FlyteError(Exception):
     :ivar url: the URL requested (credentials removed), or ``None``.
     :ivar status: the HTTP status code, or ``None`` when no response arrived.
     :ivar body: up to 200 characters of the response body ('' when empty).
+    :ivar request_sent: ``False`` when the server certainly did not receive the
+        request (no connection, the write failed, or the client refused to
+        send it), so sending it again cannot apply it twice; ``None`` when that
+        is not known.
     """
 
-    def __init__(self, message, *, method=None, url=None, status=None, body=None):
+    def __init__(self, message, *, method=None, url=None, status=None, body=None, request_sent=None):
+        self.request_sent = request_sent
         self.method = method
         self.url = redact_url(url)
         self.status = status
@@ -94,15 +113,12 @@ class FlyteError(Exception):
 
 
 class FlyteConnectionError(FlyteError):
-    """No HTTP response: connection refused or reset, DNS or TLS failure.
+    """No HTTP response: connection refused or reset, DNS or TLS failure, a malformed response.
 
-    :ivar request_sent: ``False`` when no connection could be made, so the
-        server certainly did not see the request; ``None`` when unknown.
+    :ivar request_sent: ``False`` when the server certainly did not receive the
+        request (no connection could be made, or writing it failed); ``None``
+        when it may have been processed.
     """
-
-    def __init__(self, message, *, request_sent=None, **kwargs):
-        self.request_sent = request_sent
-        super().__init__(message, **kwargs)
 
 
 class FlyteTimeout(FlyteConnectionError):

@@ -2,20 +2,18 @@
 
 Most tests talk to the FakeFlyteApi (the ``flyte_api`` fixture). Where the fake
 cannot answer the way a test needs — an old server without links in its 201
-body, a malformed take, a /v1 document without the packs link, TLS — a tiny
-gevent WSGI server plays the Flyte server instead (:func:`serving`).
+body, a malformed take, a /v1 document without the packs link — a tiny gevent
+WSGI server plays the Flyte server instead (:func:`serving`). TLS is in
+test_tls.py, the token's journey in test_token.py, and responses only a raw
+socket can produce in test_transport.py.
 """
 
 import contextlib
 import json
 import logging
-import shutil
 import socket
-import ssl
-import subprocess
 import time
 
-import certifi
 import gevent
 import pytest
 from gevent.pywsgi import WSGIServer
@@ -71,21 +69,12 @@ def registration(client):
 
 
 @contextlib.contextmanager
-def serving(app, certificate=None):
-    """Serve a WSGI *app* on a free loopback port: a stand-in for a Flyte server the fake cannot imitate.
-
-    With *certificate* ``(cert_file, key_file)`` it serves HTTPS.
-    """
-    options = {}
-    if certificate is not None:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(*certificate)
-        options["ssl_context"] = context
-    server = WSGIServer(("127.0.0.1", 0), app, log=None, error_log=None, **options)
+def serving(app):
+    """Serve a WSGI *app* on a free loopback port: a stand-in for a Flyte server the fake cannot imitate."""
+    server = WSGIServer(("127.0.0.1", 0), app, log=None, error_log=None)
     server.start()
-    scheme = "https" if certificate is not None else "http"
     try:
-        yield f"{scheme}://127.0.0.1:{server.server_port}"
+        yield f"http://127.0.0.1:{server.server_port}"
     finally:
         server.stop(timeout=1)
 
@@ -646,89 +635,6 @@ def test_credentials_in_the_api_url_are_redacted(flyte_api):
     assert "s3cret" not in str(caught.value)
 
 
-# --- TLS -------------------------------------------------------------------------------------------------------
-
-def test_tls_is_verified_by_default():
-    client = Client("https://flyte.example:8443")
-    assert client._session.verify is True
-    context = client._lean.ssl_context
-    assert context.verify_mode == ssl.CERT_REQUIRED
-    assert context.check_hostname is True
-
-
-def test_insecure_turns_verification_off():
-    client = Client("https://flyte.example:8443", insecure=True)
-    assert client._session.verify is False
-    context = client._lean.ssl_context
-    assert context.verify_mode == ssl.CERT_NONE
-    assert context.check_hostname is False
-
-
-@pytest.fixture(scope="module")
-def certificate(tmp_path_factory):
-    """A self-signed certificate for 127.0.0.1: (cert_file, key_file)."""
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl command is needed to make a test certificate")
-    directory = tmp_path_factory.mktemp("tls")
-    cert, key = str(directory / "cert.pem"), str(directory / "key.pem")
-    made = subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                           "-nodes", "-keyout", key, "-out", cert, "-days", "2", "-subj", "/CN=127.0.0.1",
-                           "-addext", "subjectAltName=IP:127.0.0.1"],
-                          capture_output=True, text=True, timeout=30)
-    if made.returncode != 0:  # e.g. an old LibreSSL without -addext
-        pytest.skip(f"openssl could not make a test certificate: {made.stderr.strip()[:200]}")
-    return cert, key
-
-
-def test_ca_file_is_the_only_trust_anchor(certificate):
-    cert, _ = certificate
-    client = Client("https://flyte.example:8443", ca_file=cert)
-    assert client._session.verify == cert
-    context = client._lean.ssl_context
-    assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname is True
-    assert [c["subject"] for c in context.get_ca_certs()] == [((("commonName", "127.0.0.1"),),)]
-
-
-def test_an_unreadable_ca_file_is_a_config_error(tmp_path):
-    missing = str(tmp_path / "missing.pem")
-    with pytest.raises(ConfigError, match="ca_file=.*missing.pem.*cannot load CA certificates") as caught:
-        Client("https://flyte.example", ca_file=missing)
-    assert caught.value.name == "ca_file"
-    garbage = tmp_path / "garbage.pem"
-    garbage.write_text("not a certificate")
-    with pytest.raises(ConfigError, match="cannot load CA certificates"):
-        Client("https://flyte.example", ca_file=str(garbage))
-
-
-def tls_app(environ, start_response):
-    if environ["PATH_INFO"] == "/v1":
-        return respond(start_response, 200, v1_document(f"https://{environ['HTTP_HOST']}"))
-    return respond(start_response, 204)
-
-
-def test_a_self_signed_server_is_refused_by_default(certificate):
-    with serving(tls_app, certificate) as url:
-        client = Client(url, timeout=2.0)
-        with pytest.raises(FlyteConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
-            client.discover()
-        with pytest.raises(FlyteConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
-            client.take(f"{url}/v1/packs/P/actions/take")
-
-
-@pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
-@pytest.mark.parametrize("options", [{"ca_file": "cert"}, {"insecure": True}], ids=["ca_file", "insecure"])
-def test_a_self_signed_server_is_accepted_with_its_ca_or_when_insecure(certificate, options, monkeypatch):
-    # A system-wide bundle in the environment must not override the ca_file
-    # (requests lets REQUESTS_CA_BUNDLE win over a session's verify).
-    monkeypatch.setenv("REQUESTS_CA_BUNDLE", certifi.where())
-    monkeypatch.setenv("CURL_CA_BUNDLE", certifi.where())
-    options = {k: (certificate[0] if v == "cert" else v) for k, v in options.items()}
-    with serving(tls_app, certificate) as url:
-        client = Client(url, timeout=2.0, **options)
-        assert client.discover().packs_url == f"{url}/v1/packs"
-        assert client.take(f"{url}/v1/packs/P/actions/take") is None
-
-
 # --- keep-alive --------------------------------------------------------------------------------------------------
 
 def recording_app(ports, close=False):
@@ -801,23 +707,6 @@ def test_connections_to_the_api_are_capped_and_requests_queue_for_a_free_one(fly
     # Six 0.2 s requests over two connections take three rounds; uncapped they would overlap in one.
     assert time.monotonic() - started >= 0.55
     assert len(flyte_api.requests_for("event")) == 6
-
-
-def test_waiting_too_long_for_a_free_connection_fails_without_sending(flyte_api):
-    # Requests hold a connection at most `timeout` (then they time out), so occupy the only
-    # connection slot directly to see what a request that finds none free does.
-    from flyte_gevent._http import ConnectError, HTTPPool
-
-    pool = HTTPPool(timeout=0.2, max_connections=1)
-    origin, _ = pool._resolve(flyte_api.url + "/v1")
-    origin.slots.acquire()
-    started = time.monotonic()
-    with pytest.raises(ConnectError, match=r"no free connection within 0.2 s \(1 in use\)"):
-        pool.request("GET", flyte_api.url + "/v1")
-    assert 0.15 < time.monotonic() - started < 1.0
-    assert not flyte_api.requests_for("v1")  # nothing was sent
-    origin.slots.release()
-    assert pool.request("GET", flyte_api.url + "/v1").status == 200
 
 
 @pytest.mark.parametrize("value", [0, -1, 2.5, True])
