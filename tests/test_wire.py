@@ -14,7 +14,7 @@ import logging
 import re
 
 import pytest
-from marshmallow import Schema, ValidationError, fields
+from marshmallow import Schema, ValidationError, fields, validate
 
 from flyte_gevent import Command, ConfigError, Event, EventDef, PackDef, fatal_event
 from flyte_gevent._fake_server import _is_go_time, decode_pack
@@ -453,6 +453,79 @@ def test_payload_schema_dumps_the_payload(schema):
 
     body = body_of(Event(created, Created("FOO-1", "https://jira/FOO-1", "not sent")))
     assert body["payload"] == {"issueId": "FOO-1", "url": "https://jira/FOO-1"}
+
+
+# Payload schemas validate: marshmallow's dump() alone checks nothing, so what it produced is loaded back.
+
+class Step(Schema):
+    name = fields.String(required=True)
+    took_s = fields.Float(required=True)
+
+
+class CheckSchema(Schema):
+    url = fields.Url(required=True)
+    status = fields.String(validate=validate.OneOf(["up", "down"]))
+    count = fields.Integer()
+    steps = fields.List(fields.Nested(Step))
+    first = fields.Nested(Step)
+    checked_by = fields.String(dump_only=True, dump_default="url-checker")
+
+
+@dataclasses.dataclass
+class Checked:
+    url: str
+    status: str = "up"
+    steps: list = dataclasses.field(default_factory=list)
+
+
+def payload_problems(payload, schema=CheckSchema):
+    with pytest.raises(ValidationError) as caught:
+        encode_event(Event(EventDef("Checked", payload_schema=schema), payload))
+    return flatten_errors(caught.value.messages)
+
+
+@pytest.mark.parametrize("payload, problems", [
+    ("hello", ["payload: CheckSchema needs a dict, a dataclass or another object, not str"]),
+    (None, ["payload: CheckSchema needs a dict, a dataclass or another object, not None"]),
+    ([{"url": "https://example.com"}], ["payload: CheckSchema needs a dict, a dataclass or another object, not list"]),
+    (42, ["payload: CheckSchema needs a dict, a dataclass or another object, not int"]),
+    ({"status": "up"}, ["payload.url: Missing data for required field."]),
+    ({}, ["payload.url: Missing data for required field."]),
+    ({"url": None}, ["payload.url: Field may not be null."]),
+    ({"url": "not a url"}, ["payload.url: Not a valid URL."]),
+    ({"url": "https://example.com", "status": "sideways"}, ["payload.status: Must be one of: up, down."]),
+    ({"url": "https://example.com", "count": "many"},
+     ["payload.count: cannot be dumped as Integer: invalid literal for int() with base 10: 'many'"]),
+    ({"url": "https://example.com", "steps": [{"name": "dns", "took_s": 0.1}, {"name": "tls", "took_s": "slow"}]},
+     ["payload.steps.1.took_s: cannot be dumped as Float: could not convert string to float: 'slow'"]),
+    ({"url": "https://example.com", "steps": [{"took_s": 0.1}]},
+     ["payload.steps.0.name: Missing data for required field."]),
+    ({"url": "https://example.com", "first": {"name": "dns", "took_s": "slow"}},
+     ["payload.first.took_s: cannot be dumped as Float: could not convert string to float: 'slow'"]),
+    (Checked("ftp:nope", steps=[{"name": "dns"}]),
+     ["payload.steps.0.took_s: Missing data for required field.", "payload.url: Not a valid URL."]),
+], ids=["str", "None", "list", "int", "missing", "empty", "null", "bad-url", "one-of", "not-an-int", "list-item",
+        "list-item-missing", "nested", "dataclass"])
+def test_a_payload_its_schema_refuses_is_refused_naming_the_fields(payload, problems):
+    assert sorted(payload_problems(payload)) == problems
+
+
+def test_valid_payloads_pass_the_schema_as_dicts_and_dataclasses_with_dump_only_fields():
+    event_def = EventDef("Checked", payload_schema=CheckSchema)
+    for payload in ({"url": "https://example.com", "status": "up", "steps": [{"name": "dns", "took_s": 0.1}]},
+                    Checked("https://example.com", steps=[{"name": "dns", "took_s": 0.1}])):
+        assert body_of(Event(event_def, payload))["payload"] == {
+            "url": "https://example.com", "status": "up", "steps": [{"name": "dns", "took_s": 0.1}],
+            "checked_by": "url-checker"}
+
+
+def test_a_many_payload_schema_takes_a_list_and_names_the_item():
+    event_def = EventDef("Checked", payload_schema=CheckSchema(many=True, only=("url",)))
+    assert body_of(Event(event_def, [{"url": "https://a.example"}]))["payload"] == [{"url": "https://a.example"}]
+    assert payload_problems([{"url": "https://a.example"}, {}], CheckSchema(many=True)) == \
+        ["payload.1.url: Missing data for required field."]
+    assert payload_problems({"url": "https://a.example"}, CheckSchema(many=True)) == \
+        ["payload: CheckSchema needs a list, not dict"]
 
 
 def test_event_body_round_trips_through_json():
