@@ -84,6 +84,9 @@ def test_output_events_of_another_type_are_refused_naming_the_command(events, ki
      "command 'Run': input_schema must be a marshmallow Schema (class or instance), not dict"),
     (lambda: Command("Run", handler, failure_event=3),
      "command 'Run': failure_event must be an EventDef or an event name, not int"),
+    (lambda: Command("Run", handler, failure_event=EventDef("RunRefused", payload_schema=UrlSchema)),
+     "command 'Run': failure_event 'RunRefused' must not have a payload_schema (its payload is the text listing "
+     "the input's problems)"),
     (lambda: Command("Run", handler, timeout=0), "command 'Run': timeout must be a positive number of seconds, not 0"),
     (lambda: Command("Run", handler, timeout="5"),
      "command 'Run': timeout must be a positive number of seconds, not '5'"),
@@ -225,7 +228,7 @@ def _handler_removed(pack_def):
 
 
 def _output_event_replaced(pack_def):
-    pack_def.commands[0].output_events = ("Done",)
+    pack_def.commands[0].output_events = (42,)
 
 
 def _name_changed(pack_def):
@@ -246,7 +249,7 @@ def test_validate_refuses_later_changes_with_the_construction_message(change, sa
 
 @pytest.mark.parametrize("change, problem", [
     (_handler_removed, "command 'Run': handler is not callable"),
-    (_output_event_replaced, "command 'Run': output events must be EventDef objects or event names, not str"),
+    (_output_event_replaced, "command 'Run': output events must be EventDef objects or event names, not int"),
 ])
 def test_validate_refuses_later_changes_to_a_command_with_the_commands_message(change, problem):
     pack_def = PackDef("P", commands=[Command("Run", handler, [done])])

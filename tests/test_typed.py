@@ -173,11 +173,13 @@ def test_an_exception_while_loading_input_is_fatal_like_a_handler_exception(flyt
     assert (result.event, result.payload) == ("FATAL", "KeyError: 'lookup table missing'")
 
 
-def test_an_input_schema_that_is_not_a_schema_is_refused_before_registering():
+def test_an_input_schema_that_is_not_a_schema_is_refused_where_the_command_is_declared():
     pack_def = PackDef("Jira")
-    pack_def.command("createIssue", output_events=[created], input_schema={"project": str})(lambda issue: None)
-    with pytest.raises(PackDefError, match="input_schema must be a marshmallow Schema"):
-        pack_def.validate()
+    with pytest.raises(PackDefError) as caught:
+        pack_def.command("createIssue", output_events=[created], input_schema={"project": str})(lambda issue: None)
+    assert str(caught.value) == \
+        "command 'createIssue': input_schema must be a marshmallow Schema (class or instance), not dict"
+    assert pack_def.commands == []
 
 
 # -- payloads -------------------------------------------------------------------------------------------------
