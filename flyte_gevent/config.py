@@ -18,7 +18,7 @@ import os
 from urllib.parse import urlsplit
 
 from .errors import ConfigError, redact_url
-from .models import is_path_safe
+from .models import path_problem
 
 __all__ = ["Setting", "SETTINGS", "from_environ", "parse_labels", "check_seconds", "check_count", "check_token",
            "read_token_file", "MIN_POLLING_INTERVAL"]
@@ -33,7 +33,9 @@ def parse_labels(text):
 
     Items are split on ``,``; each on its first ``=``; keys and values are
     trimmed; a repeated key keeps the last value. An item without ``=`` —
-    including the empty item a trailing comma leaves — is an error.
+    including the empty item a trailing comma leaves — is an error, and so is
+    one holding characters Flyte cannot put into links unescaped (the message
+    names them).
     """
     labels = {}
     if not text.strip():
@@ -43,10 +45,10 @@ def parse_labels(text):
         key, value = key.strip(), value.strip()
         if not sep or not key:
             raise ValueError(f"item {number} ({item.strip()!r}) is not key=value")
-        if not is_path_safe(key) or (value and not is_path_safe(value)):
-            # Flyte puts labels into the pack id and its links unescaped.
-            raise ValueError(f"item {number} ({item.strip()!r}) holds a space or one of / ? # % \" < >, which "
-                             "break the pack's links")
+        # Flyte puts labels into the pack id and its links unescaped.
+        problem = path_problem(key, value)
+        if problem:
+            raise ValueError(f"item {number} ({item.strip()!r}) {problem}")
         labels[key] = value
     return labels
 

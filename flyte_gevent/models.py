@@ -1,13 +1,23 @@
 """The vocabulary of a pack: event definitions, events, commands and the pack definition.
 
-These are plain objects with no I/O. A :class:`PackDef` describes what a pack
-registers with Flyte; :meth:`PackDef.validate` refuses, before anything is sent,
-the definitions the Flyte server would reject or turn into broken links.
+These are plain objects with no I/O. :class:`EventDef`, :class:`Command` and
+:class:`PackDef` check their arguments when they are made, so a mistake raises
+:class:`~flyte_gevent.errors.PackDefError` at the line that made it, naming what
+is wrong. The checks are those of the Flyte server: what it would refuse, and
+what it would turn into broken links. :meth:`PackDef.validate` runs them again
+before anything is sent (a definition's lists and dicts are public and may have
+changed since), with the same messages.
 """
 
+import collections.abc
 import dataclasses
 import logging
+import math
 import re
+import string
+
+from marshmallow import Schema, ValidationError
+from marshmallow import validate as validators
 
 from .errors import PackDefError
 
@@ -18,8 +28,11 @@ log = logging.getLogger(__name__)
 # The server puts pack ids (name and labels) into link paths and command names
 # into a query string, verbatim. These are the characters that survive that
 # unescaped (RFC 3986 pchar without '%', and the unreserved set for queries).
-_PATH_SAFE = re.compile(r"^[A-Za-z0-9._~!$&'()*+,;=:@-]+$")
-_QUERY_SAFE = re.compile(r"^[A-Za-z0-9._~-]+$")
+_ALPHANUMERIC = string.ascii_letters + string.digits
+_PATH_SAFE = frozenset(_ALPHANUMERIC + "._~!$&'()*+,;=:@-")
+_QUERY_SAFE = frozenset(_ALPHANUMERIC + "-._~")
+_IN_LINKS = "links unescaped (ASCII letters, digits and ._~!$&'()*+,;=:@-)"
+_IN_QUERY = "a query string unescaped (ASCII letters, digits and -._~)"
 # The server's reserved-rel check (flyte pack/handler.go): deliberately unanchored
 # for "up" and "self", so rels such as "support" or "setup" are refused too.
 _RESERVED_REL = re.compile(r"up|self|/actionResult$|/takeAction$|/event$")
@@ -27,7 +40,73 @@ _RESERVED_REL = re.compile(r"up|self|/actionResult$|/takeAction$|/event$")
 
 def is_path_safe(text):
     """Whether *text* is non-empty and survives unescaped in a URL path (pack names, label keys and values)."""
-    return isinstance(text, str) and bool(_PATH_SAFE.match(text))
+    return isinstance(text, str) and bool(text) and not _unsafe(text, _PATH_SAFE)
+
+
+def path_problem(*texts):
+    """Why *texts* cannot go unescaped into a link path, or ``None`` when they can.
+
+    The answer names the offending characters:
+    ``"holds ' ', 'ü', outside the characters Flyte can put into links unescaped (...)"``.
+    Only characters are checked; an empty text passes.
+    """
+    bad = _unsafe("".join(texts), _PATH_SAFE)
+    return _outside(bad, _IN_LINKS) if bad else None
+
+
+def _unsafe(text, safe):
+    """The characters of *text* outside *safe*, each once in order of appearance, as ``"' ', 'ü'"``."""
+    return ", ".join(repr(c) for c in dict.fromkeys(text) if c not in safe)
+
+
+def _outside(bad, where):
+    return f"holds {bad}, outside the characters Flyte can put into {where}"
+
+
+def _text_problem(what, text, safe, where, allow_empty=False):
+    """Why *text* cannot be *what* (a name Flyte puts into a URL unescaped), or ``None``."""
+    if not isinstance(text, str):
+        return f"{what} must be a string, not {type(text).__name__}"
+    if not text:
+        return None if allow_empty else f"{what} must not be empty"
+    bad = _unsafe(text, safe)
+    return f"{what} {_outside(bad, where)}" if bad else None
+
+
+def _url_problems(what, url):
+    if url is None:
+        return []
+    try:
+        validators.URL(require_tld=False, schemes={"http", "https"})(url)
+    except (ValidationError, TypeError):
+        return [f"{what} {url!r} is not an http(s) URL"]
+    return []
+
+
+def _as_schema(schema):
+    """A marshmallow Schema class becomes an instance; anything else is returned as it is (and refused)."""
+    if isinstance(schema, type) and issubclass(schema, Schema):
+        return schema()
+    return schema
+
+
+def _schema_problems(what, schema):
+    if schema is None or isinstance(schema, Schema):
+        return []
+    kind = schema.__name__ if isinstance(schema, type) else type(schema).__name__
+    return [f"{what} must be a marshmallow Schema (class or instance), not {kind}"]
+
+
+def _as_list(value, single):
+    """*value* as a list: ``None`` is empty, and a lone *single* instance or str is a list of one.
+
+    A str is iterable, so ``output_events="Done"`` would otherwise be the events D, o, n and e.
+    """
+    if value is None:
+        return []
+    if isinstance(value, (str, single)) or not isinstance(value, collections.abc.Iterable):
+        return [value]
+    return list(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,13 +115,36 @@ class EventDef:
 
     :param name: the event name flows match on.
     :param help_url: optional documentation link, registered as a ``help`` link.
-    :param payload_schema: optional marshmallow schema (class or instance) that
-        payloads of this event are dumped through before sending.
+    :param payload_schema: optional marshmallow schema (class or instance): payloads
+        of this event are dumped through it and must then load back cleanly, so a
+        missing required field or a value its validators refuse is caught before
+        sending (see :func:`~flyte_gevent.schemas.encode_event`). A class is
+        instantiated once, here.
+    :raises PackDefError: the name is empty or not a string, the help URL is not
+        http(s), or the schema is not a marshmallow Schema.
     """
 
     name: str
     help_url: str | None = None
     payload_schema: object = dataclasses.field(default=None, compare=False, repr=False)
+
+    def __post_init__(self):
+        schema = _as_schema(self.payload_schema)
+        problems = _event_def_problems(self) + _schema_problems(f"event {self.name!r}: payload_schema", schema)
+        if problems:
+            raise PackDefError("; ".join(problems))
+        object.__setattr__(self, "payload_schema", schema)
+
+
+def _event_def_problems(event_def):
+    if not isinstance(event_def.name, str):
+        return [f"event name {event_def.name!r} must be a string, not {type(event_def.name).__name__}"]
+    problems = [] if event_def.name else ["an event definition has an empty name"]
+    return problems + _url_problems(f"event {event_def.name!r} help_url", event_def.help_url)
+
+
+def _event_defs(value):
+    return [EventDef(e) if isinstance(e, str) else e for e in _as_list(value, EventDef)]
 
 
 FATAL = EventDef("FATAL")
@@ -55,6 +157,8 @@ class Event:
     :param event_def: an :class:`EventDef` (or a bare event name).
     :param payload: any JSON-compatible value; dataclasses are converted, and
         integers beyond 2**53 travel as strings (Flyte decodes numbers as floats).
+        When the event has a ``payload_schema``, a dict, dataclass or other
+        object the schema dumps.
 
     Usage::
 
@@ -97,41 +201,65 @@ class Command:
     :param handler: ``handler(input) -> Event``; *input* is the action's decoded
         JSON (dict, list, str, number or None), or what ``input_schema`` loaded.
         An exception raised by the handler completes the action as ``FATAL``.
-    :param output_events: the :class:`EventDef` objects the handler may return.
+    :param output_events: the events the handler may return: :class:`EventDef`
+        objects or event names, in a list — or a single one.
     :param help_url: optional documentation link.
     :param input_schema: optional marshmallow schema (class or instance): input
         is validated and loaded before the handler runs.
-    :param failure_event: optional :class:`EventDef` used instead of ``FATAL``
-        when the input does not pass ``input_schema`` (added to ``output_events``);
-        its payload is the same text as the FATAL one.
+    :param failure_event: optional :class:`EventDef` (or name) used instead of
+        ``FATAL`` when the input does not pass ``input_schema`` (added to
+        ``output_events``); its payload is the same text as the FATAL one.
     :param timeout: seconds after which a running handler is killed and the
         action completed as ``FATAL`` ("timed out after N s"); overrides the
         pack's default.
+    :raises PackDefError: an argument is wrong (a name Flyte cannot put into its
+        links, a handler that is not callable, ...); the message says which.
     """
 
     def __init__(self, name, handler, output_events=(), help_url=None, *,
                  input_schema=None, failure_event=None, timeout=None):
         self.name = name
         self.handler = handler
-        self.output_events = tuple(EventDef(e) if isinstance(e, str) else e for e in output_events)
+        self.output_events = tuple(_event_defs(output_events))
         self.help_url = help_url
-        self.input_schema = _schema_instance(input_schema)
+        self.input_schema = _as_schema(input_schema)
         if isinstance(failure_event, str):
             failure_event = EventDef(failure_event)
         self.failure_event = failure_event
-        if failure_event is not None and failure_event.name not in {e.name for e in self.output_events}:
+        if isinstance(failure_event, EventDef) and failure_event.name not in {
+                e.name for e in self.output_events if isinstance(e, EventDef)}:
             # The command can emit it, so it is registered among the command's events.
             self.output_events += (failure_event,)
         self.timeout = timeout
+        problems = _command_problems(self)
+        if problems:
+            raise PackDefError("; ".join(problems))
 
     def __repr__(self):
         return f"Command({self.name!r})"
 
 
-def _schema_instance(schema):
-    if isinstance(schema, type):
-        return schema()
-    return schema
+def _command_problems(command):
+    name = command.name
+    problems = [p for p in [_text_problem(f"command name {name!r}", name, _QUERY_SAFE, _IN_QUERY)] if p]
+    if not callable(command.handler):
+        problems.append(f"command {name!r}: handler is not callable")
+    wrong = dict.fromkeys(type(e).__name__ for e in command.output_events if not isinstance(e, EventDef))
+    if wrong:
+        problems.append(f"command {name!r}: output events must be EventDef objects or event names, "
+                        f"not {', '.join(wrong)}")
+    problems += _schema_problems(f"command {name!r}: input_schema", command.input_schema)
+    if command.failure_event is not None and not isinstance(command.failure_event, EventDef):
+        problems.append(f"command {name!r}: failure_event must be an EventDef or an event name, "
+                        f"not {type(command.failure_event).__name__}")
+    elif command.failure_event is not None and command.failure_event.payload_schema is not None:
+        problems.append(f"command {name!r}: failure_event {command.failure_event.name!r} must not have a "
+                        "payload_schema (its payload is the text listing the input's problems)")
+    timeout = command.timeout
+    if timeout is not None and not (isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
+                                    and 0 < timeout < math.inf):
+        problems.append(f"command {name!r}: timeout must be a positive number of seconds, not {timeout!r}")
+    return problems + _url_problems(f"command {name!r} help_url", command.help_url)
 
 
 def pack_id(name, labels=None):
@@ -152,12 +280,14 @@ class PackDef:
 
     :param name: the pack name; actions are addressed to it.
     :param help_url: optional link to the pack's documentation.
-    :param commands: :class:`Command` objects.
-    :param event_defs: event definitions for spontaneous events (command output
-        events are added automatically).
-    :param labels: routing labels; an action reaches this pack when its labels
-        are a subset of these.
+    :param commands: :class:`Command` objects (or a single one).
+    :param event_defs: event definitions (or names; or a single one) for
+        spontaneous events; command output events are added automatically.
+    :param labels: routing labels as a dict of strings; an action reaches this
+        pack when its labels are a subset of these.
     :param links: optional extra pack-level links as ``{rel: href}``.
+    :raises PackDefError: the definition would be refused by the Flyte server or
+        break its links; the one-line message lists every problem.
 
     Commands can also be added with the :meth:`command` decorator::
 
@@ -171,10 +301,12 @@ class PackDef:
     def __init__(self, name, help_url=None, commands=(), event_defs=(), labels=None, links=None):
         self.name = name
         self.help_url = help_url
-        self.commands = list(commands)
-        self.event_defs = [EventDef(e) if isinstance(e, str) else e for e in event_defs]
-        self.labels = dict(labels or {})
-        self.links = dict(links or {})
+        self.commands = _as_list(commands, Command)
+        self.event_defs = _event_defs(event_defs)
+        # Anything but a mapping is kept as it is, for _problems() to refuse.
+        self.labels = dict(labels) if isinstance(labels, collections.abc.Mapping) else {} if labels is None else labels
+        self.links = dict(links) if isinstance(links, collections.abc.Mapping) else {} if links is None else links
+        self._raise_problems()
 
     def __repr__(self):
         return f"PackDef({self.name!r}, labels={self.labels!r}, commands={[c.name for c in self.commands]!r})"
@@ -185,17 +317,34 @@ class PackDef:
         return pack_id(self.name, self.labels)
 
     def command(self, name, output_events=(), help_url=None, **options):
-        """Decorator form of :class:`Command`; registers the function as the handler of *name*."""
+        """Decorator form of :class:`Command`; registers the function as the handler of *name*.
+
+        :raises PackDefError: when applied, if an argument is wrong or the pack
+            already has a command of that name.
+        """
+        if callable(name) and not isinstance(name, str):
+            # Used bare (@pack_def.command), it would replace the function with the decorator.
+            raise PackDefError(f"pack_def.command needs the command's name: write "
+                               f"@pack_def.command(\"{getattr(name, '__name__', 'name')}\", output_events=[...]), "
+                               "not @pack_def.command")
+
         def decorate(handler):
-            self.commands.append(Command(name, handler, output_events, help_url, **options))
+            command = Command(name, handler, output_events, help_url, **options)
+            if any(isinstance(c, Command) and c.name == command.name for c in self.commands):
+                raise PackDefError(_invalid(self.name, [_defined_twice(command.name)]))
+            self.commands.append(command)
             return handler
         return decorate
 
     def with_labels(self, labels):
-        """A copy of this definition with *labels* merged over its own."""
-        copy = PackDef(self.name, self.help_url, self.commands, self.event_defs, self.labels, self.links)
-        copy.labels.update(labels)
-        return copy
+        """A copy of this definition with *labels* merged over its own.
+
+        :raises PackDefError: *labels* is not a dict of strings Flyte can put into links.
+        """
+        if not isinstance(labels, collections.abc.Mapping):
+            raise PackDefError(_invalid(self.name, [_not_a_dict("labels", labels)]))
+        return PackDef(self.name, self.help_url, self.commands, self.event_defs, {**self.labels, **labels},
+                       self.links)
 
     def all_event_defs(self):
         """Event definitions to register: the pack's own, then each command's, once per name.
@@ -214,73 +363,71 @@ class PackDef:
     def validate(self):
         """Raise :class:`PackDefError` listing every problem; log a warning for id collisions.
 
-        Checks what the Flyte server would refuse or mangle: an empty name,
-        characters that break the unescaped links, reserved link rels, duplicate
-        or handler-less commands, and malformed help URLs.
+        The definition was checked when it was made; this checks it again as it
+        is now (after, say, ``pack_def.commands.append(...)``), with the same
+        messages: an empty name, characters that break the unescaped links,
+        reserved link rels, duplicate or handler-less commands, and malformed
+        help URLs. ``start()`` and ``flyte-gevent check`` call it.
         """
-        problems = []
-        if not is_path_safe(self.name):
-            problems.append(f"pack name {self.name!r} must be non-empty, without spaces or any of / ? # % \" < >")
-        for key, value in self.labels.items():
-            if not is_path_safe(key):
-                problems.append(f"label key {key!r} must be non-empty, without spaces or any of / ? # % \" < >")
-            if not isinstance(value, str) or (value and not is_path_safe(value)):
-                problems.append(f"label {key}={value!r}: the value must not hold spaces or any of / ? # % \" < >")
-        seen = set()
-        for command in self.commands:
-            if not isinstance(command, Command):
-                problems.append(f"commands must be Command objects, got {type(command).__name__}")
-                continue
-            if not isinstance(command.name, str) or not _QUERY_SAFE.match(command.name):
-                problems.append(f"command name {command.name!r} must be non-empty and use only letters, digits "
-                                "and -._~")
-            if command.name in seen:
-                problems.append(f"command {command.name!r} is defined twice")
-            seen.add(command.name)
-            if not callable(command.handler):
-                problems.append(f"command {command.name!r}: handler is not callable")
-            for event_def in command.output_events:
-                if not isinstance(event_def, EventDef):
-                    problems.append(f"command {command.name!r}: output events must be EventDef objects")
-            if command.input_schema is not None and not callable(getattr(command.input_schema, "load", None)):
-                problems.append(f"command {command.name!r}: input_schema must be a marshmallow Schema (class or "
-                                f"instance), not {type(command.input_schema).__name__}")
-            if command.timeout is not None and not command.timeout > 0:
-                problems.append(f"command {command.name!r}: timeout must be a positive number of seconds")
-            problems += _url_problems(f"command {command.name!r} help_url", command.help_url)
-        for event_def in self.event_defs:
-            if not isinstance(event_def, EventDef):
-                problems.append(f"event_defs must be EventDef objects, got {type(event_def).__name__}")
-        for event_def in self.all_event_defs():
-            if isinstance(event_def, EventDef):
-                if not event_def.name:
-                    problems.append("an event definition has an empty name")
-                problems += _url_problems(f"event {event_def.name!r} help_url", event_def.help_url)
-        problems += _url_problems("help_url", self.help_url)
-        for rel, href in self.links.items():
-            if not rel or _RESERVED_REL.search(rel):
-                problems.append(
-                    f"link rel {rel!r} is refused by the Flyte server (it matches "
-                    f"'{_RESERVED_REL.pattern}', which catches any rel containing 'up' or 'self')")
-            problems += _url_problems(f"link {rel!r}", href)
-        if problems:
-            raise PackDefError(f"invalid pack definition {self.name!r}: " + "; ".join(problems))
+        self._raise_problems()
         dotted = [k for k, v in self.labels.items() if "." in k or "." in v]
         if dotted or "." in self.name:
             log.warning("pack %r: dots in the name or labels %s can make two packs share an id (%r)",
                         self.name, dotted, self.id)
 
+    def _raise_problems(self):
+        problems = self._problems()
+        if problems:
+            raise PackDefError(_invalid(self.name, problems))
 
-def _url_problems(what, url):
-    if url is None:
-        return []
-    from marshmallow import ValidationError, validate
+    def _problems(self):
+        problems = [_text_problem(f"pack name {self.name!r}", self.name, _PATH_SAFE, _IN_LINKS)]
+        if not isinstance(self.labels, collections.abc.Mapping):
+            problems.append(_not_a_dict("labels", self.labels))
+        else:
+            for key, value in self.labels.items():
+                problems.append(_text_problem(f"label key {key!r}", key, _PATH_SAFE, _IN_LINKS))
+                problems.append(_text_problem(f"label {key}={value!r}: the value", value, _PATH_SAFE, _IN_LINKS,
+                                              allow_empty=True))
+        seen, twice = set(), set()
+        for command in self.commands:
+            if not isinstance(command, Command):
+                problems.append(f"commands must be Command objects, got {type(command).__name__}")
+                continue
+            problems += _command_problems(command)
+            if isinstance(command.name, str):
+                if command.name in seen and command.name not in twice:
+                    problems.append(_defined_twice(command.name))
+                    twice.add(command.name)
+                seen.add(command.name)
+        for event_def in self.event_defs:
+            if not isinstance(event_def, EventDef):
+                problems.append(f"event_defs must be EventDef objects or event names, got {type(event_def).__name__}")
+        problems += _url_problems("help_url", self.help_url)
+        if not isinstance(self.links, collections.abc.Mapping):
+            problems.append(_not_a_dict("links", self.links))
+        else:
+            for rel, href in self.links.items():
+                if not isinstance(rel, str) or not rel:
+                    problems.append(_text_problem(f"link rel {rel!r}", rel, (), ""))
+                elif _RESERVED_REL.search(rel):
+                    problems.append(
+                        f"link rel {rel!r} is refused by the Flyte server (it matches "
+                        f"'{_RESERVED_REL.pattern}', which catches any rel containing 'up' or 'self')")
+                problems += _url_problems(f"link {rel!r}", href)
+        return [p for p in problems if p]
 
-    try:
-        validate.URL(require_tld=False, schemes={"http", "https"})(url)
-    except (ValidationError, TypeError):
-        return [f"{what} {url!r} is not an http(s) URL"]
-    return []
+
+def _invalid(name, problems):
+    return f"invalid pack definition {name!r}: " + "; ".join(problems)
+
+
+def _defined_twice(name):
+    return f"command {name!r} is defined twice"
+
+
+def _not_a_dict(what, value):
+    return f"{what} must be a dict, not {type(value).__name__}"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -3,9 +3,10 @@
 Outgoing bodies (registration, results, events) are dumped through schemas and
 then encoded as compact JSON; incoming bodies (link documents, the registration
 response, taken actions) are loaded through schemas that ignore unknown fields,
-as the Flyte server itself does. Anything malformed becomes a
-``marshmallow.ValidationError`` whose messages :func:`flatten_errors` turns into
-one ``path: message`` line per problem.
+as the Flyte server itself does. A payload whose event declares its own schema
+is dumped through it and checked by loading the dump back (:func:`encode_event`).
+Anything malformed becomes a ``marshmallow.ValidationError`` whose messages
+:func:`flatten_errors` turns into one ``path: message`` line per problem.
 """
 
 import collections
@@ -279,18 +280,136 @@ def registration_body(pack_def):
 def encode_event(event, created_at=None):
     """Encode *event* as the JSON bytes of a result or event POST.
 
+    When the event has a ``payload_schema``, the payload is dumped through it
+    and must load back cleanly (see :func:`_dump_payload`).
+
     :raises marshmallow.ValidationError: the payload is not JSON-serializable,
-        or the event's payload schema refuses it; the message names where.
+        or the event's payload schema refuses it; the messages name the fields
+        (``payload.url: Missing data for required field.``).
     """
     payload = event.payload
     schema = event.event_def.payload_schema
     if schema is not None:
-        if isinstance(schema, type):
-            schema = schema()
-        payload = schema.dump(payload)
+        payload = _dump_payload(schema, payload)
     body = _EVENT_BODY.dump({
         "event": event.name,
         "payload": payload,
         "created_at": created_at or datetime.datetime.now(datetime.timezone.utc),
     })
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+def _dump_payload(schema, payload):
+    """*payload* dumped through *schema*, refused unless the dump loads back through it.
+
+    marshmallow's ``dump()`` checks nothing: a str dumps to ``{}``, a missing
+    required field is left out, a validator never runs, and a value of the wrong
+    type raises whatever the field's conversion raises. So the payload must be an
+    object (a dict, dataclass or other object; a list of them for ``many``
+    schemas), a field that cannot dump it is named, and the dump is then
+    validated by loading it back (dump-only fields aside). Dicts, like objects,
+    are read by attribute name, as ``dump()`` reads them.
+
+    :raises marshmallow.ValidationError: messages under ``payload``, by field.
+    """
+    shape = _shape_errors(schema, payload)
+    if shape:
+        raise ValidationError({"payload": shape})
+    try:
+        dumped = schema.dump(payload)
+    except Exception as exc:  # noqa: BLE001 - any field's conversion may fail; it is located below
+        located = _dump_errors(schema, payload)
+        raise ValidationError({"payload": located or _dump_failure(exc)}) from None
+    errors = schema.validate(_loadable(schema, dumped))
+    if errors:
+        raise ValidationError({"payload": errors})
+    return dumped
+
+
+def _shape_errors(schema, payload):
+    name = type(schema).__name__
+    if not schema.many:
+        return [_not_an_object(name, payload)] if _is_plain_value(payload) else None
+    if not isinstance(payload, (list, tuple)) or hasattr(payload, "_fields"):
+        return [f"{name} needs a list, not {_kind(payload)}"]
+    items = {i: [_not_an_object(name, item)] for i, item in enumerate(payload) if _is_plain_value(item)}
+    return items or None
+
+
+def _is_plain_value(value):
+    """Whether *value* is a JSON scalar or a plain sequence, which a schema cannot read fields from."""
+    if isinstance(value, tuple):
+        return not hasattr(value, "_fields")  # a namedtuple is read by attribute
+    return value is None or isinstance(value, (str, bytes, bytearray, int, float, list, set, frozenset))
+
+
+def _not_an_object(schema_name, value):
+    return f"{schema_name} needs a dict, a dataclass or another object, not {_kind(value)}"
+
+
+def _kind(value):
+    return "None" if value is None else type(value).__name__
+
+
+def _dump_errors(schema, obj):
+    """Where dumping *obj* through *schema* fails, as marshmallow-style messages by field ({} if nowhere)."""
+    if schema.many:
+        if not isinstance(obj, (list, tuple)):
+            return {}
+        items = {i: _field_errors(schema, item) for i, item in enumerate(obj)}
+        return {i: errors for i, errors in items.items() if errors}
+    return _field_errors(schema, obj)
+
+
+def _field_errors(schema, obj):
+    errors = {}
+    for attr_name, field in schema.dump_fields.items():
+        value = None
+        try:
+            value = field.get_value(obj, attr_name, accessor=schema.get_attribute)
+            field.serialize(attr_name, obj, accessor=schema.get_attribute)
+        except Exception as exc:  # noqa: BLE001 - reported by field
+            key = field.data_key if field.data_key is not None else attr_name
+            errors[key] = _why_not_dumped(field, value, exc)
+    return errors
+
+
+def _why_not_dumped(field, value, exc):
+    """Why *field* cannot dump *value*: by path inside nested objects and lists, else one message."""
+    if isinstance(field, fields.Nested) and value is not None:
+        nested = _dump_errors(field.schema, value)
+        if nested:
+            return nested
+    elif isinstance(field, fields.List) and isinstance(value, (list, tuple)):
+        items = {}
+        for index, item in enumerate(value):
+            try:
+                field.inner.serialize("item", item, accessor=_itself)
+            except Exception as item_exc:  # noqa: BLE001 - reported by index
+                items[index] = _why_not_dumped(field.inner, item, item_exc)
+        if items:
+            return items
+    if isinstance(exc, ValidationError):
+        return exc.messages
+    return [f"cannot be dumped as {type(field).__name__}: {exc}"]
+
+
+def _itself(obj, attr, default):
+    return obj
+
+
+def _dump_failure(exc):
+    if isinstance(exc, ValidationError):
+        return exc.messages
+    return [f"cannot be dumped: {type(exc).__name__}: {exc}"]
+
+
+def _loadable(schema, dumped):
+    """The dump without dump-only fields, which loading it back would call unknown."""
+    dump_only = {field.data_key if field.data_key is not None else name
+                 for name, field in schema.dump_fields.items() if name not in schema.load_fields}
+    if not dump_only:
+        return dumped
+    if schema.many:
+        return [{k: v for k, v in item.items() if k not in dump_only} for item in dumped]
+    return {k: v for k, v in dumped.items() if k not in dump_only}

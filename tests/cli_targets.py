@@ -48,4 +48,7 @@ def broken_factory():
 
 not_a_pack = 42
 
-bad_pack_def = PackDef("bad name")
+# PackDef("bad name") is refused where it is made; renamed afterwards, it is refused by the validate() that run
+# and check call.
+bad_pack_def = PackDef("placeholder")
+bad_pack_def.name = "bad name"

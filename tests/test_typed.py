@@ -173,11 +173,13 @@ def test_an_exception_while_loading_input_is_fatal_like_a_handler_exception(flyt
     assert (result.event, result.payload) == ("FATAL", "KeyError: 'lookup table missing'")
 
 
-def test_an_input_schema_that_is_not_a_schema_is_refused_before_registering():
+def test_an_input_schema_that_is_not_a_schema_is_refused_where_the_command_is_declared():
     pack_def = PackDef("Jira")
-    pack_def.command("createIssue", output_events=[created], input_schema={"project": str})(lambda issue: None)
-    with pytest.raises(PackDefError, match="input_schema must be a marshmallow Schema"):
-        pack_def.validate()
+    with pytest.raises(PackDefError) as caught:
+        pack_def.command("createIssue", output_events=[created], input_schema={"project": str})(lambda issue: None)
+    assert str(caught.value) == \
+        "command 'createIssue': input_schema must be a marshmallow Schema (class or instance), not dict"
+    assert pack_def.commands == []
 
 
 # -- payloads -------------------------------------------------------------------------------------------------
@@ -231,8 +233,59 @@ def test_a_payload_the_schema_cannot_dump_is_fatal_naming_the_event(flyte_api, r
     run_pack(pack_def)
     result = flyte_api.wait_for_result(flyte_api.enqueue("Counter", "count"))
     assert result.event == "FATAL"
-    assert result.payload.startswith("result payload of event 'Counted' cannot be serialized: ")
+    assert result.payload == ("result payload of event 'Counted' cannot be serialized: payload.count: cannot be "
+                              "dumped as Integer: invalid literal for int() with base 10: 'many'")
     assert flyte_api.pending() == []
+
+
+class UrlCheckedSchema(Schema):
+    url = fields.String(required=True)
+    status = fields.String(required=True, validate=validate.OneOf(["up", "down"]))
+
+
+url_checked = EventDef("UrlChecked", payload_schema=UrlCheckedSchema)
+
+
+@dataclasses.dataclass
+class UrlChecked:
+    url: str
+    status: str
+
+
+@pytest.mark.parametrize("payload, problems", [
+    ("hello", "payload: UrlCheckedSchema needs a dict, a dataclass or another object, not str"),
+    ({"status": "up"}, "payload.url: Missing data for required field."),
+    ({"url": "https://example.com", "status": "sideways"}, "payload.status: Must be one of: up, down."),
+    (UrlChecked("https://example.com", None), "payload.status: Field may not be null."),
+], ids=["str", "missing", "one-of", "dataclass"])
+def test_a_result_payload_its_schema_refuses_is_fatal_naming_the_fields(payload, problems, flyte_api, run_pack):
+    pack_def = PackDef("UrlChecker")
+    pack_def.command("checkUrl", output_events=[url_checked])(lambda input: Event(url_checked, payload))
+    run_pack(pack_def)
+    result = flyte_api.wait_for_result(flyte_api.enqueue("UrlChecker", "checkUrl"))
+    assert (result.event, result.payload) == (
+        "FATAL", f"result payload of event 'UrlChecked' cannot be serialized: {problems}")
+
+
+def test_a_valid_dataclass_result_passes_its_schema(flyte_api, run_pack):
+    pack_def = PackDef("UrlChecker")
+    pack_def.command("checkUrl", output_events=[url_checked])(
+        lambda input: Event(url_checked, UrlChecked("https://example.com", "up")))
+    run_pack(pack_def)
+    result = flyte_api.wait_for_result(flyte_api.enqueue("UrlChecker", "checkUrl"))
+    assert (result.event, result.payload) == ("UrlChecked", {"url": "https://example.com", "status": "up"})
+
+
+@pytest.mark.parametrize("send", ["send_event", "send_event_nowait"])
+def test_a_spontaneous_event_its_schema_refuses_raises_naming_the_fields(send, flyte_api, run_pack):
+    pack = run_pack(PackDef("UrlChecker", event_defs=[url_checked]))
+    with pytest.raises(ValueError) as caught:
+        getattr(pack, send)(Event(url_checked, {"status": "up"}))
+    assert str(caught.value) == \
+        "event 'UrlChecked': payload cannot be serialized: payload.url: Missing data for required field."
+    pack.send_event(Event(url_checked, {"url": "https://example.com", "status": "down"}), timeout=5)
+    (event,) = flyte_api.wait_for_events(1)
+    assert (event.event, event.payload) == ("UrlChecked", {"url": "https://example.com", "status": "down"})
 
 
 def test_raw_json_input_still_reaches_untyped_handlers_unchanged(flyte_api, run_pack):

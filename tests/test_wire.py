@@ -7,6 +7,7 @@ docs/flyte-api.md. No network here; test_client.py sends these bodies to the
 fake server.
 """
 
+import collections
 import dataclasses
 import datetime
 import json
@@ -14,7 +15,7 @@ import logging
 import re
 
 import pytest
-from marshmallow import Schema, ValidationError, fields
+from marshmallow import Schema, ValidationError, fields, post_dump, validate
 
 from flyte_gevent import Command, ConfigError, Event, EventDef, PackDef, fatal_event
 from flyte_gevent._fake_server import _is_go_time, decode_pack
@@ -204,48 +205,15 @@ def test_registration_body_round_trips_through_the_servers_decoder():
     }
 
 
-# --- PackDef.validate -----------------------------------------------------------------------------------------
-
-def valid_command(name="Run"):
-    return Command(name, handler, [EventDef("Ran")])
-
-
-@pytest.mark.parametrize("pack_def, problem", [
-    (PackDef(""), "pack name '' must be non-empty"),
-    (PackDef(None), "pack name None must be non-empty"),
-    (PackDef("my pack"), "pack name 'my pack' must be non-empty, without spaces or any of / ? # % \" < >"),
-    (PackDef("a/b"), "pack name 'a/b'"),
-    (PackDef("a?b"), "pack name 'a?b'"),
-    (PackDef("P", labels={"": "x"}), "label key '' must be non-empty"),
-    (PackDef("P", labels={"team/x": "a"}), "label key 'team/x'"),
-    (PackDef("P", labels={"env": "dev test"}), "label env='dev test': the value must not hold spaces"),
-    (PackDef("P", labels={"env": "a%20b"}), "label env='a%20b'"),
-    (PackDef("P", commands=[valid_command("")]), "command name '' must be non-empty"),
-    (PackDef("P", commands=[valid_command("do it")]), "command name 'do it'"),
-    (PackDef("P", commands=[valid_command("a?b")]), "command name 'a?b'"),
-    (PackDef("P", commands=[valid_command(), valid_command()]), "command 'Run' is defined twice"),
-    (PackDef("P", commands=[Command("Run", None)]), "command 'Run': handler is not callable"),
-    (PackDef("P", commands=[Command("Run", "handler")]), "command 'Run': handler is not callable"),
-    (PackDef("P", help_url="not a url"), "help_url 'not a url' is not an http(s) URL"),
-    (PackDef("P", help_url="ftp://example.com/x"), "help_url 'ftp://example.com/x' is not an http(s) URL"),
-    (PackDef("P", commands=[Command("Run", handler, help_url="nope")]), "command 'Run' help_url 'nope'"),
-    (PackDef("P", event_defs=[EventDef("E", help_url="nope")]), "event 'E' help_url 'nope'"),
-    (PackDef("P", event_defs=[EventDef("")]), "an event definition has an empty name"),
-])
-def test_validate_refuses_definitions_flyte_would_reject_or_break(pack_def, problem):
-    # Characters legal unescaped in a URL path (such as '=' from FLYTE_LABELS='a=b=c') are fine in
-    # names and labels; those that end a path segment or need escaping are not.
-    with pytest.raises(PackDefError) as caught:
-        pack_def.validate()
-    assert problem in str(caught.value)
-    assert isinstance(caught.value, ConfigError)
-    assert "\n" not in str(caught.value)
-
+# --- PackDef.validate (the construction-time checks and their messages: test_definitions.py) --------------------
 
 @pytest.mark.parametrize("rel", ["support", "setup", "self", "up", "x/takeAction", "x/event", "x/actionResult",
                                  "http://superhost/x"])
-def test_validate_refuses_rels_the_servers_unanchored_regex_rejects(rel):
-    pack_def = PackDef("P", links={rel: "https://example.com/x"})
+def test_rels_the_servers_unanchored_regex_rejects_are_refused(rel):
+    with pytest.raises(PackDefError, match=f"link rel {re.escape(repr(rel))} is refused by the Flyte server"):
+        PackDef("P", links={rel: "https://example.com/x"})
+    pack_def = PackDef("P")
+    pack_def.links[rel] = "https://example.com/x"
     with pytest.raises(PackDefError, match=f"link rel {re.escape(repr(rel))} is refused by the Flyte server"):
         pack_def.validate()
 
@@ -256,13 +224,15 @@ def test_validate_accepts_rels_the_server_accepts(rel):
 
 
 def test_validate_reports_every_problem_in_one_line():
-    pack_def = PackDef("bad name", labels={"k": "v v"}, commands=[Command("Run", None)], links={"setup": "x"})
+    pack_def = PackDef("P", commands=[Command("Run", handler)])
+    pack_def.name, pack_def.labels["k"], pack_def.links["setup"] = "bad name", "v v", "x"
+    pack_def.commands[0].handler = None
     with pytest.raises(PackDefError) as caught:
         pack_def.validate()
     message = str(caught.value)
     assert message.startswith("invalid pack definition 'bad name': ")
-    for part in ("pack name 'bad name'", "label k='v v'", "handler is not callable", "link rel 'setup'",
-                 "link 'setup' 'x' is not an http(s) URL"):
+    for part in ("pack name 'bad name' holds ' '", "label k='v v': the value holds ' '", "handler is not callable",
+                 "link rel 'setup'", "link 'setup' 'x' is not an http(s) URL"):
         assert part in message
     assert "\n" not in message
 
@@ -453,6 +423,95 @@ def test_payload_schema_dumps_the_payload(schema):
 
     body = body_of(Event(created, Created("FOO-1", "https://jira/FOO-1", "not sent")))
     assert body["payload"] == {"issueId": "FOO-1", "url": "https://jira/FOO-1"}
+
+
+# Payload schemas validate: marshmallow's dump() alone checks nothing, so what it produced is loaded back.
+
+class Step(Schema):
+    name = fields.String(required=True)
+    took_s = fields.Float(required=True)
+
+
+class CheckSchema(Schema):
+    url = fields.Url(required=True)
+    status = fields.String(validate=validate.OneOf(["up", "down"]))
+    count = fields.Integer()
+    steps = fields.List(fields.Nested(Step))
+    first = fields.Nested(Step)
+    checked_by = fields.String(dump_only=True, dump_default="url-checker")
+
+
+@dataclasses.dataclass
+class Checked:
+    url: str
+    status: str = "up"
+    steps: list = dataclasses.field(default_factory=list)
+
+
+def payload_problems(payload, schema=CheckSchema):
+    with pytest.raises(ValidationError) as caught:
+        encode_event(Event(EventDef("Checked", payload_schema=schema), payload))
+    return flatten_errors(caught.value.messages)
+
+
+@pytest.mark.parametrize("payload, problems", [
+    ("hello", ["payload: CheckSchema needs a dict, a dataclass or another object, not str"]),
+    (None, ["payload: CheckSchema needs a dict, a dataclass or another object, not None"]),
+    ([{"url": "https://example.com"}], ["payload: CheckSchema needs a dict, a dataclass or another object, not list"]),
+    (42, ["payload: CheckSchema needs a dict, a dataclass or another object, not int"]),
+    ({"status": "up"}, ["payload.url: Missing data for required field."]),
+    ({}, ["payload.url: Missing data for required field."]),
+    ({"url": None}, ["payload.url: Field may not be null."]),
+    ({"url": "not a url"}, ["payload.url: Not a valid URL."]),
+    ({"url": "https://example.com", "status": "sideways"}, ["payload.status: Must be one of: up, down."]),
+    ({"url": "https://example.com", "count": "many"},
+     ["payload.count: cannot be dumped as Integer: invalid literal for int() with base 10: 'many'"]),
+    ({"url": "https://example.com", "steps": [{"name": "dns", "took_s": 0.1}, {"name": "tls", "took_s": "slow"}]},
+     ["payload.steps.1.took_s: cannot be dumped as Float: could not convert string to float: 'slow'"]),
+    ({"url": "https://example.com", "steps": [{"took_s": 0.1}]},
+     ["payload.steps.0.name: Missing data for required field."]),
+    ({"url": "https://example.com", "first": {"name": "dns", "took_s": "slow"}},
+     ["payload.first.took_s: cannot be dumped as Float: could not convert string to float: 'slow'"]),
+    (Checked("ftp:nope", steps=[{"name": "dns"}]),
+     ["payload.steps.0.took_s: Missing data for required field.", "payload.url: Not a valid URL."]),
+], ids=["str", "None", "list", "int", "missing", "empty", "null", "bad-url", "one-of", "not-an-int", "list-item",
+        "list-item-missing", "nested", "dataclass"])
+def test_a_payload_its_schema_refuses_is_refused_naming_the_fields(payload, problems):
+    assert sorted(payload_problems(payload)) == problems
+
+
+def test_valid_payloads_pass_the_schema_as_dicts_and_dataclasses_with_dump_only_fields():
+    event_def = EventDef("Checked", payload_schema=CheckSchema)
+    for payload in ({"url": "https://example.com", "status": "up", "steps": [{"name": "dns", "took_s": 0.1}]},
+                    Checked("https://example.com", steps=[{"name": "dns", "took_s": 0.1}])):
+        assert body_of(Event(event_def, payload))["payload"] == {
+            "url": "https://example.com", "status": "up", "steps": [{"name": "dns", "took_s": 0.1}],
+            "checked_by": "url-checker"}
+
+
+def test_a_many_payload_schema_takes_a_list_and_names_the_item():
+    event_def = EventDef("Checked", payload_schema=CheckSchema(many=True, only=("url",)))
+    assert body_of(Event(event_def, [{"url": "https://a.example"}]))["payload"] == [{"url": "https://a.example"}]
+    assert payload_problems([{"url": "https://a.example"}, {}], CheckSchema(many=True)) == \
+        ["payload.1.url: Missing data for required field."]
+    assert payload_problems({"url": "https://a.example"}, CheckSchema(many=True)) == \
+        ["payload: CheckSchema needs a list, not dict"]
+
+
+def test_a_namedtuple_payload_is_read_by_attribute_and_a_failing_dump_hook_is_named():
+    point = collections.namedtuple("Point", "url status")
+    schema = CheckSchema(only=("url", "status"))  # not count: a tuple's count is its method
+    assert body_of(Event(EventDef("Checked", payload_schema=schema), point("https://example.com", "up")))[
+        "payload"] == {"url": "https://example.com", "status": "up"}
+
+    class Exploding(Schema):
+        url = fields.String()
+
+        @post_dump
+        def _boom(self, data, **kwargs):
+            raise KeyError("lookup table missing")
+
+    assert payload_problems({"url": "x"}, Exploding) == ["payload: cannot be dumped: KeyError: 'lookup table missing'"]
 
 
 def test_event_body_round_trips_through_json():
