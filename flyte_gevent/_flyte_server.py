@@ -401,6 +401,11 @@ class FlyteServer:
                       json_body={"event": event, "payload": payload}, expect=(202,))
 
     @property
+    def flows(self) -> list[str]:
+        """Names of the flows posted through this helper and not deleted yet."""
+        return list(self._flows)
+
+    @property
     def trigger(self) -> TriggerPack:
         """This helper's own trigger pack, registered on first use; :meth:`enqueue` and friends send through it."""
         if self._trigger is None:

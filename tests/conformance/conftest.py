@@ -68,7 +68,7 @@ def server(request):
             yield helper
         report = getattr(request.node, "rep_call", None)
         if report is not None and report.failed:
-            print(f"last lines of the real server's log ({launched.log_path}):\n{launched.log_tail(30)}")
+            print(f"last lines of the real server's log ({launched.log_path}):\n{launched.log_tail(15)}")
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -77,13 +77,6 @@ def pytest_runtest_makereport(item, call):
     report = yield
     setattr(item, f"rep_{report.when}", report)
     return report
-
-
-@pytest.fixture
-def real_server(real_flyte_server):
-    """A FlyteServer helper on the shared real server, for what only a real server does (flows)."""
-    with FlyteServer(real_flyte_server.url) as helper:
-        yield helper
 
 
 @pytest.fixture
