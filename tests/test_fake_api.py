@@ -10,7 +10,7 @@ import gevent
 import pytest
 import requests
 
-from flyte_gevent.pytest_plugin import flyte_api  # noqa: F401  (the fixture, also when run with -p no:flyte_gevent)
+from flyte_gevent.pytest_plugin import fake_flyte_api, flyte_api  # noqa: F401  (also with -p no:flyte_gevent)
 from flyte_gevent.testing import ActionResult, FakeFlyteApi, pack_id
 
 ECHO = {"name": "Echo", "labels": {"env": "dev"},
@@ -494,6 +494,26 @@ def test_race_window_makes_one_of_two_replicas_lose(api, http):
     replicas = [gevent.spawn(take, requests.Session(), api) for _ in range(2)]
     assert sorted(g.get(timeout=2).status_code for g in replicas) == [200, 500]
     assert (api.action(aid).state, api.action(aid).takes) == ("PENDING", 2)
+
+
+def test_take_cost_grows_with_the_backlog_and_widens_the_race(api, http):
+    register(http, api)
+    api.enqueue_many("Echo", "Echo", range(50), labels={"env": "prod"})  # read on every take, never a fit
+    api.take_cost = 0.002
+    started = time.monotonic()
+    assert take(http, api).status_code == 204
+    assert time.monotonic() - started >= 50 * 0.002  # every NEW action of the name is read, fitting or not
+    aid = api.enqueue("Echo", "Echo")
+    replicas = [gevent.spawn(take, requests.Session(), api) for _ in range(2)]
+    assert sorted(g.get(timeout=2).status_code for g in replicas) == [200, 500]
+    assert api.action(aid).takes == 2
+    api.clear_faults()
+    assert api.take_cost == 0.0
+
+
+def test_fake_flyte_api_fixture_is_always_the_fake(fake_flyte_api):
+    assert isinstance(fake_flyte_api, FakeFlyteApi)
+    assert fake_flyte_api.url.startswith("http://127.0.0.1:")
 
 
 def test_outage_refuse_and_restore_on_the_same_port(api, http):

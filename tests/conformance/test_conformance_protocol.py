@@ -283,6 +283,26 @@ def test_a_deleted_pack_gets_404_until_it_registers_again(server, http, unique):
     assert server.wait_for_result(aid).payload == "late"
 
 
+def test_takes_results_and_events_refresh_last_seen_even_when_refused(server, http, unique):
+    pid = register(http, server, echo_pack(unique)).json()["id"]
+    aid = server.enqueue(f"Echo{unique}", "Echo")
+
+    def refreshes(send):
+        before = http.get(f"{server.url}/v1/packs/{pid}", timeout=5).json()["lastSeen"]
+        gevent.sleep(0.005)  # lastSeen reads back in milliseconds
+        response = send()
+        assert http.get(f"{server.url}/v1/packs/{pid}", timeout=5).json()["lastSeen"] > before
+        return response
+
+    taken = refreshes(lambda: take(http, server, pid))
+    assert taken.status_code == 200
+    refused = refreshes(lambda: http.post(f"{server.url}/v1/packs/{pid}/events", data=b"not json", timeout=5))
+    assert refused.status_code == 400
+    completed = refreshes(lambda: post_result(http, result_href(taken), {"event": "Echoed"}))
+    assert completed.status_code == 202
+    assert server.action(aid).state == "SUCCESS"
+
+
 def test_concurrent_takes_hand_each_action_out_once_and_losers_get_500(server, http, unique):
     pid = register(http, server, echo_pack(unique)).json()["id"]
     ids = server.create_actions(f"Echo{unique}", "Echo", 40)
