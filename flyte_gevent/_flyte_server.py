@@ -24,6 +24,7 @@ helpers — and several test runs — can share one server; :meth:`FlyteServer.c
 the audit trail stay (the server has no call to delete them).
 """
 
+import collections
 import dataclasses
 import itertools
 import json
@@ -447,14 +448,14 @@ class FlyteServer:
             return sorted(found, key=_creation_order) if len(found) >= count else None
 
         def failure():
-            seen = {}
-            for instance in self.flow_instances(flow_name, limit=max(50, count * 2)):
-                for step, action in instance.actions.items():
-                    seen.setdefault(f"{step}={action.state}", 0)
-                    seen[f"{step}={action.state}"] += 1
+            seen = collections.Counter(f"{step}={action.state}"
+                                       for instance in self.flow_instances(flow_name, limit=max(50, count * 2))
+                                       for step, action in instance.actions.items())
             wanted = "any state" if states is None else "/".join(states)
-            return (f"flow {flow_name!r}: expected {count} action(s) of step {step_id!r} in {wanted} within "
-                    f"{timeout} s; actions by step and state: {seen or 'none'}")
+            text = (f"flow {flow_name!r}: expected {count} action(s) of step {step_id!r} in {wanted} within "
+                    f"{timeout} s; actions by step and state: {dict(seen) or 'none'}")
+            tail = self.log_tail(5)
+            return text + (f"; server log:\n{tail}" if tail else "")
         return self._wait(ready, timeout, failure)
 
     # --- what FakeFlyteApi offers, on a real server ---------------------------------------------------------
@@ -475,12 +476,13 @@ class FlyteServer:
                      timeout: float = 5.0) -> list[str]:
         """:meth:`enqueue` one action per input, created in order (so taken in order); returns their ids."""
         inputs = list(inputs)
+        keys = [_input_key(input) for input in inputs]
         ids = []
         start = 0
         while start < len(inputs):
             # A run of equal inputs shares one flow; its events can all be sent before waiting.
             end = start + 1
-            while end < len(inputs) and inputs[end] == inputs[start]:
+            while end < len(inputs) and keys[end] == keys[start]:
                 end += 1
             ids.extend(self.create_actions(pack_name, command, end - start, inputs[start], labels, timeout=timeout))
             start = end
@@ -611,17 +613,15 @@ class FlyteServer:
             return events[:count] if len(events) >= count else None
 
         def failure():
-            seen = {}
-            for event in received():
-                seen[event.event] = seen.get(event.event, 0) + 1
+            seen = collections.Counter(event.event for event in received())
             what = "watched events" if name is None else f"events named {name!r}"
-            return f"expected {count} {what} within {timeout} s; received {seen or 'none'}"
+            return f"expected {count} {what} within {timeout} s; received {dict(seen) or 'none'}"
         return self._wait(ready, timeout, failure)
 
     # --- internals ------------------------------------------------------------------------------------------
 
     def _enqueue_flow(self, pack_name, command, labels, input):
-        key = (pack_name, command, tuple(sorted(labels.items())), json.dumps(input, sort_keys=True))
+        key = (pack_name, command, tuple(sorted(labels.items())), _input_key(input))
         flow = self._enqueue_flows.get(key)
         if flow is None:
             number = next(self._counter)
@@ -716,6 +716,11 @@ def _literal(value):
     if isinstance(value, (list, tuple)):
         return [_literal(item) for item in value]
     return value
+
+
+def _input_key(input):
+    # JSON text, so that 1, 1.0 and True (equal in Python) stay different kinds of action.
+    return json.dumps(input, sort_keys=True)
 
 
 def _creation_order(action):

@@ -23,6 +23,10 @@ Usage::
 
 pytest users get the same thing as the ``flyte_api`` fixture (``flyte_gevent.pytest_plugin``). From a shell,
 ``python -m flyte_gevent.testing --port 8080`` serves one until SIGINT or SIGTERM.
+
+:class:`FlyteServer` (from ``flyte_gevent._flyte_server``) offers the same helpers on a real Flyte API, where it
+creates actions through flows and reads results from the audit API; ``flyte_api`` becomes one with
+``pytest --flyte-api-url URL``. README.md "Testing your pack" lists where the fake deliberately differs.
 """
 
 if __name__ == "__main__":

@@ -511,7 +511,26 @@ def test_take_cost_grows_with_the_backlog_and_widens_the_race(api, http):
     assert api.take_cost == 0.0
 
 
-def test_fake_flyte_api_fixture_is_always_the_fake(fake_flyte_api):
+def test_the_real_api_url_comes_from_the_option_else_the_environment(monkeypatch):
+    # (tests/conformance/test_conformance_plugin.py runs a pack's tests with --flyte-api-url on a real server.)
+    from flyte_gevent import pytest_plugin
+
+    class Config:
+        option = None
+
+        def getoption(self, name, default=None):
+            return self.option if name == "flyte_api_url" else default
+
+    config = Config()
+    monkeypatch.delenv(pytest_plugin.URL_VARIABLE, raising=False)
+    assert pytest_plugin._real_api_url(config) is None
+    monkeypatch.setenv(pytest_plugin.URL_VARIABLE, "http://flyte.test:8080")
+    assert pytest_plugin._real_api_url(config) == "http://flyte.test:8080"
+    config.option = "http://other.test:8080"
+    assert pytest_plugin._real_api_url(config) == "http://other.test:8080"
+
+
+def test_fake_flyte_api_fixture_is_always_the_fake(fake_flyte_api):  # noqa: F811
     assert isinstance(fake_flyte_api, FakeFlyteApi)
     assert fake_flyte_api.url.startswith("http://127.0.0.1:")
 

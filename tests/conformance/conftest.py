@@ -35,8 +35,8 @@ def real_server_binary():
         return path, None
     if configured:
         return None, f"real Flyte server not available: {REAL_SERVER_VARIABLE}={configured!r} is not an executable file"
-    return None, (f"real Flyte server not available: {REAL_SERVER_VARIABLE} is not set and {SHARED_REAL_SERVER} does not "
-                  f"exist (set {REAL_SERVER_VARIABLE} to a flyte-server binary to run these tests on it)")
+    return None, (f"real Flyte server not available: {REAL_SERVER_VARIABLE} is not set and {SHARED_REAL_SERVER} "
+                  f"does not exist (set {REAL_SERVER_VARIABLE} to a flyte-server binary to run these tests on it)")
 
 
 @pytest.fixture(scope="session")

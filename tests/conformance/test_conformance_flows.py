@@ -80,7 +80,9 @@ steps:
     name: SendMessage
     input:
       channelId: "{{{{ Context.ChannelID }}}}"
-      message: "exit {{{{ Event.Payload.exit_code|integer }}}}, raw {{{{ Event.Payload.exit_code }}}}: {{{{ Event.Payload.stderr }}}}"
+      message: >-
+        exit {{{{ Event.Payload.exit_code|integer }}}},
+        raw {{{{ Event.Payload.exit_code }}}}: {{{{ Event.Payload.stderr }}}}
 """
 
 
@@ -138,7 +140,8 @@ def test_a_two_step_flow_reads_fields_of_a_flyte_gevent_result(server, make_pack
             {"id": "create", "event": {"packName": reports.name, "name": "Report"},
              "context": {"Reporter": "{{ Event.Payload.reporter }}"},
              "command": {"packName": "JiraPack", "name": "createIssue", "packLabels": {"env": "dev", "run": unique},
-                         "input": {"project": "{{ Event.Payload.project }}", "summary": "{{ Event.Payload.summary }}"}}},
+                         "input": {"project": "{{ Event.Payload.project }}",
+                                   "summary": "{{ Event.Payload.summary }}"}}},
             {"id": "announce", "dependsOn": ["create"], "event": {"packName": "JiraPack", "name": "IssueCreated"},
              "command": {"packName": "Shell", "name": "Shell", "packLabels": labels,
                          "input": "printf '%s' '{{ Event.Payload.issueId }}: {{ Event.Payload.summary }} "

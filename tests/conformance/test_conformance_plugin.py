@@ -85,14 +85,8 @@ def test_a_pack_authors_tests_run_on_the_fake_by_default(python, subprocess_env,
     assert "3 passed, 1 skipped" in output
 
 
-@pytest.mark.parametrize("how", ["option", "environment"])
-def test_the_same_tests_run_on_a_real_flyte(python, subprocess_env, pack_tests, real_flyte_server, how):
-    env, args = dict(subprocess_env), []
-    if how == "option":
-        args = ["--flyte-api-url", real_flyte_server.url]
-    else:
-        env["FLYTE_GEVENT_TEST_API_URL"] = real_flyte_server.url
-    code, output = run_pytest(python, env, pack_tests, *args)
+def test_the_same_tests_run_on_a_real_flyte(python, subprocess_env, pack_tests, real_flyte_server):
+    code, output = run_pytest(python, subprocess_env, pack_tests, "--flyte-api-url", real_flyte_server.url)
     assert code == 0, output
     assert "SERVER FlyteServer" in output and "FAULTS FakeFlyteApi" in output
     assert "4 passed" in output
