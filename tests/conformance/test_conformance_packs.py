@@ -9,10 +9,12 @@ import importlib.util
 import os
 import re
 
+import gevent.event
 from marshmallow import Schema, fields
 
 from flyte_gevent import Command, Event, EventDef, PackDef
 from flyte_gevent.testing import FakeFlyteApi
+from helpers import wait_until
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "examples")
 RFC3339_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z")
@@ -115,6 +117,23 @@ def test_a_pack_registers_again_after_its_pack_is_deleted(server, make_pack, uni
     # The next take gets 404; the pack registers again and takes on.
     assert server.wait_for_result(aid, timeout=10).payload["input"] == "after the delete"
     assert server.wait_for_pack(name).id == name
+
+
+def test_a_result_for_a_deleted_pack_is_delivered_after_registering_again(server, make_pack, unique):
+    name = f"Slow{unique}"
+    release = gevent.event.Event()
+
+    def wait_then_finish(input):
+        release.wait(5)
+        return Event(done, "finished")
+
+    aid = server.enqueue(name, "Wait")
+    make_pack(PackDef(name, commands=[Command("Wait", wait_then_finish, [done])]))
+    wait_until(lambda: server.action(aid).state == "PENDING", what="the action taken")
+    server.delete_pack(name)
+    release.set()  # the result gets 404: the pack registers again and posts it again
+    assert server.wait_for_result(aid, timeout=10).payload == "finished"
+    assert server.action(aid).state == "SUCCESS"
 
 
 def test_an_events_only_pack_registers_again_after_its_pack_is_deleted(server, make_pack, unique):
