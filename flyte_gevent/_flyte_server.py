@@ -33,6 +33,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -259,7 +260,7 @@ class FlyteServer:
             with open(log_path, "wb") as log:
                 process = subprocess.Popen([binary, "-host", host, "-port", "0", "-portfile", portfile],
                                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                           env=environ)
+                                           env=environ, preexec_fn=_die_with_parent())
         except OSError as error:
             shutil.rmtree(workdir, ignore_errors=True)
             raise FlyteServerError(f"cannot start the Flyte server {binary!r}: {error}") from None
@@ -306,7 +307,8 @@ class FlyteServer:
         self.close()
 
     def __repr__(self):
-        return f"<FlyteServer {self.url}{' pid=%d' % self.pid if self._process else ''}>"
+        launched = f" pid={self.pid}" if self._process is not None else ""
+        return f"<FlyteServer {self.url}{launched}>"
 
     def __getattr__(self, name):
         if name in _FAKE_ONLY:
@@ -759,6 +761,24 @@ def _wait_for_portfile(process, portfile, timeout, log_path):
         if time.monotonic() >= deadline:
             raise FlyteServerError(f"the Flyte server did not listen within {timeout} s (no {portfile})")
         time.sleep(0.01)
+
+
+def _die_with_parent():
+    """On Linux, a ``preexec_fn`` that has the kernel kill the server when the process that started it dies, so
+    not even a test run killed with SIGKILL leaves it behind. None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig = 1
+
+    def set_death_signal():
+        prctl(pr_set_pdeathsig, signal.SIGKILL)
+    return set_death_signal
 
 
 def _terminate(process):
