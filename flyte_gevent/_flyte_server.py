@@ -571,6 +571,22 @@ class FlyteServer:
                     + "; ".join(f"{a.id} ({a.command!r} for {a.pack_name!r}) is {a.state}" for a in late[:10]))
         return self._wait(ready, timeout, failure)
 
+    def wait_for_action(self, action_id: str, state: str | tuple, timeout: float = 5.0) -> ServerAction:
+        """Wait until an action this helper created is in *state* (or one of a tuple of states), e.g. PENDING
+        once a pack took it; return it. KeyError for an unknown id, AssertionError naming its state on timeout."""
+        self._where[action_id]  # noqa: B018 - KeyError early for an unknown id
+        states = (state,) if isinstance(state, str) else tuple(state)
+
+        def ready():
+            action = self.action(action_id)
+            return action if action.state in states else None
+
+        def failure():
+            action = self.action(action_id)
+            return (f"action {action_id} ({action.command!r} for {action.pack_name!r}) is {action.state}, not "
+                    f"{'/'.join(states)}, after {timeout} s")
+        return self._wait(ready, timeout, failure)
+
     def wait_until_idle(self, timeout: float = 5.0) -> None:
         """Wait until no action this helper created is NEW or PENDING."""
         def failure():

@@ -397,6 +397,16 @@ class FakeFlyteApi:
             return f"{len(late)} of {len(actions)} actions have no result after {timeout} s: {_describe(late)}"
         return self._wait(ready, timeout, failure)
 
+    def wait_for_action(self, action_id: str, state: str | tuple, timeout: float = 5.0) -> ActionRecord:
+        """Wait until an action is in *state* (or one of a tuple of states), e.g. PENDING once a pack took it;
+        return its record. Raises KeyError for an unknown id, AssertionError naming its state on timeout."""
+        action = self.actions[action_id]
+        states = (state,) if isinstance(state, str) else tuple(state)
+
+        def failure():
+            return f"action {_describe([action])}, not {'/'.join(states)}, after {timeout} s"
+        return self._wait(lambda: action if action.state in states else None, timeout, failure)
+
     def wait_until_idle(self, timeout: float = 5.0) -> None:
         """Wait until no action is NEW or PENDING. Raises AssertionError listing the stragglers on timeout."""
         def failure():

@@ -635,6 +635,8 @@ def test_waits_time_out_with_a_clear_message(api, http):
         api.wait_for_pack("Echo", timeout=0.05)
     with pytest.raises(AssertionError, match="expected 1 events named 'Tick'"):
         api.wait_for_events(1, timeout=0.05, name="Tick")
+    with pytest.raises(AssertionError, match=f"action {aid} \\('Echo' for 'Echo'\\) is NEW, not PENDING/SUCCESS"):
+        api.wait_for_action(aid, ("PENDING", "SUCCESS"), timeout=0.05)
     with pytest.raises(KeyError):
         api.wait_for_result("nope", timeout=0.05)
 

@@ -14,7 +14,6 @@ from marshmallow import Schema, fields
 
 from flyte_gevent import Command, Event, EventDef, PackDef
 from flyte_gevent.testing import FakeFlyteApi
-from helpers import wait_until
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "examples")
 RFC3339_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z")
@@ -129,7 +128,7 @@ def test_a_result_for_a_deleted_pack_is_delivered_after_registering_again(server
 
     aid = server.enqueue(name, "Wait")
     make_pack(PackDef(name, commands=[Command("Wait", wait_then_finish, [done])]))
-    wait_until(lambda: server.action(aid).state == "PENDING", what="the action taken")
+    server.wait_for_action(aid, "PENDING")
     server.delete_pack(name)
     release.set()  # the result gets 404: the pack registers again and posts it again
     assert server.wait_for_result(aid, timeout=10).payload == "finished"
