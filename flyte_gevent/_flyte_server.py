@@ -742,9 +742,15 @@ def _input_key(input):
 
 
 def _creation_order(action):
-    # State times have millisecond precision; ObjectIds grow within one server process, which breaks ties.
-    first = action.states[0][1] if action.states else ""
-    return first, action.id
+    # The order the server hands actions out in: by the time they became NEW (milliseconds, as stored), ties
+    # broken by id (ObjectIds grow within one server process).
+    return _time_key(action.states[0][1] if action.states else ""), action.id
+
+
+def _time_key(text):
+    """A sort key for Go's RFC 3339 UTC times, whose fractions drop trailing zeros ("…:05Z", "…:05.12Z")."""
+    seconds, _, fraction = text.rstrip("Z").partition(".")
+    return seconds, fraction.ljust(9, "0")
 
 
 def _action_result(action):

@@ -5,6 +5,7 @@ tests take the ``[real]`` server only. Steps whose command goes to a pack nobody
 ones) stay NEW: their input, as the audit API shows it, is exactly what that pack would receive.
 """
 
+import datetime
 import importlib.util
 import os
 import re
@@ -175,7 +176,8 @@ def test_create_actions_gives_a_pack_a_backlog_quickly(server, unique):
     assert {(a.command, a.pack_name, a.labels["run"]) for a in new} == {("Work", f"Backlog{unique}", unique)}
     assert all(a.input == {"n": 1} for a in new)
     # Oldest first, as the server hands them out.
-    assert ids == [a.id for a in sorted(new, key=lambda a: (a.states[0][1], a.id))]
+    assert ids == [a.id for a in sorted(new, key=lambda a: (datetime.datetime.fromisoformat(
+        a.states[0][1].replace("Z", "+00:00")), a.id))]
 
 
 def test_yaml_needs_exactly_the_yaml_content_type(server, unique):

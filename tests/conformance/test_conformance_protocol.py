@@ -4,6 +4,7 @@ Actions come from ``server.enqueue`` (a flow on the real server, a queued record
 ordinary requests a pack would send, so a difference here is a difference a pack would meet.
 """
 
+import datetime
 import json
 import re
 
@@ -287,11 +288,15 @@ def test_takes_results_and_events_refresh_last_seen_even_when_refused(server, ht
     pid = register(http, server, echo_pack(unique)).json()["id"]
     aid = server.enqueue(f"Echo{unique}", "Echo")
 
+    def last_seen():
+        text = http.get(f"{server.url}/v1/packs/{pid}", timeout=5).json()["lastSeen"]
+        return datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
     def refreshes(send):
-        before = http.get(f"{server.url}/v1/packs/{pid}", timeout=5).json()["lastSeen"]
+        before = last_seen()
         gevent.sleep(0.005)  # lastSeen reads back in milliseconds
         response = send()
-        assert http.get(f"{server.url}/v1/packs/{pid}", timeout=5).json()["lastSeen"] > before
+        assert last_seen() > before
         return response
 
     taken = refreshes(lambda: take(http, server, pid))
@@ -305,12 +310,11 @@ def test_takes_results_and_events_refresh_last_seen_even_when_refused(server, ht
 
 def test_concurrent_takes_hand_each_action_out_once_and_losers_get_500(server, http, unique):
     pid = register(http, server, echo_pack(unique)).json()["id"]
-    ids = server.create_actions(f"Echo{unique}", "Echo", 40)
     if isinstance(server, FakeFlyteApi):
-        # The real server reads the oldest NEW action, then claims it with an update conditional on NEW; reading
-        # 40 actions takes long enough for concurrent takes to read the same one. The fake shows it on request.
+        # The real server reads the NEW actions, then claims the oldest with an update conditional on NEW; a take
+        # that reads in between reads the same one. The fake shows it on request.
         server.take_cost = 0.0002
-    sessions = [requests.Session() for _ in range(8)]
+    sessions = [requests.Session() for _ in range(16)]
 
     def drain(session):
         statuses, taken = [], []
@@ -322,17 +326,25 @@ def test_concurrent_takes_hand_each_action_out_once_and_losers_get_500(server, h
             elif response.status_code == 204:
                 return statuses, taken
 
+    lost = 0
     try:
-        outcomes = [g.get(timeout=20) for g in [gevent.spawn(drain, s) for s in sessions]]
+        # On the real server the window is the time a take spends decoding and sorting what it read, under a
+        # millisecond for 40 actions: 16 takers lose a few to a few dozen times per round. Rounds make sure of one.
+        for _ in range(5):
+            ids = server.create_actions(f"Echo{unique}", "Echo", 40)
+            outcomes = [g.get(timeout=20) for g in [gevent.spawn(drain, s) for s in sessions]]
+            statuses = [s for outcome, _ in outcomes for s in outcome]
+            taken = [aid for _, ids_taken in outcomes for aid in ids_taken]
+            assert sorted(taken) == sorted(ids), "every action handed out exactly once"
+            assert set(statuses) <= {200, 204, 500}
+            assert all(server.action(aid).state == "PENDING" for aid in ids)
+            lost += statuses.count(500)
+            if lost:
+                break
     finally:
         for session in sessions:
             session.close()
-    statuses = [s for outcome, _ in outcomes for s in outcome]
-    taken = [aid for _, ids_taken in outcomes for aid in ids_taken]
-    assert sorted(taken) == sorted(ids), "every action handed out exactly once"
-    assert set(statuses) <= {200, 204, 500}
-    assert statuses.count(500) > 0, "concurrent takes of one pack race, and the losers get 500"
-    assert all(server.action(aid).state == "PENDING" for aid in ids)
+    assert lost > 0, "concurrent takes of one pack race, and the losers get 500"
 
 
 # --- routing details ------------------------------------------------------------------------------------------
