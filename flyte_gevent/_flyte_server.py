@@ -611,7 +611,8 @@ class FlyteServer:
 
     def wait_for_events(self, count: int, timeout: float = 5.0, name: str | None = None) -> list[ReceivedEvent]:
         """Wait until *count* watched events (named *name*, if given) have arrived; return the first *count*,
-        oldest first. Only events a :meth:`watch_events` flow matched are seen."""
+        oldest first — as the server timed their arrival, to the millisecond (events within one millisecond may
+        come in either order). Only events a :meth:`watch_events` flow matched are seen."""
         flows = [flow for flow, event in self._watch_flows if name is None or event == name]
         if not flows:
             raise ValueError(f"no watch_events() for {'any event' if name is None else repr(name)}: a real server "
@@ -623,7 +624,8 @@ class FlyteServer:
                 for instance in self.flow_instances(flow, limit=max(50, count * 2)):
                     action = instance.actions.get("watch")
                     if action is not None:
-                        events.append((_creation_order(action), _received_event(action.trigger)))
+                        received_at = _time_key(action.trigger.get("receivedAt", ""))
+                        events.append(((received_at, _creation_order(action)), _received_event(action.trigger)))
             return [event for _, event in sorted(events, key=lambda pair: pair[0])]
 
         def ready():
