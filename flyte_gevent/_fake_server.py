@@ -13,10 +13,12 @@ underscore methods, so this module never imports ``flyte_gevent.testing``. ``gev
 light enough to happen before monkey-patching.
 """
 
+import decimal
 import errno
 import functools
 import json
 import logging
+import math
 import posixpath
 import re
 import time
@@ -97,8 +99,19 @@ def _parse_float(text):
     return value
 
 
+def _parse_int(text):
+    value = int(text)
+    if len(text) > 308:
+        # Every number lands in a float64, even an integer: one too large for it fails to decode.
+        try:
+            float(value)
+        except OverflowError:
+            raise ValueError(f"number {text[:20]}... out of range") from None
+    return value
+
+
 # Python's decoder would also accept NaN and Infinity, which Go (and JSON) do not.
-_DECODER = json.JSONDecoder(parse_float=_parse_float, parse_constant=_reject_constant)
+_DECODER = json.JSONDecoder(parse_float=_parse_float, parse_int=_parse_int, parse_constant=_reject_constant)
 
 # json.Marshal escapes HTML-sensitive characters and the JavaScript line separators.
 _GO_ESCAPES = str.maketrans({"<": "\\u003c", ">": "\\u003e", "&": "\\u0026",
@@ -125,6 +138,137 @@ def go_json_dumps(value, sort_keys=False):
     if "<" in text or ">" in text or "&" in text or not text.isascii():
         text = text.translate(_GO_ESCAPES)
     return text.encode("utf-8", "replace")
+
+
+def go_float(value):
+    """A float64 as ``json.Marshal`` writes it: the shortest digits that read back the same, in plain notation
+    from 1e-6 up to 1e21 and in exponent notation (``1e+21``, ``1e-7``) outside that."""
+    if value == 0:
+        return "-0" if math.copysign(1.0, value) < 0 else "0"
+    text = repr(value)  # Python's repr also gives the shortest round-trip digits
+    if 1e-6 <= abs(value) < 1e21:
+        plain = format(decimal.Decimal(text), "f")
+        return plain.rstrip("0").rstrip(".") if "." in plain else plain
+    mantissa, _, exponent = text.partition("e")
+    sign, digits = exponent[0], exponent[1:]
+    if sign == "-" and len(digits) == 2 and digits[0] == "0":
+        digits = digits[1]  # encoding/json trims e-07 to e-7
+    return f"{mantissa}e{sign}{digits}"
+
+
+def _float64(value, where):
+    try:
+        number = float(value)
+    except OverflowError:
+        raise ValueError(f"{where}: {value} does not fit in a float64, as the server holds every number") from None
+    if math.isinf(number) or math.isnan(number):
+        raise ValueError(f"{where}: {value} is not a JSON number")
+    return number
+
+
+def _as_read_back(number):
+    # What decoding the server's own JSON for this float64 gives in Python: an int when Go writes it without a
+    # fraction or exponent, else a float.
+    if number.is_integer() and (number == 0 or 1e-6 <= abs(number) < 1e21):
+        return int(number)
+    return number
+
+
+def as_go_value(value, where="payload"):
+    """*value* as the server keeps it after decoding it into Go's ``interface{}``: every number a float64 (so
+    integers beyond 2**53 are rounded), written back as an int when Go would print it without a fraction. Raises
+    ValueError for a number no float64 holds, TypeError for what is not JSON."""
+    if value is None or type(value) is bool or type(value) is str:
+        return value
+    if type(value) is int or type(value) is float:
+        return _as_read_back(_float64(value, where))
+    if isinstance(value, dict):
+        return {key: as_go_value(item, f"{where}.{key}") for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [as_go_value(item, f"{where}[{index}]") for index, item in enumerate(value)]
+    raise TypeError(f"{where}: {type(value).__name__} is not a JSON value")
+
+
+def as_flow_input(value, where="input"):
+    """*value* as an action carries it when a flow step created it: the flow's JSON decoded into Go values, then
+    every string templated (execution/step.go, template/template.go).
+
+    Numbers become float64 (see :func:`as_go_value`); a member whose value is null disappears (templating a nil
+    map value deletes the key); null inside an array raises ValueError, because the server's templating panics on
+    it and creates no action at all. A top-level null stays null.
+    """
+    if value is None:
+        return None
+    return _flow_value(value, where)
+
+
+def _flow_value(value, where):
+    if isinstance(value, dict):
+        return {key: _flow_value(item, f"{where}.{key}") for key, item in value.items() if item is not None}
+    if isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            if item is None:
+                raise ValueError(f"{where}[{index}] is null: the Flyte server cannot template null inside an array "
+                                 f"(reflect.Value.Set on a zero Value), so no flow can create this action")
+        return [_flow_value(item, f"{where}[{index}]") for index, item in enumerate(value)]
+    return as_go_value(value, where)
+
+
+def go_json_encode(value):
+    """Encode a Go ``interface{}`` value the way ``json.Marshal`` does: map keys sorted, numbers as float64 (see
+    :func:`go_float`), HTML characters and U+2028/U+2029 escaped. For action inputs, which come from flows."""
+    if not _has_float(value):
+        # Integers and everything else print alike in Python and Go: the C encoder does it quickly.
+        return go_json_dumps(value, sort_keys=True)
+    return "".join(_encode_parts(value)).encode("utf-8", "replace")
+
+
+def _has_float(value):
+    if type(value) is float:
+        return True
+    if isinstance(value, dict):
+        return any(_has_float(item) for item in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_has_float(item) for item in value)
+    return False
+
+
+def _encode_parts(value):
+    if value is None:
+        yield "null"
+    elif value is True:
+        yield "true"
+    elif value is False:
+        yield "false"
+    elif type(value) is str:
+        yield _go_string(value)
+    elif type(value) is int or type(value) is float:
+        yield go_float(_float64(value, "number"))
+    elif isinstance(value, dict):
+        yield "{"
+        for index, key in enumerate(sorted(value)):
+            if index:
+                yield ","
+            yield _go_string(key)
+            yield ":"
+            yield from _encode_parts(value[key])
+        yield "}"
+    elif isinstance(value, (list, tuple)):
+        yield "["
+        for index, item in enumerate(value):
+            if index:
+                yield ","
+            yield from _encode_parts(item)
+        yield "]"
+    else:
+        raise TypeError(f"{type(value).__name__} is not a JSON value")
+
+
+def _go_string(text):
+    encoded = json.dumps(text, ensure_ascii=False)
+    if "<" in encoded or ">" in encoded or "&" in encoded or not encoded.isascii():
+        encoded = encoded.translate(_GO_ESCAPES)
+    return encoded
 
 
 def go_time(ns, milliseconds=False):
@@ -412,6 +556,9 @@ _METHODS = {
     "result": {"POST": "result"},
     "event": {"POST": "event"},
 }
+# The routes whose handler answers 200 through httputil.WriteResponse, which never calls WriteHeader.
+_WRITES_STATUS_IMPLICITLY = frozenset({"root", "v1", "list_packs", "get_pack"})
+_OPTIONS_ALLOW = "DELETE, GET, HEAD, POST, PUT, CONNECT, PATCH"
 _ALLOW = {key: ", ".join(m for method in methods for m in ((method, "HEAD") if method == "GET" else (method,)))
           for key, methods in _METHODS.items()}
 
@@ -426,6 +573,8 @@ def resolve(method, path):
     if path.startswith("/v1/packs"):
         if path == "/v1/packs":
             key = "packs"
+        elif path == "/v1/packs/":
+            return None, (), None  # an empty last segment matches no route
         elif path[9] == "/":
             parts = path[10:].split("/")
             count = len(parts)
@@ -532,7 +681,11 @@ class FakeFlyteApp:
             refusal = _check_token(environ.get("HTTP_AUTHORIZATION"), tokens)
             if refusal is not None:
                 return refusal
-        if route is None:
+        method = environ["REQUEST_METHOD"]
+        if method == "OPTIONS":
+            # vestigo answers OPTIONS itself, on every path, listing methods from a map (so in no fixed order).
+            response = 200, [("Allow", _OPTIONS_ALLOW)], b""
+        elif route is None:
             # The router's own answers, the only error responses with a body.
             if allow is None:
                 response = 404, [_SNIFFED_TEXT], b"Not Found"
@@ -541,7 +694,14 @@ class FakeFlyteApp:
         else:
             if "yaml" in environ.get("CONTENT_TYPE", "") or "yaml" in environ.get("HTTP_ACCEPT", ""):
                 self._report_yaml(environ, route)
+            if method == "HEAD":
+                # vestigo's HEAD wrapper calls the GET handler without the path parameters...
+                params = ("",) * len(params)
             response = getattr(self, "_" + route)(environ, params, body)
+            if method == "HEAD" and route in _WRITES_STATUS_IMPLICITLY and response[0] == 200:
+                # ...and then writes the status the handler set, which is none (0) when the handler let the body
+                # write an implicit 200: WriteHeader(0) panics, and the connection closes without an answer.
+                response = _DROP
         if api._faults:
             fault = api._next_fault("delay_after", route)
             if fault is not None:
@@ -644,12 +804,19 @@ class FakeFlyteApp:
         if pack is None:
             return _empty(404)
         api._touch(pack)
-        action = api._find_new(pack, _form_value(environ, body, "actionName"))
+        action_name = _form_value(environ, body, "actionName")
+        action = api._find_new(pack, action_name)
+        # The server loads every NEW action of the pack's name on each take (FindNew), then claims the one it
+        # picked with an update conditional on NEW: the longer that takes, the more concurrent takes pick the same.
+        window = api.take_cost * api._backlog(pack.name, action_name) if api.take_cost > 0 else 0.0
         if action is None:
+            if window > 0:
+                gevent.sleep(window)
             return _empty(204)
         action.takes += 1
-        if api.race_window > 0:
-            gevent.sleep(api.race_window)
+        window += api.race_window
+        if window > 0:
+            gevent.sleep(window)
         if not api._claim(action, pack):
             # The conditional NEW -> PENDING update found nothing to update: another poller won.
             return _empty(500)

@@ -23,6 +23,10 @@ Usage::
 
 pytest users get the same thing as the ``flyte_api`` fixture (``flyte_gevent.pytest_plugin``). From a shell,
 ``python -m flyte_gevent.testing --port 8080`` serves one until SIGINT or SIGTERM.
+
+:class:`FlyteServer` (from ``flyte_gevent._flyte_server``) offers the same helpers on a real Flyte API, where it
+creates actions through flows and reads results from the audit API; ``flyte_api`` becomes one with
+``pytest --flyte-api-url URL``. README.md "Testing your pack" lists where the fake deliberately differs.
 """
 
 if __name__ == "__main__":
@@ -47,16 +51,24 @@ import gevent.event
 import gevent.pool
 
 from . import _fake_server
-from ._fake_server import ROUTES, go_json_dumps, pack_id
+from ._fake_server import ROUTES, as_flow_input, as_go_value, go_json_dumps, go_json_encode, pack_id
+from ._flyte_server import (ActionResult, FlowInstance, FlyteServer, FlyteServerError, ReceivedEvent, ServerAction,
+                            ServerPack, TriggerPack)
 
 __all__ = [
     "ROUTES",
     "ActionRecord",
     "ActionResult",
     "FakeFlyteApi",
+    "FlowInstance",
+    "FlyteServer",
+    "FlyteServerError",
     "PackRecord",
     "ReceivedEvent",
     "RecordedRequest",
+    "ServerAction",
+    "ServerPack",
+    "TriggerPack",
     "pack_id",
 ]
 
@@ -113,30 +125,6 @@ class ActionRecord:
     _queue_key: tuple = dataclasses.field(default=(), repr=False)
     _command_json: bytes = dataclasses.field(default=b"", repr=False)
     _input_json: bytes = dataclasses.field(default=b"null", repr=False)
-
-
-@dataclasses.dataclass(frozen=True)
-class ActionResult:
-    """The outcome a pack posted for an action. ``created_at`` is the ``createdAt`` string as sent, or None."""
-
-    event: str
-    payload: Any
-    created_at: str | None
-
-
-@dataclasses.dataclass(frozen=True)
-class ReceivedEvent:
-    """A spontaneous event accepted by ``POST /v1/packs/<id>/events``.
-
-    ``event`` is "" when the body had none (or was ``null``); ``created_at`` is the string sent, or None; ``body``
-    is the decoded body as received.
-    """
-
-    pack_id: str
-    event: str
-    payload: Any
-    created_at: str | None
-    body: Any
 
 
 @dataclasses.dataclass(eq=False)
@@ -234,6 +222,10 @@ class FakeFlyteApi:
         #: seconds a take sleeps between finding an action and claiming it; concurrent takes of one action then
         #: race, and the loser gets a 500 as a replica would from the real server
         self.race_window = 0.0
+        #: seconds each take spends per NEW action of the pack's name, as the real server, which reads them all on
+        #: every take (about 18e-6 on loopback with in-memory storage); it widens the race window by as much.
+        #: A sleep: it shows as latency, not as CPU
+        self.take_cost = 0.0
         #: None, or the tokens accepted in ``Authorization: Bearer <token>``; anything else gets a 401
         self.accepted_tokens: set[str] | None = None
 
@@ -334,14 +326,18 @@ class FakeFlyteApi:
     def enqueue(self, pack_name: str, command: str, input: Any = None, labels: dict[str, str] | None = None) -> str:
         """Queue a NEW action for packs named *pack_name* whose labels include *labels*, as a flow step would.
 
-        *input* is any JSON value. Returns the action id (24 hex digits).
+        *input* is any JSON value, and the pack receives it as a real server delivers a flow's input: numbers are
+        float64 (integers beyond 2**53 rounded, ``1.0`` written as ``1``), members whose value is null are left
+        out, and null inside an array raises ValueError (the server cannot template it, so no flow could create
+        such an action). :attr:`ActionRecord.input` holds the input as delivered. Returns the action id (24 hex
+        digits).
         """
         if labels is not None and not all(type(k) is str and type(v) is str for k, v in labels.items()):
             raise TypeError(f"labels must map strings to strings, got {labels!r}")
         labels = dict(labels or {})
+        input = as_flow_input(input)
         # Encode now: a bad input fails here, in the test, instead of as a 500 later; and takes stay cheap.
-        # Sorted keys, because the server hands input back from a decoded map and Go sorts map keys.
-        input_json = go_json_dumps(input, sort_keys=True)
+        input_json = go_json_encode(input)
         label_set = frozenset(labels.items())
         action = ActionRecord(
             id=self._new_id(), pack_name=pack_name, labels=labels, command=command, input=input,
@@ -362,6 +358,12 @@ class FakeFlyteApi:
     def enqueue_many(self, pack_name: str, command: str, inputs, labels: dict[str, str] | None = None) -> list[str]:
         """:meth:`enqueue` one action per input, in order. Returns their ids."""
         return [self.enqueue(pack_name, command, input, labels) for input in inputs]
+
+    def create_actions(self, pack_name: str, command: str, count: int, input: Any = None,
+                       labels: dict[str, str] | None = None) -> list[str]:
+        """*count* actions with the same *input*: :meth:`enqueue_many` with ``[input] * count``, named like
+        :meth:`FlyteServer.create_actions` so a test can give a pack a backlog on either server."""
+        return self.enqueue_many(pack_name, command, [input] * count, labels)
 
     def action(self, action_id: str) -> ActionRecord:
         """The record of one action. Raises KeyError if unknown."""
@@ -395,6 +397,16 @@ class FakeFlyteApi:
             return f"{len(late)} of {len(actions)} actions have no result after {timeout} s: {_describe(late)}"
         return self._wait(ready, timeout, failure)
 
+    def wait_for_action(self, action_id: str, state: str | tuple, timeout: float = 5.0) -> ActionRecord:
+        """Wait until an action is in *state* (or one of a tuple of states), e.g. PENDING once a pack took it;
+        return its record. Raises KeyError for an unknown id, AssertionError naming its state on timeout."""
+        action = self.actions[action_id]
+        states = (state,) if isinstance(state, str) else tuple(state)
+
+        def failure():
+            return f"action {_describe([action])}, not {'/'.join(states)}, after {timeout} s"
+        return self._wait(lambda: action if action.state in states else None, timeout, failure)
+
     def wait_until_idle(self, timeout: float = 5.0) -> None:
         """Wait until no action is NEW or PENDING. Raises AssertionError listing the stragglers on timeout."""
         def failure():
@@ -418,6 +430,10 @@ class FakeFlyteApi:
             seen = collections.Counter(e.event for e in self.events)
             return f"expected {count} {what} within {timeout} s; received {dict(seen) or 'none'}"
         return self._wait(ready, timeout, failure)
+
+    def watch_events(self, pack_name: str, event: str, labels: dict[str, str] | None = None) -> None:
+        """Nothing to do: the fake records every spontaneous event. A :class:`FlyteServer` needs it (it posts a flow
+        that records matching events), so tests that run on both servers call it on both."""
 
     def requests_for(self, route: str | None) -> list[RecordedRequest]:
         """The recorded requests for one route (None: requests the server does not route)."""
@@ -466,10 +482,11 @@ class FakeFlyteApi:
             self._listen()
 
     def clear_faults(self) -> None:
-        """Back to a healthy server: no pending faults, no outage, no latency, no race window."""
+        """Back to a healthy server: no pending faults, no outage, no latency, no race window, no take cost."""
         self._faults.clear()
         self.latency = 0.0
         self.race_window = 0.0
+        self.take_cost = 0.0
         self.restore()
 
     def _next_fault(self, kind, route):
@@ -536,6 +553,11 @@ class FakeFlyteApi:
                 best = head
         return best
 
+    def _backlog(self, pack_name, action_name):
+        """How many NEW actions of *pack_name* (and command *action_name*, unless empty) a take reads."""
+        groups = self._queues.get(pack_name) or {}
+        return sum(len(queue) for (_, command), queue in groups.items() if not action_name or command == action_name)
+
     def _claim(self, action, pack):
         """The conditional NEW -> PENDING update. False when the action is no longer NEW."""
         if action.state != NEW:
@@ -556,12 +578,13 @@ class FakeFlyteApi:
     def _complete(self, action, event, payload, created_at):
         action.state = FATAL if event == FATAL else SUCCESS
         action.completed_at = time.monotonic()
-        action.result = {"event": event, "payload": payload, "createdAt": created_at}
+        # As stored by the server, which decodes the payload into Go values: numbers are float64.
+        action.result = {"event": event, "payload": as_go_value(payload), "createdAt": created_at}
         self._open -= 1
         self._changes.notify()
 
     def _add_event(self, pid, event, payload, created_at, body):
-        self.events.append(ReceivedEvent(pid, event, payload, created_at, body))
+        self.events.append(ReceivedEvent(pid, event, as_go_value(payload), created_at, body))
         self._event_names[event] += 1
         self._changes.notify()
 

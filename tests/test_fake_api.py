@@ -10,7 +10,7 @@ import gevent
 import pytest
 import requests
 
-from flyte_gevent.pytest_plugin import flyte_api  # noqa: F401  (the fixture, also when run with -p no:flyte_gevent)
+from flyte_gevent.pytest_plugin import fake_flyte_api, flyte_api  # noqa: F401  (also with -p no:flyte_gevent)
 from flyte_gevent.testing import ActionResult, FakeFlyteApi, pack_id
 
 ECHO = {"name": "Echo", "labels": {"env": "dev"},
@@ -496,6 +496,45 @@ def test_race_window_makes_one_of_two_replicas_lose(api, http):
     assert (api.action(aid).state, api.action(aid).takes) == ("PENDING", 2)
 
 
+def test_take_cost_grows_with_the_backlog_and_widens_the_race(api, http):
+    register(http, api)
+    api.enqueue_many("Echo", "Echo", range(50), labels={"env": "prod"})  # read on every take, never a fit
+    api.take_cost = 0.002
+    started = time.monotonic()
+    assert take(http, api).status_code == 204
+    assert time.monotonic() - started >= 50 * 0.002  # every NEW action of the name is read, fitting or not
+    aid = api.enqueue("Echo", "Echo")
+    replicas = [gevent.spawn(take, requests.Session(), api) for _ in range(2)]
+    assert sorted(g.get(timeout=2).status_code for g in replicas) == [200, 500]
+    assert api.action(aid).takes == 2
+    api.clear_faults()
+    assert api.take_cost == 0.0
+
+
+def test_the_real_api_url_comes_from_the_option_else_the_environment(monkeypatch):
+    # (tests/conformance/test_conformance_plugin.py runs a pack's tests with --flyte-api-url on a real server.)
+    from flyte_gevent import pytest_plugin
+
+    class Config:
+        option = None
+
+        def getoption(self, name, default=None):
+            return self.option if name == "flyte_api_url" else default
+
+    config = Config()
+    monkeypatch.delenv(pytest_plugin.URL_VARIABLE, raising=False)
+    assert pytest_plugin._real_api_url(config) is None
+    monkeypatch.setenv(pytest_plugin.URL_VARIABLE, "http://flyte.test:8080")
+    assert pytest_plugin._real_api_url(config) == "http://flyte.test:8080"
+    config.option = "http://other.test:8080"
+    assert pytest_plugin._real_api_url(config) == "http://other.test:8080"
+
+
+def test_fake_flyte_api_fixture_is_always_the_fake(fake_flyte_api):  # noqa: F811
+    assert isinstance(fake_flyte_api, FakeFlyteApi)
+    assert fake_flyte_api.url.startswith("http://127.0.0.1:")
+
+
 def test_outage_refuse_and_restore_on_the_same_port(api, http):
     register(http, api)
     port = api.port
@@ -534,11 +573,8 @@ def test_outage_503(api, http):
     register(http, api)
 
 
-def test_head_and_internal_errors(api, http, monkeypatch):
-    head = http.head(api.url + "/v1")
-    assert (head.status_code, head.content, head.headers["Content-Type"]) == (
-        200, b"", "application/json; charset=utf-8")
-
+def test_internal_errors_are_recorded(api, http, monkeypatch):
+    # (HEAD and OPTIONS, which the router answers in its own ways, are in tests/conformance.)
     def broken(*args):
         raise RuntimeError("boom")
     monkeypatch.setattr(api._app, "_health", broken)
@@ -599,6 +635,8 @@ def test_waits_time_out_with_a_clear_message(api, http):
         api.wait_for_pack("Echo", timeout=0.05)
     with pytest.raises(AssertionError, match="expected 1 events named 'Tick'"):
         api.wait_for_events(1, timeout=0.05, name="Tick")
+    with pytest.raises(AssertionError, match=f"action {aid} \\('Echo' for 'Echo'\\) is NEW, not PENDING/SUCCESS"):
+        api.wait_for_action(aid, ("PENDING", "SUCCESS"), timeout=0.05)
     with pytest.raises(KeyError):
         api.wait_for_result("nope", timeout=0.05)
 

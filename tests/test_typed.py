@@ -293,6 +293,6 @@ def test_raw_json_input_still_reaches_untyped_handlers_unchanged(flyte_api, run_
     pack_def = PackDef("Raw")
     pack_def.command("take", output_events=[created])(lambda input: seen.append(input) or Event(created, None))
     run_pack(pack_def)
-    value = {"nested": [1, "two", {"three": None}]}
+    value = {"nested": [1, "two", {"three": False}]}  # (a flow cannot deliver a null member: the fake drops it)
     flyte_api.wait_for_result(flyte_api.enqueue("Raw", "take", value))
     assert seen == [json.loads(json.dumps(value))]
