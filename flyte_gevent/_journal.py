@@ -142,6 +142,9 @@ CREATE TABLE actions (
 );
 """
 _UPDATE = "UPDATE actions SET result = ? WHERE id = ?"
+# One encoder for every input: json.dumps with arguments builds a new one per call. ASCII
+# escapes keep lone surrogates (valid in JSON text, not in UTF-8) storable.
+_encode_input = json.JSONEncoder(separators=(",", ":")).encode
 
 
 @functools.lru_cache(maxsize=None)
@@ -342,11 +345,15 @@ class Journal:
             raise JournalError(f"action {action.id} not journaled: the journal is closed")
         if action.id in self._records:
             raise ValueError(f"action {action.id} is already in the journal")
+        for text in (action.id, action.command, action.result_url):
+            if not text.isascii() and not _storable(text):
+                # Refused here, alone: in the batch it would fail every action written with it.
+                raise JournalError(f"action {action.id} not journaled: {text!r} cannot be stored as UTF-8")
         own = self._own
         own.last_row += 1
         row_id = own.last_row
-        params = (row_id, action.id, action.command, json.dumps(action.input, separators=(",", ":")),
-                  action.result_url, self.pack_id, time.time())
+        params = (row_id, action.id, action.command, _encode_input(action.input), action.result_url,
+                  self.pack_id, time.time())
         self._records[action.id] = (own, row_id)
         own.count += 1
         error = self._writer.submit(_TAKEN, own, row_id, params, wait=True).get(own)
@@ -968,6 +975,14 @@ def _remove_stale_temps(directory):
                 os.unlink(path)
         except OSError:
             pass
+
+
+def _storable(text):
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _unlink(path):

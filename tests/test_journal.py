@@ -140,6 +140,20 @@ def test_a_record_finished_after_adoption_keeps_its_new_result(journals):
     assert (again.result, again.restarts) == (b'{"event":"Done"}', 2)
 
 
+def test_text_sqlite_cannot_store_fails_only_its_own_action(journals):
+    journal = journals()
+    odd = {"lone surrogate": "\ud800", "emoji": "\U0001f600"}  # both can come out of a JSON decoder
+    journal.taken(action(1, payload=odd))
+    with pytest.raises(JournalError, match="action-\ud800x not journaled"):
+        journal.taken(Action("action-\ud800x", "Shell", {}, "http://flyte/actions/x/result"))
+    others = [gevent.spawn(journal.taken, action(n)) for n in range(2, 6)]
+    gevent.joinall(others, timeout=5, raise_error=True)
+    journal.close()
+    records = journals().recover()
+    assert [r.action_id for r in records] == [f"action-{n}" for n in range(1, 6)]
+    assert records[0].input == odd
+
+
 def test_taking_an_action_already_in_the_journal_is_refused(journals):
     journal = journals()
     journal.taken(action(1))
@@ -470,6 +484,20 @@ def test_a_live_owners_file_is_not_adoptable_and_a_killed_owners_is(children, jo
     assert [(r.action_id, r.result) for r in records] == [("action-0", b"result-0"), ("action-1", None),
                                                           ("action-2", None)]
     assert survivor.recover() == []  # once
+
+
+def test_empty_leftovers_of_dead_processes_are_cleaned_up(children, journals, tmp_path):
+    directory = tmp_path / "journal"
+    owner = children("own", directory, 0)
+    owner.read("ready")
+    owner.kill()  # its file holds no records
+    stray = directory / "flyte-20260101T000000000000-0000abcd.lock"  # died between lock and database
+    stray.write_text("")
+    adopter = journals(directory)
+    assert adopter.recover() == []
+    own = os.path.basename(adopter.file)[:-len(".db")]
+    wait_until(lambda: all(name.startswith(own) for name in journal_files(directory)),
+               what="the empty leftovers to be deleted")
 
 
 def test_records_survive_sigkill_right_after_each_write_returned(children, journals, tmp_path):
