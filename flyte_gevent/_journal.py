@@ -11,8 +11,8 @@ as usual; a record without one had its handler cut short, and is completed as
 FATAL (or run again, for commands declared safe to re-run).
 
 **Layout.** The journal is a directory. Each live process owns one journal
-file in it, ``flyte-<UTC time to the microsecond>-<random>.db`` (SQLite in WAL mode), and holds an
-exclusive ``flock`` on its sidecar ``<same name>.lock`` for as long as it runs:
+file in it, ``flyte-<UTC time>-<random>.db`` (SQLite in WAL mode), and holds
+an exclusive ``flock`` on its sidecar ``<same name>.lock`` for as long as it runs:
 the kernel drops that lock when the process dies, however it dies, so a
 lockable file belongs to a dead owner. Process ids are never used — they are
 reused across container restarts. A starting process *adopts* the files of
@@ -51,17 +51,24 @@ module creates is mode 0700).
   crashing the process need not be re-run for ever.
 
 **What is not.** The one window that remains: the take's answer has arrived
-but the process dies before :meth:`Journal.taken` returns (one short
-transaction: tens of microseconds with ``sync="normal"``, one ``fsync`` with
-``sync="full"``). That action stays PENDING, as without a journal.
+but the process dies before :meth:`Journal.taken` returns. That action stays
+PENDING, as without a journal. The window is one batch on the journal's
+thread: about 0.1–0.5 ms with ``sync="normal"`` while the pack has CPU to
+spare, plus an ``fsync`` with ``sync="full"``; when the hub is saturated
+(a backlog being taken as fast as the CPU allows) the thread waits for the GIL
+and the window grows to tens of milliseconds (``bench/journal_micro.py``
+measures it as *taken p50/p99*).
 
-**Never blocking the hub.** SQLite calls are blocking C calls. Every one of
-them runs on the journal's own thread (a one-thread gevent ``ThreadPool``),
-never in the hub. A writer greenlet collects the calls of all greenlets and
-writes them in one transaction per batch, so under load the cost of a commit
-(and, with ``sync="full"``, of an ``fsync``) is shared by every action in the
-batch. The greenlet that calls :meth:`Journal.taken` waits, cooperatively,
-for its batch to commit.
+**Never blocking the hub.** SQLite calls are blocking C calls, and even a
+small WAL append can wait tens of milliseconds behind the filesystem's journal
+while an fsync runs (checkpoints do two). So none of them runs in the hub:
+every one runs on the journal's own thread. Greenlets append their operations
+to a queue; the thread takes everything queued since its last batch and
+writes it in one transaction per file, with multi-row statements, so under
+load a commit (and, with ``sync="full"``, an ``fsync``) is shared by every
+action in the batch. The greenlet that calls :meth:`Journal.taken` waits,
+cooperatively, for its batch to commit; results and removals do not wait, and
+a result whose removal lands in the same batch is not written at all.
 
 **A journal that cannot be used is a configuration error.** A directory that
 cannot be created or written, a file in it that is not an SQLite database, is
@@ -320,7 +327,7 @@ class Journal:
                 self._records[record.action_id] = (store, row_id)
                 recovered.append(record)
             if meta:
-                log.info("adopted journal file %s of a dead process (pid %s on %s, created %s): %d records, "
+                log.log(logging.INFO if rows else logging.DEBUG, "adopted journal file %s of a dead process (pid %s on %s, created %s): %d records, "
                          "%d with results", store.db_path, meta.get("pid"), meta.get("host"), meta.get("created"),
                          len(rows), sum(1 for record, _ in rows if record.result is not None))
             if store.count:
@@ -452,6 +459,7 @@ class Journal:
         if self._own is None:
             raise RuntimeError("the journal is not open")
 
+
 class _Writer:
     """The journal's own thread, and how greenlets hand it work.
 
@@ -474,7 +482,7 @@ class _Writer:
         self._waiting = collections.deque()  # (seq, _Wait), in seq order (hub only)
         self._seq = 0
         self._first_at = 0.0
-        self._urgent = False
+        self._urgent_seq = 0   # the last operation someone waits for (written by the hub only)
         self._woken = False
         self._wake = _allocate_lock()
         self._wake.acquire()
@@ -498,7 +506,7 @@ class _Writer:
             first = False
         ops.append((self._seq, kind, store, row_id, value))
         if wait:
-            self._urgent = True
+            self._urgent_seq = self._seq
             self._signal()
             return self._wait_for(self._seq)
         if first and not self._timer.active:
@@ -571,31 +579,38 @@ class _Writer:
 
     def _run(self):
         ops, linger, wake = self._ops, self.linger, self._wake
+        drained = 0  # the last operation taken off the queue
         while True:
-            if not self._urgent:
-                if not ops:
-                    woken = wake.acquire()
-                elif time.monotonic() < self._first_at + linger:
-                    # Only results and removals: the hub's timer, or a take, says when.
-                    woken = wake.acquire(timeout=max(self._first_at + linger - time.monotonic(), 0.001))
-                else:
-                    woken = wake.acquire(blocking=False)
-                if woken:
-                    # Only now: the hub releases the lock again only after seeing this.
-                    self._woken = False
-                if not ops or not (self._urgent or time.monotonic() >= self._first_at + linger):
-                    continue
-            elif not ops:
+            if not ops:
+                woken = wake.acquire()
+            elif self._urgent_seq > drained or time.monotonic() >= self._first_at + linger:
+                batch = []
+                while ops:
+                    batch.append(ops.popleft())
+                drained = batch[-1][0]
+                if self._work(batch):
+                    return
                 continue
-            self._urgent = False
-            batch = []
-            while ops:
-                batch.append(ops.popleft())
-            if self._work(batch):
-                return
+            else:
+                # Only results and removals queued: the hub's timer, or a take, says when.
+                woken = wake.acquire(timeout=max(self._first_at + linger - time.monotonic(), 0.001))
+            if woken:
+                # Only now: the hub releases the lock again only after seeing this.
+                self._woken = False
 
     def _work(self, batch):
         """Write *batch*, running calls in their place; True once the stop operation is reached."""
+        try:
+            return self._write_batch(batch)
+        except BaseException as exc:  # noqa: BLE001 - a bug here must not leave greenlets waiting for ever
+            error = JournalError(f"journal writer failed: {exc!r}")
+            for op in batch:
+                if op[1] == _CALL and op[4][2][1] is None:
+                    op[4][2][1] = error  # the outcome a caller reads
+            self._finish(batch[-1][0], {op[2]: error for op in batch}, [])
+            return any(op[1] == _STOP for op in batch)
+
+    def _write_batch(self, batch):
         start = 0
         for index, op in enumerate(batch):
             kind = op[1]
