@@ -674,7 +674,8 @@ class _Store:
             raise _config_error(directory, f"cannot create files in it: {exc.strerror}") from None
         store = cls(directory, stem, fd)
         try:
-            _lock(fd, directory)
+            if not _lock(fd, directory):
+                raise _config_error(directory, f"{temp}, just created, is locked by another process")
             os.write(fd, f"pid {os.getpid()} on {os.uname().nodename}, pack {pack_id}\n".encode())
             # Locked before it gets the name others look for: no one ever sees it unlocked while we live.
             os.rename(temp, store.lock_path)
@@ -911,7 +912,7 @@ def _claim(directory, stem):
     except OSError as exc:
         raise _config_error(directory, f"cannot open {path}: {exc.strerror}") from None
     try:
-        if not _lock(fd, directory, wait=False):
+        if not _lock(fd, directory):
             os.close(fd)
             return None
         # The file may have been finished and removed between our open and our lock.
@@ -927,13 +928,11 @@ def _claim(directory, stem):
     return fd
 
 
-def _lock(fd, directory, wait=True):
+def _lock(fd, directory):
     """``flock`` *fd* exclusively without blocking; False when another process holds it."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        if wait:
-            raise _config_error(directory, "a fresh lock file is locked by someone else") from None
         return False
     except OSError as exc:
         raise _config_error(directory, f"file locks (flock) do not work there ({exc.strerror}); "
