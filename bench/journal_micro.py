@@ -34,7 +34,10 @@ Columns: ``CPU µs/action`` is the process's CPU time (every thread, from
 ``time.process_time``) per action, minus that of the same workload with no
 journal; ``hub gap max`` is the longest time a 1 ms ticker greenlet overslept
 because the hub was busy (time the OS ran other processes instead is taken
-out), next to the same figure without a journal; ``sqlite max`` is the longest
+out), next to the same figure without a journal; ``GC pause max`` is the longest
+pause of Python's cyclic garbage collector in the run (it stops every thread,
+journal or not: a hub gap that matches it is the GC's; ``--no-gc`` switches it
+off to show the design alone); ``sqlite max`` is the longest
 single SQLite call in the hub for ``hub``, and otherwise the longest batch on
 the writer thread, GIL waits included (a WAL checkpoint with its fsyncs shows
 up here); ``taken p50/p99`` is how long a greenlet waited in *taken*: the crash
@@ -48,6 +51,7 @@ from gevent import monkey
 monkey.patch_all()
 
 import argparse  # noqa: E402
+import gc  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
 import shutil  # noqa: E402
@@ -198,6 +202,25 @@ def _timed_write(design, write):
     return timed
 
 
+class GCPauses:
+    """The longest pause of Python's cyclic garbage collector (it stops every thread) while counting."""
+
+    def __init__(self):
+        self.worst = 0.0
+        self._started = 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase, info):
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.worst = max(self.worst, time.perf_counter() - self._started)
+
+    def stop(self):
+        gc.callbacks.remove(self._callback)
+        return self.worst
+
+
 class Ticker:
     """A greenlet that sleeps 1 ms at a time and remembers its longest oversleep.
 
@@ -285,7 +308,7 @@ def measure(make_design, workload, count):
             _journal._write = _timed_write(design, original)
         gevent.sleep(0.05)  # let start-up writes settle
         latencies = []
-        ticker = Ticker()
+        ticker, pauses = Ticker(), GCPauses()
         # Halfway through, a full WAL checkpoint (fsyncs and truncation) where the design does its SQLite work.
         checkpointer = gevent.spawn_later(WORKLOAD_SECONDS[workload] / 2, design.checkpoint)
         cpu, wall = time.process_time(), time.perf_counter()
@@ -294,7 +317,7 @@ def measure(make_design, workload, count):
             design.journal.flush()  # what is still queued is part of the cost
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
         checkpointer.join()
-        gap = ticker.stop()
+        gap, gc_pause = ticker.stop(), pauses.stop()
         design.close()
         if isinstance(design, JournalDesign):
             _journal._write = original
@@ -303,6 +326,7 @@ def measure(make_design, workload, count):
             "cpu_us": cpu / count * 1e6,
             "wall_s": wall,
             "gap_ms": gap * 1e3,
+            "gc_ms": gc_pause * 1e3,
             "sqlite_ms": design.sqlite_max * 1e3,
             "p50_us": latencies[len(latencies) // 2] * 1e6 if latencies else 0.0,
             "p99_us": latencies[int(len(latencies) * 0.99)] * 1e6 if latencies else 0.0,
@@ -333,18 +357,23 @@ def main():
     parser.add_argument("--repeat", type=int, default=3,
                         help="runs per row; the one with the least CPU (the least disturbed) is shown")
     parser.add_argument("--dir", default=None, help="where to put the journal files (default: the temp dir)")
+    parser.add_argument("--no-gc", action="store_true",
+                        help="disable Python's cyclic GC: hub gaps then show the design alone, not GC pauses")
     ARGS = parser.parse_args()
+    if ARGS.no_gc:
+        gc.disable()
     scale = 0.1 if ARGS.quick else 1.0
     # fsync per transaction makes FULL slow in the unbatched designs: fewer serial actions there.
     counts = {("serial", "normal"): 3000, ("serial", "full"): 300, ("steady", "normal"): 3000,
               ("steady", "full"): 3000, ("burst", "normal"): 3000, ("burst", "full"): 2000}
     repeat = 1 if ARGS.quick else ARGS.repeat
     print(f"# journal micro-benchmark: Python {sys.version.split()[0]}, SQLite {_journal.sqlite3.sqlite_version}, "
-          f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}, files in {ARGS.dir or tempfile.gettempdir()}")
+          f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}, files in {ARGS.dir or tempfile.gettempdir()}"
+          f"{', GC disabled' if ARGS.no_gc else ''}")
     print()
-    print("| workload | sync | design | CPU µs/action | hub gap max ms (none) | sqlite max ms | taken p50 µs | "
-          "taken p99 µs | tx/action | actions/s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| workload | sync | design | CPU µs/action | hub gap max ms (none) | GC pause max ms | sqlite max ms | "
+          "taken p50 µs | taken p99 µs | tx/action | actions/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for workload in WORKLOADS:
         for sync in ("normal", "full"):
             count = max(20, int(counts[workload, sync] * scale))
@@ -354,7 +383,8 @@ def main():
                     continue  # linger matters where writes of several actions can share a batch
                 row = least_disturbed_run(lambda d: design(d, sync), workload, count, repeat)
                 print(f"| {workload} | {sync} | {name} | {row['cpu_us'] - base['cpu_us']:.1f} | "
-                      f"{row['gap_ms']:.2f} ({base['gap_ms']:.2f}) | {row['sqlite_ms']:.2f} | {row['p50_us']:.0f} | "
+                      f"{row['gap_ms']:.2f} ({base['gap_ms']:.2f}) | {row['gc_ms']:.2f} | {row['sqlite_ms']:.2f} | "
+                      f"{row['p50_us']:.0f} | "
                       f"{row['p99_us']:.0f} | {row['tx']:.2f} | {count / row['wall_s']:.0f} |", flush=True)
     print(f"\n(load {os.getloadavg()[0]:.2f} at the end)")
 
