@@ -130,7 +130,7 @@ SETTING = "FLYTE_GEVENT_JOURNAL"
 # "FgJ1" in the header: tells our files from other SQLite databases.
 _APPLICATION_ID = 0x46674A31
 _FILE = re.compile(r"^(flyte-\d{8}T\d{12}-[0-9a-f]{8})\.(db|lock)$")
-_STALE_TEMP = 60.0           # seconds after which an unlinked-to temp lock is garbage
+_STALE_TEMP = 60.0           # seconds after which a temp lock that was never renamed is garbage
 _WAL_LIMIT = 16 * 1024 * 1024  # truncate the WAL back to this after a burst of large records
 _LOG_AGAIN = 30.0            # seconds between repeated write-failure logs
 
