@@ -411,11 +411,15 @@ elif mode == "fork":     # fork: the parent owns a journal; its forked child mus
     pid = os.fork()
     if pid == 0:
         try:
-            journal.taken(act(2))
+            with gevent.Timeout(5):  # bounded: a regression must fail the test, not leave a hung process
+                journal.taken(act(2))
             print("child wrote", flush=True)
         except JournalError as exc:
             print("child refused:", exc, flush=True)
-        os._exit(0)
+        except gevent.Timeout:
+            print("child hung in taken()", flush=True)
+        finally:
+            os._exit(0)
     os.waitpid(pid, 0)
     say("ready")
 sys.stdin.readline()
