@@ -132,29 +132,49 @@ def run_once(scenario, client, args, log_dir, attempt):
         source.close()
 
 
-def run_repeated(scenario, client, args, log_dir):
-    """Run ``--repeat`` times; the run with the median headline number (the others' headline numbers in it)."""
+def run_repeated(scenario, clients, args, log_dir):
+    """Run every client ``--repeat`` times, taking turns (so both meet the same load); per client, the run with
+    the median headline number, with the median of every row's metric over all runs in ``medians``."""
     key = HEADLINE.get(scenario.name, "actions_per_s")
-    runs = []
+    runs = {client: [] for client in clients}
+    errors = {}
     for attempt in range(args.repeat):
-        print(f"running {scenario.name} ({CLIENT_NAMES[client]}) ...", end=" ", file=sys.stderr, flush=True)
-        try:
-            result = run_once(scenario, client, args, log_dir, attempt)
-        except (BenchError, OSError) as exc:  # one broken run must not lose the others
-            print("failed", file=sys.stderr, flush=True)
-            return {"error": f"{type(exc).__name__}: {exc}"}
-        print(_headline(scenario, result), file=sys.stderr, flush=True)
-        runs.append(result)
-    runs.sort(key=lambda run: run[key])
-    chosen = runs[(len(runs) - 1) // 2]
-    if len(runs) > 1:
-        chosen["repeats"] = [run[key] for run in runs]
+        for client in clients:
+            if client in errors:
+                continue
+            print(f"running {scenario.name} ({CLIENT_NAMES[client]}) ...", end=" ", file=sys.stderr, flush=True)
+            try:
+                result = run_once(scenario, client, args, log_dir, attempt)
+            except (BenchError, OSError) as exc:  # one broken run must not lose the others
+                print("failed", file=sys.stderr, flush=True)
+                errors[client] = {"error": f"{type(exc).__name__}: {exc}"}
+                continue
+            print(_headline(scenario, result), file=sys.stderr, flush=True)
+            runs[client].append(result)
+    chosen = {}
+    for client in clients:
+        if client in errors:
+            chosen[client] = errors[client]
+            continue
+        ordered = sorted(runs[client], key=lambda run: run[key])
+        median = ordered[(len(ordered) - 1) // 2]
+        metrics = {row.metric for row in ROWS if row.scenario == scenario.name and row.metric in median}
+        median["medians"] = {metric: _median([run[metric] for run in runs[client]]) for metric in metrics}
+        if len(ordered) > 1:
+            median["repeats"] = {metric: [run[metric] for run in runs[client]] for metric in metrics}
+        chosen[client] = median
     return chosen
+
+
+def _median(values):
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
 def _headline(scenario, result):
     if scenario.idle_seconds:
-        return f"{result['cpu_percent']:.2f} % CPU"
+        return f"{_idle_cpu(result['cpu_percent'], result['seconds'])} CPU"
     text = f"{result['actions_per_s']:,.0f} actions/s, {result['cpu_ms_per_action']:.3f} ms CPU per action"
     if "kb_per_action" in result:
         text += f", {result['kb_per_action']:.1f} KB per action in flight"
@@ -172,8 +192,8 @@ def compare(report, chosen):
             continue
         scenario = sizes[row.scenario]
         go, ours = entry.get("go"), entry.get("ours")
-        go_value = go.get(row.metric) if go and "error" not in go else None
-        ours_value = ours.get(row.metric) if ours and "error" not in ours else None
+        go_value = go["medians"].get(row.metric) if go and "error" not in go else None
+        ours_value = ours["medians"].get(row.metric) if ours and "error" not in ours else None
         ratio = ours_value / go_value if go_value and ours_value is not None else None
         if report["quick"] or ours_value is None:
             met = None
@@ -228,14 +248,14 @@ def _value(row, result_key, entry):
     if metric == "kb_per_action":
         return f"{value:.1f} KB (idle {entry[result_key]['idle_rss_kb'] / 1024:.1f} MB)"
     if metric == "cpu_percent":
-        return _idle_cpu(entry[result_key])
+        return _idle_cpu(value, entry[result_key]["seconds"])
     return f"{value:g}"
 
 
-def _idle_cpu(result):
-    if result["cpu_percent"] == 0:  # not a single clock tick
-        return f"< {100 / CLOCK_TICKS / result['seconds']:.2f} %"
-    return f"{result['cpu_percent']:.2f} %"
+def _idle_cpu(percent, seconds):
+    if percent == 0:  # not a single clock tick
+        return f"< {100 / CLOCK_TICKS / seconds:.2f} %"
+    return f"{percent:.2f} %"
 
 
 def _table(header, rows):
@@ -246,6 +266,10 @@ def _table(header, rows):
         out.append("  ".join(f"{c:>{w}}" if numeric[i] else f"{c:<{w}}"
                              for i, (c, w) in enumerate(zip(cells, widths))).rstrip())
     return "\n".join(out)
+
+
+def _num(value, fmt):
+    return "-" if value is None else fmt.format(value)
 
 
 def _looks_numeric(cell):
@@ -272,7 +296,7 @@ def format_comparison(report):
 
 
 def _busy(result):
-    if not result or "error" in result:
+    if not result or "error" in result or not result.get("server"):
         return "-"
     return f"{result['server']['busy_percent']:.0f} %"
 
@@ -287,24 +311,27 @@ def format_runs(report):
                 continue
             cells = [entry["scenario"], CLIENT_NAMES[client]]
             if "error" in result:
-                rows.append(cells + ["ERROR: " + result["error"]] + [""] * 13)
+                rows.append(cells + ["ERROR: " + result["error"]] + [""] * 14)
                 continue
-            server = result["server"]
-            per_request = "-" if server["cpu_us_per_request"] is None else f"{server['cpu_us_per_request']:.0f}"
+            server = result.get("server") or dict.fromkeys(("requests", "cpu_us_per_request", "busy_percent",
+                                                             "requests_per_action"))
+            per_request = _num(server["cpu_us_per_request"], "{:.0f}")
             if "cpu_percent" in result:  # a per-request cost means nothing at one take per 5 s
-                cells += ["-"] * 6 + [_idle_cpu(result), "-", f"{result['rss_kb'] / 1024:.1f}",
-                                      str(server["requests"]), "-", f"{server['busy_percent']:.1f} %", "-"]
+                cells += ["-"] * 6 + [_idle_cpu(result["cpu_percent"], result["seconds"]), "-",
+                                      f"{result['rss_kb'] / 1024:.1f}", _num(server["requests"], "{:,}"), "-",
+                                      _num(server["busy_percent"], "{:.1f} %"), "-"]
             else:
                 latency = result["latency_ms"]
                 cells += [f"{result['actions']:,}", f"{result['actions_per_s']:,.0f}", f"{latency['p50']:,.0f}",
                           f"{latency['p99']:,.0f}", f"{latency['max']:,.0f}", f"{result['take_span_ms']:,.0f}",
                           f"{result['cpu_ms_per_action']:.3f}", f"{result['pack_cpu_percent']:.0f} %",
                           f"{result['idle_rss_kb'] / 1024:.1f} / {result['peak_rss_kb'] / 1024:.1f}",
-                          f"{server['requests']:,}", per_request, f"{server['busy_percent']:.0f} %",
-                          f"{server['requests_per_action']:.2f}"]
+                          _num(server["requests"], "{:,}"), per_request, _num(server["busy_percent"], "{:.0f} %"),
+                          _num(server["requests_per_action"], "{:.2f}")]
+            cells.append(f"{result['load_average'][0]:.2f}")
             rows.append(cells)
     header = ["scenario", "client", "actions", "actions/s", "p50 ms", "p99 ms", "max ms", "takes ms", "CPU ms/act",
-              "pack CPU", "RSS MB idle/peak", "API req", "API µs/req", "API busy", "req/act"]
+              "pack CPU", "RSS MB idle/peak", "API req", "API µs/req", "API busy", "req/act", "load"]
     return _table(header, rows)
 
 
@@ -312,8 +339,8 @@ def format_notes(report):
     """What the tables need to be read right: the API's ceiling, the clients' settings, the machine."""
     lines = []
     runs = [(entry["scenario"], client, entry[client]) for entry in report["scenarios"] for client in CLIENTS
-            if entry.get(client) and "error" not in entry[client] and entry[client]["server"]["cpu_us_per_request"]
-            and "actions" in entry[client]]
+            if entry.get(client) and "actions" in entry[client] and entry[client].get("server")
+            and entry[client]["server"]["cpu_us_per_request"]]
     if runs:
         name, client, result = max(runs, key=lambda run: run[2]["server"]["requests_per_s"])
         server = result["server"]
@@ -328,7 +355,12 @@ def format_notes(report):
                  "result accepted. takes ms: first take -> last take. CPU: the pack process's user + system time "
                  f"between the batch's first take and its last result, read in {1000 // CLOCK_TICKS} ms clock ticks "
                  "(pack CPU is that time as % of one core). RSS per in-flight action: (RSS with all held - RSS idle "
-                 "after warm-up) / actions. API busy: the API's CPU time as % of one core over the batch.")
+                 "after warm-up) / actions. API busy: the API's CPU time as % of one core over the batch. load: the "
+                 "1-minute load average as the run started.")
+    if report["repeat"] > 1:
+        lines.append(f"--repeat {report['repeat']}: the clients took turns; each target row is the median of its "
+                     f"metric over the {report['repeat']} runs, each detail row the client's median run by drain "
+                     f"rate (memory: by KB per action; idle: by CPU). Every run's numbers are in the JSON.")
     tuned = sorted({f"{e['scenario']}: {', '.join(f'{k}={v}' for k, v in e['ours']['options'].items())}"
                     for e in report["scenarios"] if e.get("ours") and "options" in e["ours"]})
     lines.append(f"{CLIENT_NAMES['ours']} {report['version']}: the library's defaults (Prometheus metrics and health "
@@ -364,6 +396,11 @@ def write_profiles(directory):
             stats.sort_stats("tottime").print_stats(40)
         written.append(text_path)
     return written
+
+
+def _shown(path):
+    relative = os.path.relpath(path)
+    return os.path.abspath(path) if relative.startswith("..") else relative
 
 
 def _sha256(path):
@@ -431,7 +468,7 @@ def main(argv=None):
 
     import flyte_gevent
     report = {"generated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "quick": args.quick, "version": flyte_gevent.__version__, "ours_overrides": overrides,
+              "quick": args.quick, "repeat": args.repeat, "version": flyte_gevent.__version__, "ours_overrides": overrides,
               "machine": machine(), "go_peer_note": go_peer_note,
               "go_peer": {"path": os.path.abspath(args.go_peer), "sha256": _sha256(args.go_peer)} if args.go_peer
               else None,
@@ -440,8 +477,7 @@ def main(argv=None):
     for scenario in chosen:
         entry = {"scenario": scenario.name, "command": scenario.command, "count": scenario.count,
                  "input": scenario.input, "latency_s": scenario.latency, "idle_seconds": scenario.idle_seconds}
-        for client in clients:
-            entry[client] = run_repeated(scenario, client, args, log_dir)
+        entry.update(run_repeated(scenario, clients, args, log_dir))
         report["scenarios"].append(entry)
     report["seconds"] = time.monotonic() - started
     report["machine"]["load_average_at_end"] = os.getloadavg()
@@ -456,13 +492,12 @@ def main(argv=None):
     print(format_notes(report))
     if args.profile:
         for path in write_profiles(args.profile):
-            print(f"profile: {os.path.relpath(path)}")
+            print(f"profile: {_shown(path)}")
     os.makedirs(output_dir, exist_ok=True)
     with open(args.output, "w") as f:
         json.dump(report, f, indent=2)
         f.write("\n")
-    shown = os.path.relpath(args.output)
-    print(f"\nJSON: {os.path.abspath(args.output) if shown.startswith('..') else shown}")
+    print(f"\nJSON: {_shown(args.output)}")
     failed = [e["scenario"] for e in report["scenarios"] for c in clients if "error" in e.get(c, {})]
     return 1 if failed else 0
 
