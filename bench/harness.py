@@ -14,6 +14,7 @@ source (a real Flyte server with actions created by flows, say) can be put in it
 scenarios are run and measured. A source that cannot add latency says so by raising ``NotImplementedError``.
 """
 
+import ctypes
 import dataclasses
 import json
 import os
@@ -33,6 +34,7 @@ WARMUP_ACTIONS = 50
 # the default of both clients.
 POLLING_INTERVAL = 0.5
 IDLE_POLLING_INTERVAL = 5.0
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 @dataclasses.dataclass
@@ -83,6 +85,13 @@ class BenchError(RuntimeError):
     """A run that could not be measured: a process died, or something did not happen in time."""
 
 
+def _die_with_parent():
+    """In a child, before exec: be sent SIGTERM if this process dies (killed by a timeout, say) before stopping it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+
+
 def _stop_process(process, grace):
     """SIGTERM, then SIGKILL after *grace* seconds. Returns the exit status."""
     if process.poll() is None:
@@ -106,7 +115,7 @@ class LoopbackSource:
     def __init__(self, log_path):
         self._log = open(log_path, "wb")
         self._process = subprocess.Popen([sys.executable, SERVER_SCRIPT], stdin=subprocess.PIPE,
-                                         stdout=subprocess.PIPE, stderr=self._log)
+                                         stdout=subprocess.PIPE, stderr=self._log, preexec_fn=_die_with_parent)
         os.set_blocking(self._process.stdout.fileno(), False)
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._process.stdout, selectors.EVENT_READ)
@@ -224,7 +233,7 @@ class PackProcess:
     def __init__(self, command, log_path):
         self._log = open(log_path, "wb")
         self._process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=self._log,
-                                         stderr=subprocess.STDOUT)
+                                         stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
         self.pid = self._process.pid
 
     def release(self):
