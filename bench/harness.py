@@ -8,10 +8,11 @@ Three processes take part in a run, each measured from outside through ``/proc``
   Go client's bench pack), which register pack ``Bench`` with the same three commands;
 * this process, which only waits on the source's notifications in between.
 
-:func:`run_scenario` needs from its source only what :class:`LoopbackSource` offers publicly (``url``, ``pid``,
-``wait_for_pack``, ``queue_batch`` returning a :class:`Batch`, ``set_latency``, ``stats``, ``close``), so another
-source (a real Flyte server with actions created by flows, say) can be put in its place without touching how
-scenarios are run and measured. A source that cannot add latency says so by raising ``NotImplementedError``.
+:func:`run_scenario` needs from its source only ``url``, ``wait_for_pack``, ``queue_batch`` returning a
+:class:`Batch` (``wait_started``, ``wait_all_taken``, ``wait_done``), ``set_latency`` and ``stats``, so another
+source (a real Flyte server with actions created by flows, say) can take the place of :class:`LoopbackSource`
+without touching how scenarios are run and measured. A source that cannot add latency says so by raising
+``NotImplementedError``; one that cannot tell its own requests and CPU leaves ``window`` out of its reports.
 """
 
 import ctypes

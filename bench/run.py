@@ -1,8 +1,8 @@
 """The benchmark suite: ``make bench`` (or ``python bench/run.py``). flyte_gevent beside the Go client, same run.
 
-Every scenario runs once per client (the Go client first, then ours), each pack in its own process against a
-fresh loopback Flyte API of its own (``bench/loopback_api.py``, also its own process); see ``bench/harness.py``
-for how a run is measured. The output is two tables: the issue's targets, row by row, with both clients'
+Every scenario runs once per client (the Go client first, then ours; with ``--repeat N`` they take turns N
+times), each pack in its own process against a fresh loopback Flyte API of its own (``bench/loopback_api.py``,
+also its own process); see ``bench/harness.py`` for how a run is measured. The output is two tables: the issue's targets, row by row, with both clients'
 numbers and the ratio ours / Go; and every run in detail, with the loopback API's CPU per request and how busy
 it was, so it shows when the server, not a client, was the limit. The same goes to ``bench/results/latest.json``
 (unless ``--output`` says otherwise); each process's log goes next to it in ``logs/``.
@@ -72,8 +72,8 @@ class Row:
     def describe_target(self):
         if self.limit is not None:
             return f"≤ {self.limit:g} % of a core"
-        return f"{'≥' if self.better == 'higher' else '≤'} {self.target:.1f}×" if self.target < 10 else \
-            f"{'≥' if self.better == 'higher' else '≤'} {self.target:g}×"
+        sign = "≥" if self.better == "higher" else "≤"
+        return f"{sign} {self.target:.1f}×" if self.target < 10 else f"{sign} {self.target:g}×"
 
 
 ROWS = [
