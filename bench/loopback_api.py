@@ -11,19 +11,21 @@ speaks HTTP/1.1 with keep-alive (``Content-Length`` and chunked request bodies, 
 ``Expect: 100-continue``, pipelined requests answered in order).
 
 It is not a test double: :class:`flyte_gevent.testing.FakeFlyteApi` is the faithful imitation (Go's JSON
-decoding, fault injection, request recording). This one exists because that one, on gevent's pywsgi, costs about
-350 µs of CPU per request on a 2-core VM and so caps a loopback run near 1,400 actions/s, below what the Go client
-does. Here each request is one ``recv`` and one ``send`` on a single epoll loop: no greenlet, no WSGI environ.
+decoding, fault injection, request recording). This one exists because that one, on gevent's pywsgi, costs
+355-475 µs of CPU per request on a 2-core VM and so caps a loopback run near 1,050-1,400 actions/s, a third of
+what the Go client does. Here a request is one ``recv`` and one ``send`` on a single epoll loop, with no greenlet
+and no WSGI environ: 80-120 µs, most of it the ``send``.
 
 The control pipe: JSON lines on stdin, answers and notifications as JSON lines on stdout.
 
-* ``{"op": "queue", "batch": B, "command": C, "inputs": [...], "at_next_take": true}`` queues one action per
-  input, either at once or (``at_next_take``) when the next take request arrives, before that take looks at the
-  queue; the actions are built on receipt, so queueing them later costs the measured window nothing. Notifies
+* ``{"op": "queue", "batch": B, "pack_name": P, "command": C, "inputs": [...], "at_next_take": true}`` queues
+  one action per input for packs named P, either at once or (``at_next_take``) when the next take request
+  arrives, before that take looks at the queue; the actions are built on receipt, so queueing them later costs
+  the measured window nothing. Notifies ``{"event": "armed", "batch": B}`` when it waits for that take,
   ``{"event": "started", "batch": B, "at": t}`` when queued, ``{"event": "all_taken", ...}`` once every one was
   taken and ``{"event": "done", "batch": B, "actions": {...}, "window": {...}}`` once every one has its result,
-  with each action's ``created``/``taken``/``completed`` times (``time.monotonic()``, which is the system-wide
-  monotonic clock) and event name, and the server's requests and CPU seconds between ``started`` and ``done``.
+  with each action's ``created``/``taken``/``completed`` times (``time.monotonic()``, the system-wide monotonic
+  clock), how many were FATAL, and the server's requests and CPU seconds between ``started`` and ``done``.
 * ``{"op": "latency", "seconds": S}``: from now on every request is answered S seconds after it arrived (requests
   on one connection are still answered in order). Answers ``{"reply": "latency"}``.
 * ``{"op": "stats"}``: answers ``{"reply": "stats", ...}`` with totals: requests, CPU seconds, connections, the
@@ -786,6 +788,7 @@ class LoopbackApi:
                                       message.get("labels"))
             if message.get("at_next_take"):
                 state.armed.append(batch)
+                self.notify({"event": "armed", "batch": batch.id})
             else:
                 state.queue(batch)
         elif op == "latency":

@@ -106,10 +106,14 @@ class LoopbackApi:
                     return message
 
     def queue(self, pack_name, command, inputs, at_next_take=False):
+        """Queue a batch; unless *at_next_take*, return once the server says it is queued."""
         self.batches += 1
-        self.control({"op": "queue", "batch": self.batches, "pack_name": pack_name, "command": command,
+        batch = self.batches
+        self.control({"op": "queue", "batch": batch, "pack_name": pack_name, "command": command,
                       "inputs": inputs, "at_next_take": at_next_take})
-        return self.batches
+        wanted = "armed" if at_next_take else "started"
+        self.message(lambda m: m.get("event") == wanted and m["batch"] == batch)
+        return batch
 
     def connect(self):
         sock = socket.create_connection(("127.0.0.1", self.port), timeout=5)
@@ -244,7 +248,6 @@ def test_loopback_api_takes_and_completes_actions_like_the_flyte_server(loopback
         host = f"127.0.0.1:{api.port}"
 
         batch = api.queue("Taker", "Noop", [{"n": 1}, "two"])
-        api.message(lambda m: m.get("event") == "started" and m["batch"] == batch)
         results = []
         for expected in ({"n": 1}, "two"):
             sock.sendall(post(path, b"null", host=host))
@@ -288,8 +291,6 @@ def test_loopback_api_queues_a_batch_when_the_next_take_arrives(loopback_api):
     with sock, reader:
         api.register(sock, reader, "Armed")
         batch = api.queue("Armed", "Noop", [1], at_next_take=True)
-        sock.sendall(get("/health"))
-        read_response(reader)
         sock.sendall(post("/v1/packs/Armed/actions/take"))
         status, _, body = read_response(reader)
         assert status == 200 and json.loads(body)["input"] == 1
