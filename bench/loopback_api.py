@@ -56,7 +56,8 @@ MAX_BODY = 16 * 1024 * 1024
 RECV_SIZE = 256 * 1024
 
 _REASONS = {100: "Continue", 200: "OK", 201: "Created", 202: "Accepted", 204: "No Content", 400: "Bad Request",
-            404: "Not Found", 405: "Method Not Allowed", 413: "Content Too Large", 431: "Request Header Fields Too Large",
+            404: "Not Found", 405: "Method Not Allowed", 413: "Content Too Large",
+            431: "Request Header Fields Too Large",
             500: "Internal Server Error", 501: "Not Implemented", 505: "HTTP Version Not Supported"}
 _JSON = b"application/json; charset=utf-8"
 _TEXT = b"text/plain; charset=utf-8"
@@ -748,7 +749,8 @@ class LoopbackApi:
             document["labels"] = dict(sorted(pack.labels))
         document["commands"] = [
             {"name": command.get("name", ""), "events": command.get("events") or [],
-             "links": [{"href": f"{take}?commandName={command.get('name', '')}", "rel": base + "swagger#!/action/takeAction"}]}
+             "links": [{"href": f"{take}?commandName={command.get('name', '')}",
+                        "rel": base + "swagger#!/action/takeAction"}]}
             for command in body.get("commands") or [] if isinstance(command, dict)]
         document["events"] = body.get("events") or []
         document["lastSeen"] = _go_time_now()

@@ -2,10 +2,11 @@
 
 Every scenario runs once per client (the Go client first, then ours; with ``--repeat N`` they take turns N
 times), each pack in its own process against a fresh loopback Flyte API of its own (``bench/loopback_api.py``,
-also its own process); see ``bench/harness.py`` for how a run is measured. The output is two tables: the issue's targets, row by row, with both clients'
-numbers and the ratio ours / Go; and every run in detail, with the loopback API's CPU per request and how busy
-it was, so it shows when the server, not a client, was the limit. The same goes to ``bench/results/latest.json``
-(unless ``--output`` says otherwise); each process's log goes next to it in ``logs/``.
+also its own process); see ``bench/harness.py`` for how a run is measured. The output is two tables: the
+issue's targets, row by row, with both clients' numbers and the ratio ours / Go; and every run in detail, with
+the loopback API's CPU per request and how busy it was, so it shows when the server, not a client, was the
+limit. The same goes to ``bench/results/latest.json`` (unless ``--output`` says otherwise); each process's log
+goes next to it in ``logs/``.
 
 The Go client is the bench pack built with flyte-client v1.4.1 (``../shared/peers/go-client/go-bench-pack``,
 found in a ``shared/peers`` directory above the repository, or given with ``--go-peer``; ``--go-peer none``
@@ -468,7 +469,8 @@ def main(argv=None):
 
     import flyte_gevent
     report = {"generated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "quick": args.quick, "repeat": args.repeat, "version": flyte_gevent.__version__, "ours_overrides": overrides,
+              "quick": args.quick, "repeat": args.repeat, "version": flyte_gevent.__version__,
+              "ours_overrides": overrides,
               "machine": machine(), "go_peer_note": go_peer_note,
               "go_peer": {"path": os.path.abspath(args.go_peer), "sha256": _sha256(args.go_peer)} if args.go_peer
               else None,

@@ -203,8 +203,8 @@ def test_loopback_api_reads_chunked_bodies_and_answers_expect_100_continue(loopb
     sock, reader = loopback_api.connect()
     with sock, reader:
         body = b'{"name": "Chunked"}'
-        sock.sendall(b"POST /v1/packs HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
-                     b"5;ext=1\r\n" + body[:5] + b"\r\n%x\r\n" % (len(body) - 5) + body[5:] + b"\r\n0\r\nX-T: 1\r\n\r\n")
+        chunks = b"5;ext=1\r\n" + body[:5] + b"\r\n%x\r\n" % (len(body) - 5) + body[5:] + b"\r\n0\r\nX-T: 1\r\n\r\n"
+        sock.sendall(b"POST /v1/packs HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks)
         status, headers, document = read_response(reader)
         assert status == 201 and json.loads(document)["id"] == "Chunked"
 
