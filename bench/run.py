@@ -1,378 +1,217 @@
-"""The benchmark suite: ``make bench`` (or ``python bench/run.py``).
+"""The benchmark suite: ``make bench`` (or ``python bench/run.py``). flyte_gevent beside the Go client, same run.
 
-This process hosts the fake Flyte API (:class:`flyte_gevent.testing.FakeFlyteApi`,
-on loopback) and runs the pack under test, ``bench/pack_proc.py``, as a separate
-process, once per scenario and client configuration:
+Every scenario runs once per client (the Go client first, then ours; with ``--repeat N`` they take turns N
+times), each pack in its own process against a fresh loopback Flyte API of its own (``bench/loopback_api.py``,
+also its own process); see ``bench/harness.py`` for how a run is measured. The output is two tables: the
+issue's targets, row by row, with both clients' numbers and the ratio ours / Go; and every run in detail, with
+the loopback API's CPU per request and how busy it was, so it shows when the server, not a client, was the
+limit. The same goes to ``bench/results/latest.json`` (unless ``--output`` says otherwise); each process's log
+goes next to it in ``logs/``.
 
-* **this** — the library's defaults (concurrent takers, up to ``max_takers=64``),
-  with the options a scenario needs (``max_in_flight`` for 1,000 or 5,000 actions
-  at once);
-* **serial** — the same, but with a single serial taker (``max_takers=1``), the
-  way the Go client and the older Python client take actions.
-
-Every action is queued here, so its latency (queued -> result accepted) is read
-off one clock. The pack's CPU time comes from ``/proc/<pid>/stat`` and its memory
-from ``/proc/<pid>/status``; the fake API's own CPU time per request is measured
-in this process during each run, so the output shows how far the fake is from
-being the bottleneck.
-
-A batch is queued at the moment the idle pack's next take arrives, so no
-scenario measures the polling interval. Before each measured batch, a few
-actions warm the pack up (connections, code paths), except with ``--quick``.
-
-Results are printed as a table and written as JSON (``bench/results/latest.json``
-unless ``--output`` says otherwise); pack logs go next to it in ``logs/``.
+The Go client is the bench pack built with flyte-client v1.4.1 (``../shared/peers/go-client/go-bench-pack``,
+found in a ``shared/peers`` directory above the repository, or given with ``--go-peer``; ``--go-peer none``
+runs our client alone).
 """
 
-from gevent import monkey
+import argparse
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import platform
+import pstats
+import sys
+import time
 
-monkey.patch_all()
-
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import datetime  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-
-import gevent  # noqa: E402
-import gevent.event  # noqa: E402
-
-from flyte_gevent.testing import FakeFlyteApi  # noqa: E402
+import harness
+from harness import CLOCK_TICKS, BenchError, GoPack, LoopbackSource, OurPack, Scenario
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PACK_SCRIPT = os.path.join(HERE, "pack_proc.py")
+ROOT = os.path.dirname(HERE)
 DEFAULT_OUTPUT = os.path.join(HERE, "results", "latest.json")
-PACK_NAME = "Bench"
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-# How soon an idle pack polls again in the action scenarios; only the idle
-# scenario runs with the library's default (5 s).
-BENCH_POLLING_INTERVAL = 0.5
-WARMUP_ACTIONS = 50
-VARIANTS = {
-    "this": {},
-    "serial": {"max_takers": 1},
-}
-
-
-@dataclasses.dataclass
-class Scenario:
-    """One row of the table.
-
-    ``count`` actions are queued at once (``serial_count`` for the serial taker,
-    where a serial taker would need minutes for the full batch); ``idle_seconds``
-    instead means: queue nothing and measure CPU for that long.
-    """
-
-    name: str
-    what: str
-    target: str
-    command: str | None = None
-    count: int = 0
-    serial_count: int | None = None
-    input: object = None
-    latency: float = 0.0
-    #: Pack options for both clients (the serial one then gets max_takers=1).
-    options: dict = dataclasses.field(default_factory=dict)
-    idle_seconds: float = 0.0
-    timeout: float = 120.0
+GO_PEER_PATH = os.path.join("shared", "peers", "go-client", "go-bench-pack")
+CLIENTS = ("go", "ours")
+CLIENT_NAMES = {"go": "Go v1.4.1", "ours": "flyte_gevent"}
+#: Pack options of ours that ``--ours`` may override.
+OVERRIDABLE = {"max_takers": int, "max_in_flight": int, "polling_interval": float}
 
 
 def scenarios(quick):
-    """The scenarios of issue #4, full size or (``quick``) tiny, for the smoke test."""
+    """The scenarios of issue #9: full size, or (``quick``) tiny ones that only prove the suite works."""
     if quick:
         return [
-            Scenario("fast", "trivial handler", "n/a (quick)", "Noop", 100),
-            Scenario("rtt20", "20 ms per request", "n/a (quick)", "Noop", 100, 10, latency=0.02),
-            Scenario("io1s", "handler sleeps 0.1 s", "n/a (quick)", "Sleep", 100, input=0.1,
-                     options={"max_in_flight": 100}),
-            Scenario("io1s_rtt20", "sleep 0.1 s, 20 ms", "n/a (quick)", "Sleep", 100, 10, input=0.1, latency=0.02,
-                     options={"max_in_flight": 100}),
-            Scenario("memory", "held at once", "n/a (quick)", "Hold", 200, input=30.0,
-                     options={"max_in_flight": 200}),
-            Scenario("idle", "no actions, default polling", "n/a (quick)", idle_seconds=0.3),
+            Scenario("fast", "Noop", 100),
+            Scenario("rtt20", "Noop", 20, latency=0.02),
+            Scenario("io1s", "Sleep", 50, input=0.1, options={"max_in_flight": 50}),
+            Scenario("io1s_rtt20", "Sleep", 20, input=0.1, latency=0.02, options={"max_in_flight": 20}),
+            Scenario("memory", "Hold", 200, input=30.0, options={"max_in_flight": 200}),
+            Scenario("idle", idle_seconds=0.3),
         ]
     return [
-        Scenario("fast", "3,000 queued, trivial handler", ">= 1800/s, <= 0.5 ms CPU", "Noop", 3000),
-        Scenario("rtt20", "20 ms per request", ">= 800/s", "Noop", 3000, 200, latency=0.02),
-        Scenario("io1s", "1,000 x sleep 1 s", "max <= 1.3 s", "Sleep", 1000, input=1.0,
-                 options={"max_in_flight": 1000}),
-        Scenario("io1s_rtt20", "sleep 1 s + 20 ms", ">= 600/s", "Sleep", 1000, 200, input=1.0, latency=0.02,
-                 options={"max_in_flight": 1000}),
-        Scenario("memory", "5,000 sleeping at once", "<= 20 KB/action", "Hold", 5000, input=120.0,
-                 options={"max_in_flight": 5000}),
-        Scenario("idle", "no actions, default polling", "<= 0.5 % CPU", idle_seconds=10.0),
+        Scenario("fast", "Noop", 3000),
+        Scenario("rtt20", "Noop", 1500, latency=0.02),
+        Scenario("io1s", "Sleep", 1000, input=1.0, options={"max_in_flight": 1000}),
+        Scenario("io1s_rtt20", "Sleep", 1000, input=1.0, latency=0.02, options={"max_in_flight": 1000}),
+        Scenario("memory", "Hold", 5000, input=120.0, options={"max_in_flight": 5000}),
+        Scenario("idle", idle_seconds=10.0),
     ]
 
 
-def check(scenario, result):
-    """``(met, text)``: how the "this" client did against the issue's target."""
-    name = scenario.name
-    if name == "fast":
-        rate, cpu = result["actions_per_s"], result["cpu_ms_per_action"]
-        return rate >= 1800 and cpu <= 0.5, f"{rate:,.0f}/s, {cpu:.2f} ms CPU"
-    if name == "rtt20":
-        return result["actions_per_s"] >= 800, f"{result['actions_per_s']:,.0f}/s"
-    if name == "io1s":
-        return result["latency_ms"]["max"] <= 1300, f"max {result['latency_ms']['max'] / 1000:.2f} s"
-    if name == "io1s_rtt20":
-        return result["actions_per_s"] >= 600, f"{result['actions_per_s']:,.0f}/s"
-    if name == "memory":
-        return result["kb_per_action"] <= 20, f"{result['kb_per_action']:.1f} KB/action"
-    if name == "idle":
-        return result["cpu_percent"] <= 0.5, f"{_idle_cpu(result)} CPU"
-    raise ValueError(name)
-
-
-# --- measuring processes -----------------------------------------------------------------------------------------
-
-def cpu_seconds(pid="self"):
-    """User + system CPU time of a process so far (``/proc/<pid>/stat``)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    # After the command name: state is field 3 of stat(5), utime 14 and stime 15.
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-def memory_kb(pid):
-    """``(VmRSS, VmHWM)`` of a process in KB: resident now, and the peak so far."""
-    values = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            key, _, rest = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                values[key] = int(rest.split()[0])
-    return values["VmRSS"], values["VmHWM"]
-
-
-class BenchApi(FakeFlyteApi):
-    """The fake Flyte API, plus what the benchmark needs to watch it.
-
-    It counts the HTTP requests it serves, the actions taken and completed, and
-    runs an *armed* callback when the next take arrives, before the take looks
-    at the queue: that is how a batch is queued exactly when the pack asks.
-    """
-
-    def __init__(self):
-        super().__init__(record_requests=False)
-        self.requests_served = 0
-        self.taken = 0
-        self.completed = 0
-        self.armed = None
-        self.fired = gevent.event.Event()
-        app = self._app
-
-        def counting_app(environ, start_response):
-            self.requests_served += 1
-            return app(environ, start_response)
-
-        self._app = counting_app
-
-    def arm(self, callback):
-        """Run *callback* (in the take's greenlet) when the next take arrives."""
-        self.fired.clear()
-        self.armed = callback
-
-    def _find_new(self, pack, action_name):
-        armed, self.armed = self.armed, None
-        if armed is not None:
-            armed()
-            self.fired.set()
-        return super()._find_new(pack, action_name)
-
-    def _claim(self, action, pack):
-        claimed = super()._claim(action, pack)
-        self.taken += claimed
-        return claimed
-
-    def _complete(self, action, event, payload, created_at):
-        super()._complete(action, event, payload, created_at)
-        self.completed += 1
-
-
 @dataclasses.dataclass
-class Snapshot:
-    """Counters at one moment, so a measurement is the difference of two."""
+class Row:
+    """One target of the issue: a metric of one scenario, compared as ours / Go (or, ``limit``, absolute)."""
 
-    at: float
-    pack_cpu: float
-    api_cpu: float
-    requests: int
+    key: str
+    title: str  # formatted with the scenario's count and latency
+    scenario: str
+    metric: str
+    better: str  # "higher" or "lower"
+    target: float | None = None  # the ratio ours / Go must be at least (higher) or at most (lower) this
+    limit: float | None = None  # ours alone must be at most this
 
-    @classmethod
-    def take(cls, pid, api):
-        return cls(time.monotonic(), cpu_seconds(pid), cpu_seconds(), api.requests_served)
-
-
-# --- running one scenario ----------------------------------------------------------------------------------------
-
-class PackProcess:
-    """``bench/pack_proc.py`` as a child process, logging to a file."""
-
-    def __init__(self, api_url, log_path, profile_path=None, **options):
-        command = [sys.executable, PACK_SCRIPT, "--api", api_url]
-        for key, value in options.items():
-            if value is not None:
-                command += ["--" + key.replace("_", "-"), str(value)]
-        if profile_path:
-            command += ["--profile", profile_path]
-        self.log = open(log_path, "wb")
-        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT)
-        self.pid = self.process.pid
-
-    def stop(self):
-        """SIGTERM (a graceful stop), then SIGKILL if it does not exit within 20 s."""
-        try:
-            if self.process.poll() is None:
-                self.process.send_signal(signal.SIGTERM)
-                try:
-                    self.process.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    self.process.kill()
-                    self.process.wait(timeout=5)
-        finally:
-            self.log.close()
-
-    def check_alive(self):
-        if self.process.poll() is not None:
-            raise RuntimeError(f"the pack process exited with status {self.process.returncode}; see {self.log.name}")
+    def describe_target(self):
+        if self.limit is not None:
+            return f"≤ {self.limit:g} % of a core"
+        sign = "≥" if self.better == "higher" else "≤"
+        return f"{sign} {self.target:.1f}×" if self.target < 10 else f"{sign} {self.target:g}×"
 
 
-def run_variant(scenario, variant, quick, log_dir, profile_dir):
-    """Run *scenario* against a fresh pack process in *variant* configuration; a dict of measurements."""
-    api = BenchApi().start()
-    options = dict(scenario.options)
-    options.update(VARIANTS[variant])
-    if not scenario.idle_seconds:
-        options["polling_interval"] = BENCH_POLLING_INTERVAL
-    profile = os.path.join(profile_dir, f"{scenario.name}-{variant}.prof") if profile_dir else None
-    count = scenario.count if variant == "this" else (scenario.serial_count or scenario.count)
-    warmup = None if quick or scenario.idle_seconds else _Batch(api, "Noop", [{"warmup": i} for i in
-                                                                            range(WARMUP_ACTIONS)])
-    if warmup is not None:
-        api.arm(warmup.queue)  # taken by the pack's first take, right after it registers
-    pack = PackProcess(api.url, os.path.join(log_dir, f"{scenario.name}-{variant}.log"), profile, **options)
+ROWS = [
+    Row("cpu", "CPU per trivial action", "fast", "cpu_ms_per_action", "lower", target=1.0),
+    Row("fast", "drain rate, {count:,} trivial actions", "fast", "actions_per_s", "higher", target=1.0),
+    Row("rtt20", "drain rate, {count:,} actions, {latency_ms:g} ms per request", "rtt20", "actions_per_s", "higher",
+        target=30),
+    Row("io1s", "drain rate, {count:,} actions sleeping {input:g} s", "io1s", "actions_per_s", "higher",
+        target=1.5),
+    Row("io1s_rtt20", "drain rate, {count:,} sleeping {input:g} s, {latency_ms:g} ms per request", "io1s_rtt20",
+        "actions_per_s", "higher", target=15),
+    Row("memory", "RSS per in-flight action, {count:,} sleeping", "memory", "kb_per_action", "lower", target=1.0),
+    Row("idle", "idle CPU (5 s polling)", "idle", "cpu_percent", "lower", limit=0.5),
+]
+
+#: The headline number of a scenario, whose median run ``--repeat`` reports.
+HEADLINE = {"memory": "kb_per_action", "idle": "cpu_percent"}
+
+
+# --- running -------------------------------------------------------------------------------------------------
+
+def find_go_peer():
+    """``shared/peers/go-client/go-bench-pack`` in the nearest directory above the repository that has it."""
+    directory = ROOT
+    while True:
+        parent = os.path.dirname(directory)
+        if parent == directory:
+            return None
+        directory = parent
+        candidate = os.path.join(directory, GO_PEER_PATH)
+        if os.access(candidate, os.X_OK):
+            return candidate
+
+
+def run_once(scenario, client, args, log_dir, attempt):
+    """One measured run of *client* in *scenario*, each process fresh."""
+    suffix = f"-{attempt + 1}" if args.repeat > 1 else ""
+    name = f"{scenario.name}-{client}{suffix}"
+    source = LoopbackSource(os.path.join(log_dir, f"{name}-api.log"))
     try:
-        api.wait_for_pack(PACK_NAME, timeout=30)
-        if scenario.idle_seconds:
-            return _measure_idle(api, pack, scenario)
-        if warmup is not None:
-            api.wait_until_idle(timeout=30)
-        pack.check_alive()
-        idle_rss, _ = memory_kb(pack.pid)
-        api.latency = scenario.latency
-        inputs = [{"n": i} for i in range(count)] if scenario.input is None else [scenario.input] * count
-        batch = _Batch(api, scenario.command, inputs, pack.pid)
-        api.arm(batch.queue)
-        if not api.fired.wait(timeout=10):
-            raise RuntimeError("the pack did not take within 10 s")
-        held_rss = None
-        if scenario.command == "Hold":
-            _wait_for(lambda: api.taken - batch.taken_before >= count, scenario.timeout, pack,
-                      f"{count} actions taken")
-            gevent.sleep(0.1 if quick else 0.5)  # let the pack read the last take responses and start their handlers
-            held_rss, _ = memory_kb(pack.pid)
-            os.kill(pack.pid, signal.SIGUSR1)
-        api.wait_until_idle(timeout=scenario.timeout)
-        end = Snapshot.take(pack.pid, api)
-        rss, peak_rss = memory_kb(pack.pid)
-        result = batch.summary(end)
-        result.update(idle_rss_kb=idle_rss, rss_kb=rss, peak_rss_kb=peak_rss, options=options)
-        if held_rss is not None:
-            result.update(held_rss_kb=held_rss, kb_per_action=(held_rss - idle_rss) / count)
+        log = os.path.join(log_dir, f"{name}.log")
+        if client == "go":
+            pack = GoPack(args.go_peer, source.url, scenario, log)
+        else:
+            profile = os.path.join(args.profile, f"{name}.prof") if args.profile else None
+            pack = OurPack(source.url, scenario, log, profile, args.ours)
+        load = os.getloadavg()
+        try:
+            result = harness.run_scenario(scenario, source, pack, warm_up=not args.quick)
+        finally:
+            pack.stop()
+        result["options"] = pack.options
+        result["load_average"] = load
         return result
     finally:
-        api.latency = 0.0
-        pack.stop()
-        api.stop()
+        source.close()
 
 
-class _Batch:
-    """Actions queued together when the pack's next take arrives."""
-
-    def __init__(self, api, command, inputs, pid=None):
-        self.api, self.command, self.inputs, self.pid = api, command, inputs, pid
-        self.ids = []
-        self.start = None
-        self.taken_before = 0
-
-    def queue(self):
-        self.taken_before = self.api.taken
-        if self.pid is not None:
-            self.start = Snapshot.take(self.pid, self.api)
-            self.start.requests -= 1  # the take being served belongs to the batch
-        self.ids = self.api.enqueue_many(PACK_NAME, self.command, self.inputs)
-
-    def summary(self, end):
-        start = self.start
-        actions = [self.api.actions[i] for i in self.ids]
-        latencies = sorted(a.completed_at - a.created_at for a in actions)
-        window = max(a.completed_at for a in actions) - min(a.created_at for a in actions)
-        requests = end.requests - start.requests
-        api_cpu = end.api_cpu - start.api_cpu
-        return {
-            "actions": len(actions),
-            "fatal": sum(a.state == "FATAL" for a in actions),
-            "seconds": window,
-            # When the last action was taken: how long the queue took to drain.
-            "last_taken_ms": (max(a.taken_at for a in actions) - min(a.created_at for a in actions)) * 1000,
-            "actions_per_s": len(actions) / window,
-            "latency_ms": {"p50": _percentile(latencies, 50) * 1000, "p99": _percentile(latencies, 99) * 1000,
-                           "max": latencies[-1] * 1000},
-            "cpu_ms_per_action": (end.pack_cpu - start.pack_cpu) * 1000 / len(actions),
-            "pack_cpu_percent": (end.pack_cpu - start.pack_cpu) * 100 / (end.at - start.at),
-            "api": _api_summary(requests, api_cpu, end.at - start.at),
-        }
+def run_repeated(scenario, clients, args, log_dir):
+    """Run every client ``--repeat`` times, taking turns (so both meet the same load); per client, the run with
+    the median headline number, with the median of every row's metric over all runs in ``medians``."""
+    key = HEADLINE.get(scenario.name, "actions_per_s")
+    runs = {client: [] for client in clients}
+    errors = {}
+    for attempt in range(args.repeat):
+        for client in clients:
+            if client in errors:
+                continue
+            print(f"running {scenario.name} ({CLIENT_NAMES[client]}) ...", end=" ", file=sys.stderr, flush=True)
+            try:
+                result = run_once(scenario, client, args, log_dir, attempt)
+            except (BenchError, OSError) as exc:  # one broken run must not lose the others
+                print("failed", file=sys.stderr, flush=True)
+                errors[client] = {"error": f"{type(exc).__name__}: {exc}"}
+                continue
+            print(_headline(scenario, result), file=sys.stderr, flush=True)
+            runs[client].append(result)
+    chosen = {}
+    for client in clients:
+        if client in errors:
+            chosen[client] = errors[client]
+            continue
+        ordered = sorted(runs[client], key=lambda run: run[key])
+        median = ordered[(len(ordered) - 1) // 2]
+        metrics = {row.metric for row in ROWS if row.scenario == scenario.name and row.metric in median}
+        median["medians"] = {metric: _median([run[metric] for run in runs[client]]) for metric in metrics}
+        if len(ordered) > 1:
+            median["repeats"] = {metric: [run[metric] for run in runs[client]] for metric in metrics}
+        chosen[client] = median
+    return chosen
 
 
-def _measure_idle(api, pack, scenario):
-    gevent.sleep(min(1.0, scenario.idle_seconds / 2))  # past registration and the first take
-    start = Snapshot.take(pack.pid, api)
-    gevent.sleep(scenario.idle_seconds)
-    end = Snapshot.take(pack.pid, api)
-    rss, peak_rss = memory_kb(pack.pid)
-    return {
-        "seconds": end.at - start.at,
-        "cpu_percent": (end.pack_cpu - start.pack_cpu) * 100 / (end.at - start.at),
-        "requests": end.requests - start.requests,
-        "rss_kb": rss,
-        "peak_rss_kb": peak_rss,
-        "api": _api_summary(end.requests - start.requests, end.api_cpu - start.api_cpu, end.at - start.at),
-    }
+def _median(values):
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
-def _api_summary(requests, cpu, seconds):
-    per_request = cpu / requests if requests else None
-    return {
-        "requests": requests,
-        "cpu_us_per_request": per_request * 1e6 if per_request else None,
-        # What the fake could serve on one core at that cost: two requests per action.
-        "ceiling_requests_per_s": 1 / per_request if per_request else None,
-        "busy_percent": cpu * 100 / seconds,
-        "requests_per_s": requests / seconds,
-    }
+def _headline(scenario, result):
+    if scenario.idle_seconds:
+        return f"{_idle_cpu(result['cpu_percent'], result['seconds'])} CPU"
+    text = f"{result['actions_per_s']:,.0f} actions/s, {result['cpu_ms_per_action']:.3f} ms CPU per action"
+    if "kb_per_action" in result:
+        text += f", {result['kb_per_action']:.1f} KB per action in flight"
+    return text
 
 
-def _wait_for(condition, timeout, pack, what):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        pack.check_alive()
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {timeout:g} s waiting for {what}")
-        gevent.sleep(0.02)
+def compare(report, chosen):
+    """The rows of the issue's table: both clients' numbers, the ratio ours / Go, the target, met or missed."""
+    by_name = {entry["scenario"]: entry for entry in report["scenarios"]}
+    sizes = {s.name: s for s in chosen}
+    rows = []
+    for row in ROWS:
+        entry = by_name.get(row.scenario)
+        if entry is None:
+            continue
+        scenario = sizes[row.scenario]
+        go, ours = entry.get("go"), entry.get("ours")
+        go_value = go["medians"].get(row.metric) if go and "error" not in go else None
+        ours_value = ours["medians"].get(row.metric) if ours and "error" not in ours else None
+        ratio = ours_value / go_value if go_value and ours_value is not None else None
+        if report["quick"] or ours_value is None:
+            met = None
+        elif row.limit is not None:
+            met = ours_value <= row.limit
+        elif ratio is None:
+            met = None
+        else:
+            met = ratio >= row.target if row.better == "higher" else ratio <= row.target
+        rows.append({"key": row.key, "title": row.title.format(count=scenario.count, input=scenario.input or 0,
+                                                                latency_ms=scenario.latency * 1000),
+                     "scenario": row.scenario, "metric": row.metric, "go": go_value, "ours": ours_value,
+                     "ratio": ratio, "better": row.better, "target": row.describe_target(), "met": met})
+    return rows
 
 
-def _percentile(values, percent):
-    index = min(len(values) - 1, max(0, round(percent / 100 * len(values)) - 1))
-    return values[index]
-
-
-# --- output ------------------------------------------------------------------------------------------------------
+# --- output --------------------------------------------------------------------------------------------------
 
 def machine():
     """Facts about where the numbers were measured."""
@@ -382,200 +221,286 @@ def machine():
             model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
     except OSError:
         pass
-    import gevent as g
+    import gevent
     import greenlet
     return {
         "cpus": os.cpu_count(),
         "cpu_model": model,
+        "kernel": platform.release(),
         "python": platform.python_version(),
-        "gevent": g.__version__,
+        "gevent": gevent.__version__,
         "greenlet": greenlet.__version__,
-        "platform": platform.platform(),
         "load_average_at_start": os.getloadavg(),
     }
 
 
-COLUMNS = [("scenario", 10, "<"), ("client", 6, "<"), ("actions", 7, ">"), ("actions/s", 9, ">"),
-           ("p50 ms", 6, ">"), ("p99 ms", 6, ">"), ("max ms", 6, ">"), ("CPU ms/act", 10, ">"),
-           ("pack CPU", 8, ">"), ("RSS MB", 6, ">"), ("API µs/req", 10, ">"), ("API CPU", 7, ">"),
-           ("vs serial", 9, ">"), ("target", 24, "<"), ("result", 0, "<")]
+def _value(row, result_key, entry):
+    value = row[result_key]
+    if value is None:
+        result = entry.get(result_key) if entry else None
+        if result and "error" in result:
+            return "error"
+        return "-"
+    metric = row["metric"]
+    if metric == "cpu_ms_per_action":
+        return f"{value:.3f} ms"
+    if metric == "actions_per_s":
+        return f"{value:,.0f}/s"
+    if metric == "kb_per_action":
+        return f"{value:.1f} KB (idle {entry[result_key]['idle_rss_kb'] / 1024:.1f} MB)"
+    if metric == "cpu_percent":
+        return _idle_cpu(value, entry[result_key]["seconds"])
+    return f"{value:g}"
 
 
-def format_table(report):
-    """The results as a fixed-width text table, two rows (this, serial) per scenario."""
-    lines = [_row([name for name, _, _ in COLUMNS]),
-             _row(["-" * max(width, len(name)) for name, width, _ in COLUMNS])]
-    for entry in report["scenarios"]:
-        for variant in VARIANTS:
-            if variant not in entry:
-                continue
-            result = entry[variant]
-            first = variant == next(v for v in VARIANTS if v in entry)
-            cells = [entry["scenario"] if first else "", variant]
-            if "error" in result:
-                cells += [""] * (len(COLUMNS) - 5) + [entry["target"] if first else "", "ERROR: " + result["error"]]
-                lines.append(_row(cells))
-                continue
-            api = result["api"]
-            if "cpu_percent" in result:  # idle: the fake's per-request cost means nothing at one request per 5 s
-                cells += ["-"] * 6 + [_idle_cpu(result), f"{result['rss_kb'] / 1024:.1f}", "-"]
-            else:
-                latency = result["latency_ms"]
-                cells += [str(result["actions"]), f"{result['actions_per_s']:,.0f}", f"{latency['p50']:,.0f}",
-                          f"{latency['p99']:,.0f}", f"{latency['max']:,.0f}", f"{result['cpu_ms_per_action']:.3f}",
-                          f"{result['pack_cpu_percent']:.0f} %", f"{result['peak_rss_kb'] / 1024:.1f}",
-                          _num(api["cpu_us_per_request"], "{:.0f}")]
-            cells.append(f"{api['busy_percent']:.0f} %")
-            if variant == "this":
-                ratio = entry.get("ratio")
-                cells += ["" if ratio is None else f"{ratio:.1f}x", entry["target"], entry.get("result", "")]
-            else:
-                cells += ["", "", result.get("note", "")]
-            lines.append(_row(cells))
-    return "\n".join(lines)
+def _idle_cpu(percent, seconds):
+    if percent == 0:  # not a single clock tick
+        return f"< {100 / CLOCK_TICKS / seconds:.2f} %"
+    return f"{percent:.2f} %"
 
 
-def _row(cells):
+def _table(header, rows):
+    widths = [max(len(str(cells[i])) for cells in [header] + rows) for i in range(len(header))]
+    numeric = [i > 0 and all(_looks_numeric(cells[i]) for cells in rows) for i in range(len(header))]
     out = []
-    for (name, width, align), cell in zip(COLUMNS, cells):
-        width = max(width, len(name))
-        out.append(f"{cell:{align}{width}}" if width else cell)
-    return "  ".join(out).rstrip()
-
-
-def _idle_cpu(result):
-    if result["cpu_percent"] == 0:  # not a single clock tick
-        return f"< {100 / CLOCK_TICKS / result['seconds']:.2f} %"
-    return f"{result['cpu_percent']:.2f} %"
+    for cells in [header, ["-" * w for w in widths]] + rows:
+        out.append("  ".join(f"{c:>{w}}" if numeric[i] else f"{c:<{w}}"
+                             for i, (c, w) in enumerate(zip(cells, widths))).rstrip())
+    return "\n".join(out)
 
 
 def _num(value, fmt):
     return "-" if value is None else fmt.format(value)
 
 
+def _looks_numeric(cell):
+    return cell == "-" or (bool(cell) and (cell[0].isdigit() or cell[0] in "<~"))
+
+
+def format_comparison(report):
+    """The issue's targets: one row each, both clients, the ratio and whether it was met."""
+    by_name = {entry["scenario"]: entry for entry in report["scenarios"]}
+    rows = []
+    for row in report["rows"]:
+        entry = by_name[row["scenario"]]
+        ratio = "-" if row["ratio"] is None else f"{row['ratio']:.2f}×"
+        if row["met"] is None:
+            verdict = "-" if report["quick"] or row["ours"] is None else "n/a (no Go run)"
+        else:
+            verdict = "met" if row["met"] else "MISSED"
+        better = f"{row['better']} is better"
+        busy = " / ".join(_busy(entry.get(client)) for client in CLIENTS)
+        rows.append([row["title"], _value(row, "go", entry), _value(row, "ours", entry), ratio, better,
+                     row["target"], verdict, busy])
+    return _table(["", CLIENT_NAMES["go"], CLIENT_NAMES["ours"], "ours/Go", "", "target", "result",
+                   "API busy Go / ours"], rows)
+
+
+def _busy(result):
+    if not result or "error" in result or not result.get("server"):
+        return "-"
+    return f"{result['server']['busy_percent']:.0f} %"
+
+
+def format_runs(report):
+    """Every run in detail, the loopback API's cost included."""
+    rows = []
+    for entry in report["scenarios"]:
+        for client in CLIENTS:
+            result = entry.get(client)
+            if result is None:
+                continue
+            cells = [entry["scenario"], CLIENT_NAMES[client]]
+            if "error" in result:
+                rows.append(cells + ["ERROR: " + result["error"]] + [""] * 14)
+                continue
+            server = result.get("server") or dict.fromkeys(("requests", "cpu_us_per_request", "busy_percent",
+                                                             "requests_per_action"))
+            per_request = _num(server["cpu_us_per_request"], "{:.0f}")
+            if "cpu_percent" in result:  # a per-request cost means nothing at one take per 5 s
+                cells += ["-"] * 6 + [_idle_cpu(result["cpu_percent"], result["seconds"]), "-",
+                                      f"{result['rss_kb'] / 1024:.1f}", _num(server["requests"], "{:,}"), "-",
+                                      _num(server["busy_percent"], "{:.1f} %"), "-"]
+            else:
+                latency = result["latency_ms"]
+                cells += [f"{result['actions']:,}", f"{result['actions_per_s']:,.0f}", f"{latency['p50']:,.0f}",
+                          f"{latency['p99']:,.0f}", f"{latency['max']:,.0f}", f"{result['take_span_ms']:,.0f}",
+                          f"{result['cpu_ms_per_action']:.3f}", f"{result['pack_cpu_percent']:.0f} %",
+                          f"{result['idle_rss_kb'] / 1024:.1f} / {result['peak_rss_kb'] / 1024:.1f}",
+                          _num(server["requests"], "{:,}"), per_request, _num(server["busy_percent"], "{:.0f} %"),
+                          _num(server["requests_per_action"], "{:.2f}")]
+            cells.append(f"{result['load_average'][0]:.2f}")
+            rows.append(cells)
+    header = ["scenario", "client", "actions", "actions/s", "p50 ms", "p99 ms", "max ms", "takes ms", "CPU ms/act",
+              "pack CPU", "RSS MB idle/peak", "API req", "API µs/req", "API busy", "req/act", "load"]
+    return _table(header, rows)
+
+
 def format_notes(report):
-    """What the table needs to be read right: the fake API's ceiling, memory, configurations, machine."""
+    """What the tables need to be read right: the API's ceiling, the clients' settings, the machine."""
     lines = []
-    runs = [(entry["scenario"], variant, entry[variant]["api"]) for entry in report["scenarios"]
-            for variant in VARIANTS if "api" in entry.get(variant, {}) and entry[variant]["api"]["requests"]]
+    runs = [(entry["scenario"], client, entry[client]) for entry in report["scenarios"] for client in CLIENTS
+            if entry.get(client) and "actions" in entry[client] and entry[client].get("server")
+            and entry[client]["server"]["cpu_us_per_request"]]
     if runs:
-        name, variant, api = max(runs, key=lambda run: run[2]["requests_per_s"])
-        lines.append(f"Fake API (its own process): in the busiest run ({name}/{variant}, "
-                     f"{api['requests_per_s']:,.0f} requests/s) it used {api['cpu_us_per_request']:.0f} µs of CPU "
-                     f"per request, so one core would serve ~{api['ceiling_requests_per_s']:,.0f} requests/s "
-                     f"(~{api['ceiling_requests_per_s'] / 2:,.0f} actions/s); it was {api['busy_percent']:.0f} % busy. "
-                     f"API µs/req includes queueing the batch; at low rates, idle timers dominate it.")
-    memory = next((e for e in report["scenarios"] if e["scenario"] == "memory"), None)
-    for variant in VARIANTS:
-        result = (memory or {}).get(variant, {})
-        if "kb_per_action" in result:
-            lines.append(f"memory/{variant}: pack RSS {result['idle_rss_kb'] / 1024:.1f} MB idle, "
-                         f"{result['held_rss_kb'] / 1024:.1f} MB with {result['actions']:,} actions in flight: "
-                         f"{result['kb_per_action']:.1f} KB per in-flight action.")
-    tuned = [f"{e['scenario']}: {', '.join(f'{k}={v}' for k, v in e['options'].items())}"
-             for e in report["scenarios"] if e.get("options")]
-    lines.append("this = the library's defaults (max_takers=64, Prometheus metrics on, health server on), "
-                 f"polling_interval {BENCH_POLLING_INTERVAL:g} s (idle: the default 5 s)"
-                 + (f"; per scenario {'; '.join(tuned)}" if tuned else "")
-                 + (f"; overridden on the command line: {report['this_overrides']}" if report.get("this_overrides")
-                    else "")
-                 + ". serial = the same with max_takers=1, one take at a time like the Go client.")
-    lines.append("Latency: queued -> result accepted by the API. vs serial: ratio of actions/s (idle: of CPU). "
-                 f"CPU is read in {1000 // CLOCK_TICKS} ms clock ticks.")
+        name, client, result = max(runs, key=lambda run: run[2]["server"]["requests_per_s"])
+        server = result["server"]
+        ceiling = 1e6 / server["cpu_us_per_request"]
+        lines.append(
+            f"Loopback API (its own process, one core at most): in the busiest run ({name}, {CLIENT_NAMES[client]}: "
+            f"{server['requests_per_s']:,.0f} requests/s) it used {server['cpu_us_per_request']:.0f} µs of CPU per "
+            f"request and was {server['busy_percent']:.0f} % busy; at that cost one core serves ~{ceiling:,.0f} "
+            f"requests/s, ~{ceiling / server['requests_per_action']:,.0f} actions/s at "
+            f"{server['requests_per_action']:.2f} requests per action.")
+    lines.append("Drain rate: actions / (last result accepted - first take), on the API's clock. Latency: queued -> "
+                 "result accepted. takes ms: first take -> last take. CPU: the pack process's user + system time "
+                 f"between the batch's first take and its last result, read in {1000 // CLOCK_TICKS} ms clock ticks "
+                 "(pack CPU is that time as % of one core). RSS per in-flight action: (RSS with all held - RSS idle "
+                 "after warm-up) / actions. API busy: the API's CPU time as % of one core over the batch. load: the "
+                 "1-minute load average as the run started.")
+    if report["repeat"] > 1:
+        lines.append(f"--repeat {report['repeat']}: the clients took turns; each target row is the median of its "
+                     f"metric over the {report['repeat']} runs, each detail row the client's median run by drain "
+                     f"rate (memory: by KB per action; idle: by CPU). Every run's numbers are in the JSON.")
+    tuned = sorted({f"{e['scenario']}: {', '.join(f'{k}={v}' for k, v in e['ours']['options'].items())}"
+                    for e in report["scenarios"] if e.get("ours") and "options" in e["ours"]})
+    lines.append(f"{CLIENT_NAMES['ours']} {report['version']}: the library's defaults (Prometheus metrics and health "
+                 f"server on) plus, per scenario, {'; '.join(tuned) or 'nothing'}"
+                 + (f" (overridden with --ours: {report['ours_overrides']})" if report["ours_overrides"] else "")
+                 + ".")
+    if report["go_peer"]:
+        peer = report["go_peer"]
+        lines.append(f"{CLIENT_NAMES['go']}: {peer['path']} (sha256 {peer['sha256'][:12]}), one take at a time, "
+                     f"each action in its own goroutine; polling interval {harness.POLLING_INTERVAL:g} s "
+                     f"(idle: {harness.IDLE_POLLING_INTERVAL:g} s, as ours).")
+    else:
+        lines.append(f"{CLIENT_NAMES['go']}: not run ({report['go_peer_note']}).")
     m = report["machine"]
-    lines.append(f"Machine: {m['cpus']} CPUs ({m['cpu_model']}), {m['platform']}; Python {m['python']}, "
+    lines.append(f"Machine: {m['cpus']} CPUs ({m['cpu_model']}), Linux {m['kernel']}; Python {m['python']}, "
                  f"gevent {m['gevent']}, greenlet {m['greenlet']}; load average at start "
                  f"{' '.join(f'{x:.2f}' for x in m['load_average_at_start'])}, at end "
-                 f"{' '.join(f'{x:.2f}' for x in m.get('load_average_at_end', ()))}.")
+                 f"{' '.join(f'{x:.2f}' for x in m.get('load_average_at_end', ()))}. Other load shows up as pack "
+                 f"CPU well below 100 % in fast: compare ratios, not absolute numbers, across machines.")
     return "\n".join(lines)
 
 
-def run_repeated(scenario, variant, args, log_dir):
-    """Run one scenario and configuration ``--repeat`` times; the run with the median headline number."""
-    key = "cpu_percent" if scenario.idle_seconds else "actions_per_s"
-    runs = []
-    for attempt in range(args.repeat):
-        print(f"running {scenario.name} ({variant}) ...", end=" ", file=sys.stderr, flush=True)
-        try:
-            result = run_variant(scenario, variant, args.quick, log_dir, args.profile)
-        except Exception as exc:  # one broken run must not lose the others
-            print("failed", file=sys.stderr, flush=True)
-            return {"error": f"{type(exc).__name__}: {exc}"}
-        print(f"{result[key]:,.2f} {'% CPU' if scenario.idle_seconds else 'actions/s'}", file=sys.stderr, flush=True)
-        runs.append(result)
-    runs.sort(key=lambda run: run[key])
-    chosen = runs[(len(runs) - 1) // 2]
-    if len(runs) > 1:
-        chosen["repeats"] = [run[key] for run in runs]
-    return chosen
+def write_profiles(directory):
+    """Next to each ``.prof``, a ``.txt`` with its top entries by own time; the paths written."""
+    written = []
+    for name in sorted(os.listdir(directory)):
+        if not name.endswith(".prof"):
+            continue
+        path = os.path.join(directory, name)
+        text_path = path[:-5] + ".txt"
+        with open(text_path, "w") as f:
+            stats = pstats.Stats(path, stream=f)
+            stats.sort_stats("tottime").print_stats(40)
+        written.append(text_path)
+    return written
+
+
+def _shown(path):
+    relative = os.path.relpath(path)
+    return os.path.abspath(path) if relative.startswith("..") else relative
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Run the flyte_gevent benchmark scenarios of issue #4.")
+    parser = argparse.ArgumentParser(description="Run the benchmark scenarios of issue #9: flyte_gevent beside the "
+                                                 "Go client, each in its own process, same loopback API.")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for the smoke test (numbers mean nothing)")
     parser.add_argument("--scenario", action="append", metavar="NAME",
                         help="run only this scenario (repeatable): fast, rtt20, io1s, io1s_rtt20, memory, idle")
-    parser.add_argument("--variant", action="append", choices=sorted(VARIANTS),
-                        help="run only this client configuration (repeatable)")
-    parser.add_argument("--output", default=DEFAULT_OUTPUT, help="JSON results file (default %(default)s)")
+    parser.add_argument("--client", action="append", choices=CLIENTS, help="run only this client (repeatable)")
+    parser.add_argument("--go-peer", metavar="PATH",
+                        help=f"the Go client's bench pack, or 'none' (default: {GO_PEER_PATH} in the nearest "
+                             f"directory above the repository that has it)")
     parser.add_argument("--repeat", type=int, default=1, metavar="N",
                         help="run each scenario and client N times and report the median run (default 1)")
-    parser.add_argument("--this", action="append", default=[], metavar="OPTION=VALUE",
-                        help="override a Pack option of the 'this' client, e.g. max_takers=64 (repeatable)")
-    parser.add_argument("--profile", metavar="DIR", help="cProfile each pack process into DIR/<scenario>-<variant>.prof")
+    parser.add_argument("--ours", "--this", action="append", default=[], metavar="OPTION=VALUE",
+                        help="override a Pack option of ours in every scenario: max_takers=N, max_in_flight=N or "
+                             "polling_interval=S (repeatable)")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="cProfile our pack process into DIR/<scenario>-ours.prof (and a .txt of its top entries)")
+    parser.add_argument("--output", default=DEFAULT_OUTPUT, help="JSON results file (default %(default)s)")
     args = parser.parse_args(argv)
 
     chosen = scenarios(args.quick)
     if args.scenario:
-        known = {s.name for s in chosen}
-        unknown = set(args.scenario) - known
+        known = [s.name for s in chosen]
+        unknown = sorted(set(args.scenario) - set(known))
         if unknown:
-            parser.error(f"unknown scenario {', '.join(sorted(unknown))}; choose from {', '.join(sorted(known))}")
+            parser.error(f"--scenario: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
         chosen = [s for s in chosen if s.name in args.scenario]
-    variants = args.variant or list(VARIANTS)
-    for setting in args.this:
+    if args.repeat < 1:
+        parser.error(f"--repeat: must be at least 1, got {args.repeat}")
+    overrides = {}
+    for setting in args.ours:
         key, _, value = setting.partition("=")
-        if key not in ("max_takers", "max_in_flight", "polling_interval") or not value:
-            parser.error(f"--this {setting!r}: expected max_takers=N, max_in_flight=N or polling_interval=S")
-        VARIANTS["this"][key] = value
-    overrides = dict(VARIANTS["this"])
+        try:
+            overrides[key] = OVERRIDABLE[key](value)
+        except (KeyError, ValueError):
+            parser.error(f"--ours {setting!r}: expected one of max_takers=N, max_in_flight=N, polling_interval=S")
+    args.ours = overrides
+    go_peer_note = None
+    if args.go_peer is None:
+        args.go_peer = find_go_peer()
+        if args.go_peer is None:
+            go_peer_note = f"no {GO_PEER_PATH} above {ROOT}; give one with --go-peer"
+    elif args.go_peer == "none":
+        args.go_peer, go_peer_note = None, "--go-peer none"
+    elif not os.access(args.go_peer, os.X_OK) or os.path.isdir(args.go_peer):
+        parser.error(f"--go-peer: {args.go_peer} is not an executable file")
+    clients = [c for c in (args.client or CLIENTS) if c != "go" or args.go_peer]
+    if not clients:
+        parser.error(f"--client go: no Go peer ({go_peer_note})")
     output_dir = os.path.dirname(os.path.abspath(args.output))
     log_dir = os.path.join(output_dir, "logs")
     os.makedirs(log_dir, exist_ok=True)
     if args.profile:
         os.makedirs(args.profile, exist_ok=True)
 
+    import flyte_gevent
     report = {"generated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "quick": args.quick, "this_overrides": overrides, "machine": machine(), "scenarios": []}
+              "quick": args.quick, "repeat": args.repeat, "version": flyte_gevent.__version__,
+              "ours_overrides": overrides,
+              "machine": machine(), "go_peer_note": go_peer_note,
+              "go_peer": {"path": os.path.abspath(args.go_peer), "sha256": _sha256(args.go_peer)} if args.go_peer
+              else None,
+              "scenarios": []}
+    started = time.monotonic()
     for scenario in chosen:
-        entry = {"scenario": scenario.name, "what": scenario.what, "target": scenario.target,
-                 "options": scenario.options}
-        for variant in variants:
-            entry[variant] = run_repeated(scenario, variant, args, log_dir)
-        this, serial = entry.get("this"), entry.get("serial")
-        if this and "error" not in this:
-            if not args.quick:
-                entry["met"], text = check(scenario, this)
-                entry["result"] = ("ok: " if entry["met"] else "MISSED: ") + text
-            if serial and "error" not in serial:
-                key = "cpu_percent" if scenario.idle_seconds else "actions_per_s"
-                if serial[key]:
-                    entry["ratio"] = this[key] / serial[key]
-        if serial and "error" not in serial and scenario.serial_count and scenario.serial_count != scenario.count:
-            serial["note"] = f"{serial['actions']} actions: serial takes are slow"
+        entry = {"scenario": scenario.name, "command": scenario.command, "count": scenario.count,
+                 "input": scenario.input, "latency_s": scenario.latency, "idle_seconds": scenario.idle_seconds}
+        entry.update(run_repeated(scenario, clients, args, log_dir))
         report["scenarios"].append(entry)
+    report["seconds"] = time.monotonic() - started
     report["machine"]["load_average_at_end"] = os.getloadavg()
+    report["rows"] = compare(report, chosen)
 
-    print(format_table(report))
+    if args.quick:
+        print("--quick: tiny batches; these numbers mean nothing.")
+    print(format_comparison(report))
+    print()
+    print(format_runs(report))
     print()
     print(format_notes(report))
+    if args.profile:
+        for path in write_profiles(args.profile):
+            print(f"profile: {_shown(path)}")
     os.makedirs(output_dir, exist_ok=True)
     with open(args.output, "w") as f:
         json.dump(report, f, indent=2)
         f.write("\n")
-    shown = os.path.relpath(args.output)
-    print(f"\nJSON: {os.path.abspath(args.output) if shown.startswith('..') else shown}")
-    failed = [e["scenario"] for e in report["scenarios"] for v in variants if "error" in e.get(v, {})]
+    print(f"\nJSON: {_shown(args.output)}")
+    failed = [e["scenario"] for e in report["scenarios"] for c in clients if "error" in e.get(c, {})]
     return 1 if failed else 0
 
 
