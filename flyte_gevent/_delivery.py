@@ -170,7 +170,7 @@ class _Job:
         self.limit = limit
         self.url = url  # a result's own URL; events go to the current registration's
         self.action_id = action_id
-        self.backoff = Backoff(*policy.backoff)
+        self.backoff = policy.backoff()
         self.attempts = 0
         self.error = None
         self.reregistered = False
@@ -199,12 +199,15 @@ class _ResultPolicy:
     """Results: exactly once. Never send again what the server may have applied, and never drop one silently."""
 
     kind = "result"
-    backoff = _RESULT_BACKOFF
 
     def __init__(self, client, metrics):
         self.post = client.post_result
         self._metrics = metrics
         self._throttle = LogThrottle(log)
+
+    @staticmethod
+    def backoff():
+        return Backoff(*_RESULT_BACKOFF)
 
     def judge(self, job, error):
         status = error.status
@@ -256,12 +259,15 @@ class _EventPolicy:
     """Spontaneous events: at least once. A retry after a lost answer may deliver one twice; that is allowed."""
 
     kind = "event"
-    backoff = _EVENT_BACKOFF
 
     def __init__(self, client, metrics):
         self.post = client.post_event
         self._metrics = metrics
         self._throttle = LogThrottle(log)
+
+    @staticmethod
+    def backoff():
+        return Backoff(*_EVENT_BACKOFF)
 
     def judge(self, job, error):
         if error.status == 404:
