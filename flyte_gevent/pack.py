@@ -49,7 +49,7 @@ from .metrics import make_metrics
 from .models import PackDef
 from .schemas import encode_event, flatten_errors
 
-__all__ = ["Pack", "Registrar"]
+__all__ = ["Pack"]
 
 log = logging.getLogger(__name__)
 
@@ -555,6 +555,8 @@ class Pack:
                 self._health_server.stop()
             self.client.close()
             log.info("pack %r stopped", self.pack_def.name)
+        except Exception:  # a bug; the pack is stopped all the same, so nobody waits for it forever
+            log.exception("stopping pack %r failed", self.pack_def.name)
         finally:
             self._stopped.set()
 
