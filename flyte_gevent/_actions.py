@@ -103,6 +103,10 @@ class ActionRunner:
         duration = time.monotonic() - started
         try:
             self._delivery.deliver_result(action, body, event_name)  # delivery ended: accepted, refused or lost
+        except Exception as exc:  # noqa: BLE001 - a bug (or a broken log handler) inside delivery
+            self._metrics.result_lost()
+            _log_quietly(logging.ERROR, "result %r for action %s may be lost: delivering it failed: %s", event_name,
+                         action.id, _describe(exc), exc_info=(type(exc), exc, exc.__traceback__))
         finally:
             self._finished(action, outcome, duration)
 
@@ -222,12 +226,17 @@ class ActionRunner:
             event = fatal_event(SHUTDOWN_MESSAGE)
         else:
             event = fatal_event(f"flyte_gevent could not complete the action: {_describe(exc)}")
-        try:
-            log.error("completing action %s as FATAL after an unexpected error: %s", action.id, _describe(exc),
-                      exc_info=(type(exc), exc, exc.__traceback__))
-        except Exception:  # noqa: BLE001 - a broken log handler must not cost the action its result
-            pass
+        _log_quietly(logging.ERROR, "completing action %s as FATAL after an unexpected error: %s", action.id,
+                     _describe(exc), exc_info=(type(exc), exc, exc.__traceback__))
         return event.name, encode_event(event)
+
+
+def _log_quietly(level, message, *args, exc_info=None):
+    """Log, even through a log handler that raises (the failure being reported may be that handler's)."""
+    try:
+        log.log(level, message, *args, exc_info=exc_info)
+    except Exception:  # noqa: BLE001 - nothing is left to report it to
+        pass
 
 
 def _describe(exc):

@@ -224,6 +224,23 @@ def test_a_take_in_flight_past_the_flush_deadline_gets_its_answer_and_its_action
     assert elapsed < 3.0, f"stop took {elapsed:.1f} s"
 
 
+def test_a_result_post_in_flight_past_the_flush_deadline_gets_its_answer(flyte_api, registry, caplog):
+    pack = Pack(pack_def_with(), Client(flyte_api.url, timeout=3.0), health_port=None, polling_interval=0.5,
+                grace_period=0, flush_timeout=0.2, metrics=registry)
+    pack.start(timeout=5)
+    try:
+        flyte_api.delay("result", 1.0)  # the server takes a second to answer the result
+        aid = flyte_api.enqueue("Hardened", "Echo", "slow to land")
+        wait_until(lambda: flyte_api.requests_for("result"), 2, "the result post in flight")
+        pack.stop()
+    finally:
+        pack.stop(grace_period=0)
+    assert flyte_api.action(aid).result["payload"] == "slow to land"
+    assert result_statuses(flyte_api, aid) == [202]
+    assert metric(registry, "flyte_pack_results_lost_total") == 0, "a result that landed counted as lost"
+    assert not records(caplog, logging.ERROR)
+
+
 # --- 4. an events-only pack without a health server runs until stopped ------------------------------------------
 
 
