@@ -121,7 +121,7 @@ def test_a_timeout_due_while_a_handler_failure_is_being_logged_does_not_strand_t
         raise ValueError("boom")
 
     slow_log = log_handler(SlowLogHandler(0.4, "handler for command 'Late' failed"))
-    pack = make_pack(pack_def_with(Command("Late", fails_late, [done], timeout=0.2)), start=True)
+    make_pack(pack_def_with(Command("Late", fails_late, [done], timeout=0.2)), start=True)
     aid = flyte_api.enqueue("Hardened", "Late", None)
     # The 0.2 s timeout comes due while the failure is still being logged (0.1 + 0.4 s).
     result = flyte_api.wait_for_result(aid, timeout=3)
