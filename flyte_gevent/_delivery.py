@@ -80,7 +80,6 @@ class Delivery:
     """
 
     def __init__(self, client, registrar, metrics, *, result_deadline, sleep, cutoff, on_recovered):
-        self._client = client
         self._registrar = registrar
         self._result_deadline = result_deadline
         self._sleep = sleep
@@ -110,8 +109,7 @@ class Delivery:
         if delivered.outcome is REFUSED:
             raise delivered.error
         if delivered.outcome is LOST:
-            raise DeliveryError(f"event {name!r} not delivered within {limit:g} s ({delivered.attempts} attempts): "
-                                f"{delivered.error.reason}", last_error=delivered.error)
+            raise DeliveryError(f"event {name!r} not delivered: {delivered.reason}", last_error=delivered.error)
 
     def _deliver(self, job):
         """The one loop: post; on failure ask the policy what the answer means; back off; end."""
@@ -143,7 +141,7 @@ class Delivery:
             remaining = min(job.deadline, cutoff) - time.monotonic()
             if remaining <= 0:
                 why = "the pack stopped first" if cutoff < job.deadline else f"not accepted within {job.limit:g} s"
-                return self._end(job, LOST, f"{why} ({job.attempts} attempts): {error}")
+                return self._end(job, LOST, f"{why} ({job.attempts} attempts): {error.reason}")
             delay = min(job.backoff.next(), remaining)
             job.policy.retrying(job, error, delay)
             self._sleep(delay)

@@ -82,4 +82,4 @@ def test_an_event_not_accepted_by_its_deadline_raises_delivery_error_with_the_la
     with pytest.raises(DeliveryError) as raised:
         pack.send_event(Event(tick, {"n": 1}), timeout=0.3)
     assert raised.value.last_error.status == 503
-    assert "not delivered within 0.3 s" in str(raised.value)
+    assert "event 'Tick' not delivered: not accepted within 0.3 s" in str(raised.value)
