@@ -9,6 +9,9 @@ __all__ = ["Backoff", "LogThrottle", "RETRYABLE_STATUSES", "worth_retrying", "re
 # Statuses worth sending a request again for: overload and gateway trouble.
 RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
 
+# More doublings than any base/cap ratio needs (2**64 is 1.8e19).
+_MAX_DOUBLINGS = 64
+
 
 def worth_retrying(error):
     """Whether a :class:`~flyte_gevent.FlyteError` may go away by itself.
@@ -29,7 +32,8 @@ class Backoff:
 
     The n-th delay is drawn uniformly from ``[base, min(cap, base * 2**n)]``, so the
     first is exactly *base* (the polling interval, for the poller) and later ones
-    spread replicas apart instead of letting them retry in lockstep.
+    spread replicas apart instead of letting them retry in lockstep. However many
+    attempts have failed (days of an outage), a delay is a number within the cap.
     """
 
     def __init__(self, base, cap):
@@ -38,7 +42,8 @@ class Backoff:
         self.attempt = 0
 
     def next(self):
-        high = min(self.cap, self.base * 2 ** self.attempt)
+        # base * 2**1024 overflows a float; any real cap is reached long before _MAX_DOUBLINGS.
+        high = min(self.cap, self.base * 2 ** min(self.attempt, _MAX_DOUBLINGS))
         self.attempt += 1
         return random.uniform(self.base, high)
 

@@ -78,13 +78,18 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 class MalformedActionError(FlyteProtocolError):
     """A take answered 200 with a body that is not a valid action.
 
+    :ivar taken: whether the body shows that the server handed out an action
+        (a JSON object with a ``command`` or a result link): that action is
+        PENDING now. ``False`` for a body that is no action at all, such as a
+        proxy's HTML error page answered with 200.
     :ivar action: an :class:`~flyte_gevent.models.Action` with the result URL
-        when the body still had one (so the action can be completed as FATAL),
-        otherwise ``None``.
+        when the body has a usable one (so the action can be completed as
+        FATAL), otherwise ``None``.
     """
 
-    def __init__(self, message, action=None, **kwargs):
+    def __init__(self, message, action=None, taken=None, **kwargs):
         self.action = action
+        self.taken = action is not None if taken is None else bool(taken)
         super().__init__(message, **kwargs)
 
 
@@ -370,7 +375,8 @@ class Client:
         """Take the next action: an :class:`~flyte_gevent.models.Action`, or ``None`` when there is none (204).
 
         :raises PackNotFoundError: 404, the pack is not registered (deleted).
-        :raises MalformedActionError: 200 with a body that is not an action.
+        :raises MalformedActionError: 200 with a body that is not a valid action
+            (its ``taken`` says whether the body shows one was handed out).
         """
         status, _, body = self._send("POST", take_url, _TAKE_BODY)
         if status == 204:
@@ -408,8 +414,9 @@ class Client:
     # -- plumbing ---------------------------------------------------------
 
     def _post_expect_202(self, url, body):
+        # The server answers 202; a proxy or a later server may answer 200 or 204, which is as final.
         status, _, response_body = self._send("POST", url, body)
-        if status != 202:
+        if not 200 <= status < 300:
             raise _http_error("POST", url, status, response_body, "expected 202")
 
     def _send(self, method, url, body=None, via_requests=False):
@@ -569,19 +576,28 @@ def _http_error(method, url, status, body, expectation, pack_url=True):
 
 
 def _malformed_action(exc, body, take_url):
-    action = None
     problems = flatten_errors(exc.messages) if isinstance(exc, ValidationError) else [f"not JSON ({exc})"]
     try:
-        # The action is PENDING on the server now; if its result link is usable,
-        # the pack can still complete it as FATAL instead of stranding it.
         data = json.loads(body)
-        links = _LINKS_DOCUMENT.load({"links": data.get("links")})["links"]
-        result_url = find_link(links, REL_RESULT)
-        if result_url:
-            command = data.get("command") if isinstance(data.get("command"), str) else None
-            action = Action(action_id_from_url(result_url), command, data.get("input"), result_url)
-    except (ValueError, ValidationError, AttributeError, TypeError):
-        pass
+    except ValueError:
+        data = None
+    result_url = _result_link(data.get("links")) if isinstance(data, dict) else None
+    if result_url is None and not (isinstance(data, dict) and "command" in data):
+        # Not an action at all (a proxy's error page answered with 200, say): nothing was handed out.
+        return MalformedActionError("take answered 200 with a body that is not an action: " + "; ".join(problems),
+                                    taken=False, method="POST", url=take_url, body=body)
+    # The body is an action the server handed out, so it is PENDING on the server now; if its
+    # result link is usable, the pack can still complete it as FATAL instead of stranding it.
+    action = None
+    if result_url is not None:
+        command = data.get("command") if isinstance(data.get("command"), str) else None
+        action = Action(action_id_from_url(result_url), command, data.get("input"), result_url)
     return MalformedActionError("take answered 200 with a malformed action: " + "; ".join(problems),
-                                action=action, method="POST", url=take_url, body=body)
+                                action=action, taken=True, method="POST", url=take_url, body=body)
 
+
+def _result_link(links):
+    try:
+        return find_link(_LINKS_DOCUMENT.load({"links": links})["links"], REL_RESULT)
+    except ValidationError:
+        return None

@@ -15,7 +15,7 @@ Series (no action ids as labels; unknown command names are folded into
 ``flyte_pack_actions_in_flight``           actions taken and not yet completed
 ``flyte_pack_take_errors_total``           failed takes, by reason
 ``flyte_pack_result_retries_total``        result posts sent again
-``flyte_pack_results_lost_total``          results given up on (action left PENDING)
+``flyte_pack_results_lost_total``          results given up on, or whose landing cannot be confirmed
 ``flyte_pack_events_sent_total``           spontaneous events delivered, by event
 ``flyte_pack_events_failed_total``         spontaneous events given up on, by event
 ``flyte_pack_events_dropped_total``        events dropped because the send buffer was full
@@ -104,7 +104,7 @@ class Metrics(NullMetrics):
                                      registry=r)
         self._take_errors = prom.Counter("flyte_pack_take_errors", "Failed takes.", ["reason"], registry=r)
         self._retries = prom.Counter("flyte_pack_result_retries", "Result posts sent again.", registry=r)
-        self._lost = prom.Counter("flyte_pack_results_lost", "Results given up on.", registry=r)
+        self._lost = prom.Counter("flyte_pack_results_lost", "Results given up on or not confirmed.", registry=r)
         self._sent = prom.Counter("flyte_pack_events_sent", "Spontaneous events delivered.", ["event"], registry=r)
         self._failed = prom.Counter("flyte_pack_events_failed", "Spontaneous events given up on.", ["event"],
                                     registry=r)

@@ -1,20 +1,29 @@
-"""The pack runtime: registration, the poller, events, health, and graceful shutdown.
+"""The pack runtime: registration, taking actions, events, health, and graceful shutdown.
 
-A :class:`Pack` owns these greenlets:
+A :class:`Pack` wires these together and owns their greenlets:
 
-* the **poller** (only when the pack has commands), which keeps takes in flight
-  while slots of the action pool are free (see :mod:`flyte_gevent._actions`);
-* **one greenlet per action**, in a ``gevent.pool.Pool(max_in_flight)``;
+* the :class:`Registrar`, which holds the registration and registers again
+  (rate-limited) when the server answers 404;
+* the **poller** (only when the pack has commands): the taking strategy,
+  :class:`flyte_gevent._poller.Poller`;
+* **one greenlet per action**, in a ``gevent.pool.Pool(max_in_flight)``, each
+  running its action to one result with :class:`flyte_gevent._actions.ActionRunner`;
+* results and events travel through one delivery mechanism,
+  :class:`flyte_gevent._delivery.Delivery`;
 * the **event sender**, which delivers events queued by :meth:`Pack.send_event_nowait`;
-* the **health server** (unless ``health_port=None``).
+* the **health server** (unless ``health_port=None``);
+* the **stopper**, the greenlet :meth:`Pack.stop` runs the shutdown in, so
+  that a stop asked for from any greenlet (a handler included) completes.
 
 Shutdown — :meth:`Pack.stop`, or SIGTERM/SIGINT while :meth:`Pack.run` waits —
 stops taking, gives running handlers ``grace_period`` seconds, completes the ones
 still running as FATAL "pack shutting down", flushes results and queued events
-for up to ``flush_timeout`` seconds, and returns. A second signal cuts both
+for up to ``flush_timeout`` seconds, lets requests still in flight get their
+answer, closes the client's connections and returns. A second signal cuts both
 waits short. The pack is never deleted on the server: replicas share its id.
 """
 
+import functools
 import logging
 import math
 import signal
@@ -28,10 +37,12 @@ from gevent import monkey
 from gevent.pool import Group, Pool
 
 from . import config
-from ._actions import SHUTDOWN_MESSAGE, Poller, cancel_handlers
-from ._retry import Backoff, LogThrottle, retry_log_level, worth_retrying
+from ._actions import SHUTDOWN_MESSAGE, ActionRunner
+from ._delivery import Delivery
+from ._poller import Poller
+from ._retry import Backoff, LogThrottle
 from .client import Client
-from .errors import ConfigError, DeliveryError, FlyteError, NotPatchedError, NotRegisteredError, PackNotFoundError
+from .errors import ConfigError, DeliveryError, FlyteError, NotPatchedError, NotRegisteredError
 from .health import HealthApp, HealthServer
 from .log import bind_pack
 from .metrics import make_metrics
@@ -44,9 +55,81 @@ log = logging.getLogger(__name__)
 
 _REGISTER_BACKOFF = (1.0, 30.0)
 _REREGISTER_BACKOFF = (1.0, 30.0)
-_EVENT_BACKOFF = (0.5, 30.0)
 _FORCED_FLUSH = 3.0          # seconds left to post results after a second signal
 _NOT_READY_AFTER_ERRORS = 5  # failed takes in a row before /readyz says 503
+_RUN_WAKEUP = 60.0           # run() wakes this often: its timer keeps gevent's loop alive
+
+
+class Registrar:
+    """The pack's registration with the Flyte API, and registering again when the server has forgotten it.
+
+    A 404 on a take, a result or an event means the pack was deleted on the
+    server (dead-pack cleanup, a ``DELETE``). Every greenlet that sees one calls
+    :meth:`reregister`; they share one attempt. Attempts are rate-limited: while
+    no request on the new registration is answered (a proxy that keeps answering
+    404, say), each re-registration waits longer than the last, from 1 s up to
+    30 s, and the log line about them is throttled.
+
+    :param client: the :class:`~flyte_gevent.Client` that registers.
+    :param pack_def: the :class:`~flyte_gevent.PackDef` to register.
+    :param metrics: the pack's metrics (:mod:`flyte_gevent.metrics`).
+    :param stopping: a ``gevent.event.Event`` set once the pack stops (it is then
+        not reported as registered).
+
+    :ivar current: the :class:`~flyte_gevent.client.Registration` in use, ``None``
+        before the first registration.
+    """
+
+    def __init__(self, client, pack_def, metrics, stopping):
+        self.current = None
+        self._client = client
+        self._pack_def = pack_def
+        self._metrics = metrics
+        self._stopping = stopping
+        self._lock = gevent.lock.Semaphore()
+        self._backoff = Backoff(*_REREGISTER_BACKOFF)
+        self._next_at = 0.0
+        self._throttle = LogThrottle(log)
+
+    def register(self):
+        """Register once; the new :class:`~flyte_gevent.client.Registration`.
+
+        :raises FlyteError: the attempt failed.
+        """
+        self.current = self._client.register(self._pack_def)
+        self._metrics.registered(not self._stopping.is_set())
+        return self.current
+
+    def reregister(self, failed, why):
+        """Register again because a request made with the registration *failed* answered 404.
+
+        ``True`` when there is a newer registration to use (made now, or by
+        another greenlet meanwhile); ``False`` when registering failed or it is
+        too soon to try again, and the caller should retry later.
+        """
+        with self._lock:
+            if self.current is not failed:
+                return True
+            if time.monotonic() < self._next_at:
+                return False
+            name = self._pack_def.name
+            try:
+                self.register()
+            except FlyteError as exc:
+                self._next_at = time.monotonic() + self._backoff.next()
+                self._throttle.log(logging.WARNING, "failed", "pack %r is not registered on the server (%s) and "
+                                   "registering again failed: %s", name, why, exc)
+                return False
+            self._next_at = time.monotonic() + self._backoff.next()
+            self._throttle.log(logging.WARNING, "registered", "pack %r was not registered on the server (%s; "
+                               "deleted?): registered it again", name, why)
+            return True
+
+    def confirmed(self):
+        """A request made with the current registration was answered: the next 404 may register again at once."""
+        if self._backoff.attempt:
+            self._backoff.reset()
+            self._next_at = 0.0
 
 
 class Pack:
@@ -105,41 +188,41 @@ class Pack:
         if health_port is not None and not (isinstance(health_port, int) and 0 <= health_port <= 65535):
             raise ConfigError(f"health_port={health_port!r}: expected a port number, 0, or None", "health_port")
 
-        self._client = client
         self._commands = {command.name: command for command in pack_def.commands}
         self._metrics = make_metrics(metrics, pack_def.name, self._commands)
-        self.health_app = HealthApp(self, health_checks, check_timeout, self._metrics)
+        self._checking = set()  # greenlets running one of health_checks
+        checks = [self._owned_check(check) for check in health_checks] if health_checks else None
+        self.health_app = HealthApp(self, checks, check_timeout, self._metrics)
         self._health_server = HealthServer(self.health_app, health_host, health_port) \
             if health_port is not None else None
 
-        self._registration = None
+        self._progress = gevent.event.Event()  # set whenever a handler, a take or an action ends
+        self._stage = gevent.event.Event()     # set (and replaced) whenever shutdown moves on
+        self._stopping = gevent.event.Event()
+        self._stopped = gevent.event.Event()
         self._registered = gevent.event.Event()
-        self._register_lock = gevent.lock.Semaphore()
-        self._reregister_backoff = Backoff(*_REREGISTER_BACKOFF)
-        self._next_reregister_at = 0.0
+        self._registrar = Registrar(client, pack_def, self._metrics, self._stopping)
+        self._delivery = Delivery(client, self._registrar, self._metrics, result_deadline=self.result_deadline,
+                                  sleep=self._sleep, cutoff=self._cutoff, on_recovered=self._api_answered)
+        self._runner = ActionRunner(pack_def.name, self._commands, self._delivery, self._metrics,
+                                    action_timeout=self.action_timeout, on_change=self._progress.set)
 
         self._actions = Pool(self.max_in_flight)
         self._services = Group()
         self._tasks = Group()
         self._poller = None
-        self._running = set()
-        self._handlers_cancelled = False
-        self._progress = gevent.event.Event()
-        self._stage = gevent.event.Event()
-        self._stopping = gevent.event.Event()
-        self._stopped = gevent.event.Event()
+        self._stopper = None
         self._started = False
         self._stop_begun = False
         self._forced = False
         self._grace_end = math.inf
+        self._flush_for = math.inf
         self._flush_deadline = math.inf
         self._service_failure = None
         self._start_failure = None
 
         self._events = gevent.queue.JoinableQueue(maxsize=event_buffer)
         self._events_closed = False
-        self._undeclared = set()
-        self._result_throttle = LogThrottle(logging.getLogger("flyte_gevent.actions"))
         self._event_throttle = LogThrottle(log)
 
     def __repr__(self):
@@ -182,7 +265,8 @@ class Pack:
     @property
     def pack_id(self):
         """The pack id the server gave (or will give) this pack."""
-        return self._registration.pack_id if self._registration else self.pack_def.id
+        registration = self._registrar.current
+        return registration.pack_id if registration else self.pack_def.id
 
     @property
     def in_flight(self):
@@ -251,7 +335,10 @@ class Pack:
         sender.name = "event-sender"
         sender.link_exception(self._service_died)
         if self._commands:
-            self._poller = Poller(self)
+            self._poller = Poller(self.client, self._registrar, self._runner.run, self._actions, self._metrics,
+                                  pack_name=self.pack_def.name, stopping=self._stopping,
+                                  polling_interval=self.polling_interval, max_takers=self.max_takers,
+                                  on_change=self._progress.set)
             poller = self._services.spawn(self._poller.run)
             poller.name = "poller"
             poller.link_exception(self._service_died)
@@ -278,7 +365,10 @@ class Pack:
             pass
         try:
             self.start(timeout=start_timeout)
-            self._stopped.wait()
+            # Waiting with a timeout keeps a timer in gevent's loop: with nothing else
+            # in it (no commands, no health server) a bare wait would end in LoopExit.
+            while not self._stopped.wait(_RUN_WAKEUP):
+                pass
         finally:
             for watcher in watchers:
                 watcher.cancel()
@@ -288,47 +378,22 @@ class Pack:
     def stop(self, grace_period=None, flush_timeout=None):
         """Stop gracefully; returns when everything is delivered or given up on.
 
+        Works from any greenlet, any number of times. Called from inside the
+        pack (a handler, a :meth:`spawn` task) it starts the stop and returns at
+        once, so a handler that stops the pack returns its own result, which is
+        delivered while the pack drains. A later call waits for the same stop;
+        a shorter *grace_period* or *flush_timeout* it gives applies.
+
         :param grace_period: overrides the pack's ``grace_period`` for this stop.
         :param flush_timeout: overrides the pack's ``flush_timeout`` for this stop
             (e.g. to fit an embedding server's own shutdown deadline).
         """
-        if self._stop_begun:
-            self._stopped.wait()
-            return
-        self._stop_begun = True
-        grace = self.grace_period if grace_period is None else grace_period
-        self._grace_end = min(self._grace_end, time.monotonic() + grace)
-        running = len(self._running)
-        log.info("stopping pack %r: taking no more actions%s", self.pack_def.name,
-                 f"; {running} running get up to {grace:g} s to finish" if running else "")
-        self._stopping.set()
-        self._metrics.registered(False)
-        gevent.killall([g for g in self._tasks if g is not gevent.getcurrent()], block=True, timeout=1)
-        self._next_stage()
-        if self._poller is not None:
-            self._poller.notify()
-
-        # A take still in flight also delays the cut-off, but only handlers are worth a warning.
-        if not self._wait_for(lambda: not self._running and not self._taking(), lambda: self._grace_end) \
-                and self._running:
-            log.warning("%d actions still running after the grace period; completing them as FATAL %r",
-                        len(self._running), SHUTDOWN_MESSAGE)
-        cancel_handlers(self)
-
-        flush = self.flush_timeout if flush_timeout is None else flush_timeout
-        self._flush_deadline = min(self._flush_deadline, time.monotonic() + flush)
-        self._events_closed = True
-        self._next_stage()
-        self._wait_for(lambda: not self._actions and not self._events.unfinished_tasks, lambda: self._flush_deadline)
-        self._actions.kill(block=True, timeout=1)
-        self._services.kill(block=True, timeout=1)
-        unsent = self._events.qsize()
-        if unsent:
-            log.error("%d queued events not sent: the pack stopped before the Flyte API took them", unsent)
-        if self._health_server is not None:
-            self._health_server.stop()
-        self._stopped.set()
-        log.info("pack %r stopped", self.pack_def.name)
+        self._begin_stop(grace_period, flush_timeout)
+        current = gevent.getcurrent()
+        if current is self._stopper or current in self._actions or current in self._tasks \
+                or current in self._services or current in self._checking:
+            return  # the stop waits for (or ends) this greenlet: it must not wait for the stop
+        self._stopped.wait()
 
     def spawn(self, function, *args, **kwargs):
         """Run ``function(*args, **kwargs)`` in a greenlet the pack owns, e.g. a loop sending events.
@@ -360,8 +425,7 @@ class Pack:
         """
         self._check_can_send()
         body = self._encode(event)
-        limit = self.event_deadline if timeout is None else timeout
-        self._deliver_event(event.name, body, time.monotonic() + limit, limit)
+        self._deliver_event(event.name, body, self.event_deadline if timeout is None else timeout)
 
     def send_event_nowait(self, event):
         """Queue a spontaneous event for the event sender; ``False`` when the buffer is full and it was dropped.
@@ -386,34 +450,7 @@ class Pack:
             return False
         return True
 
-    # -- internals used by the action runtime ----------------------------------
-
-    def _reregister(self, failed_registration, why):
-        """Register again after a 404 (the pack was deleted on the server).
-
-        Concurrent callers share one attempt; attempts are rate-limited with
-        backoff. ``True`` when the pack is registered again.
-        """
-        with self._register_lock:
-            if self._registration is not failed_registration:
-                return True  # another greenlet already did it
-            wait = self._next_reregister_at - time.monotonic()
-            if wait > 0:
-                self._sleep(wait)
-            try:
-                registration = self.client.register(self.pack_def)
-            except FlyteError as exc:
-                self._next_reregister_at = time.monotonic() + self._reregister_backoff.next()
-                log.warning("pack %r is not registered on the server (%s) and registering again failed: %s",
-                            self.pack_def.name, why, exc)
-                return False
-            self._next_reregister_at = time.monotonic() + self._reregister_backoff.base
-            self._reregister_backoff.reset()
-            self._registration = registration
-            self._metrics.registered(not self._stopping.is_set())
-            log.warning("pack %r was not registered on the server (%s; deleted?): registered it again",
-                        self.pack_def.name, why)
-            return True
+    # -- what the runtime modules are given ---------------------------------------
 
     def _api_answered(self):
         """A retried result or event got through: the API is back, so takes need not wait out their backoff."""
@@ -424,12 +461,26 @@ class Pack:
         """Sleep, but wake up early when shutdown moves to its next stage."""
         self._stage.wait(seconds)
 
-    def _warn_undeclared(self, command, event):
-        if (command, event) not in self._undeclared:
-            self._undeclared.add((command, event))
-            log.warning("command %r returned event %r, which is not among its output_events", command, event)
+    def _cutoff(self):
+        """When deliveries stop retrying: the flush deadline once the pack stops, infinity before."""
+        return self._flush_deadline
 
     # -- private ------------------------------------------------------------------
+
+    def _owned_check(self, check):
+        """*check*, marking the greenlet that runs it as the pack's (so that a check may call :meth:`stop`)."""
+        @functools.wraps(check)
+        def owned():
+            current = gevent.getcurrent()
+            self._checking.add(current)
+            try:
+                return check()
+            finally:
+                self._checking.discard(current)
+
+        # The health app names a failing check after its function, or its class for a callable object.
+        owned.__name__ = getattr(check, "__name__", None) or type(check).__name__
+        return owned
 
     def _state(self):
         if self._stopped.is_set():
@@ -454,11 +505,83 @@ class Pack:
             self._progress.wait(min(remaining, 0.1))
         return True
 
+    def _begin_stop(self, grace_period=None, flush_timeout=None):
+        """Stop taking at once and start the stopper (once); a later call may only shorten the waits."""
+        now = time.monotonic()
+        self._grace_end = min(self._grace_end, now + (self.grace_period if grace_period is None else grace_period))
+        self._flush_for = min(self._flush_for, self.flush_timeout if flush_timeout is None else flush_timeout)
+        if self._stop_begun:
+            self._progress.set()
+            if now + self._flush_for < self._flush_deadline < math.inf:  # a shorter flush, once it has begun
+                self._flush_deadline = now + self._flush_for
+                self._next_stage()
+            return
+        self._stop_begun = True
+        running = self._runner.handlers_running
+        log.info("stopping pack %r: taking no more actions%s", self.pack_def.name,
+                 f"; {running} running get up to {self._grace_end - now:g} s to finish" if running else "")
+        self._stopping.set()
+        self._metrics.registered(False)
+        if self._poller is not None:
+            self._poller.notify()
+        self._stopper = gevent.spawn(self._shut_down)
+        self._stopper.name = "stopper"
+
+    def _shut_down(self):
+        """The stop itself, in the stopper greenlet; whatever happens, the pack ends up stopped."""
+        try:
+            bind_pack(self.pack_def.name)
+            gevent.killall(list(self._tasks), block=True, timeout=1)
+            self._next_stage()
+
+            # A take still in flight also delays the cut-off, but only handlers are worth a warning.
+            if not self._wait_for(lambda: not self._runner.handlers_running and not self._taking(),
+                                  lambda: self._grace_end) and self._runner.handlers_running:
+                log.warning("%d actions still running after the grace period; completing them as FATAL %r",
+                            self._runner.handlers_running, SHUTDOWN_MESSAGE)
+            self._runner.cancel_handlers()
+
+            self._flush_deadline = min(self._flush_deadline, time.monotonic() + self._flush_for)
+            self._events_closed = True
+            self._next_stage()
+            self._wait_for(lambda: not self._actions and not self._events.unfinished_tasks,
+                           lambda: self._flush_deadline)
+            self._services.kill(block=True, timeout=1)
+            unsent = self._events.qsize()
+            if unsent:
+                log.error("%d queued events not sent: the pack stopped before the Flyte API took them", unsent)
+            self._finish_requests_in_flight()
+            if self._health_server is not None:
+                self._health_server.stop()
+            self.client.close()
+            log.info("pack %r stopped", self.pack_def.name)
+        except Exception:  # a bug; the pack is stopped all the same, so nobody waits for it forever
+            log.exception("stopping pack %r failed", self.pack_def.name)
+        finally:
+            self._stopped.set()
+
+    def _finish_requests_in_flight(self):
+        """After the flush deadline, let each request still in flight have its answer, then end what is left.
+
+        Nothing is retried any more, but killing a request mid-way would lose
+        what the server did with it: a take may have claimed an action (it is
+        completed as FATAL "pack shutting down", in one post), a result post may
+        have landed. Each waits at most the client's timeout.
+        """
+        if not self._actions:
+            return
+        self._runner.cancel_handlers()  # again, for a handler that swallowed the first cancellation
+        limit = time.monotonic() + 2 * self.client.timeout  # a take's answer, then one post of its result
+        if not self._wait_for(lambda: not self._actions, lambda: limit):
+            log.error("%d actions still busy %g s after the flush deadline; abandoning them", len(self._actions),
+                      2 * self.client.timeout)
+            self._actions.kill(block=True, timeout=1)
+
     def _on_signal(self, signum):
         name = signal.Signals(signum).name
         if not self._stop_begun:
             log.warning("%s received: stopping gracefully (send it again to force)", name)
-            self.stop()
+            self._begin_stop()
         elif not self._forced:
             log.warning("%s received again: forcing the stop", name)
             self._force()
@@ -467,6 +590,7 @@ class Pack:
         self._forced = True
         now = time.monotonic()
         self._grace_end = now
+        self._flush_for = min(self._flush_for, _FORCED_FLUSH)
         self._flush_deadline = min(self._flush_deadline, now + _FORCED_FLUSH)
         self._progress.set()
         self._next_stage()
@@ -477,8 +601,7 @@ class Pack:
         exc = greenlet.exception
         self._service_failure = f"the {greenlet.name} greenlet died: {type(exc).__name__}: {exc}"
         log.error("%s; stopping the pack", self._service_failure, exc_info=(type(exc), exc, exc.__traceback__))
-        if not self._stop_begun:
-            gevent.spawn(self.stop)
+        self._begin_stop()
 
     @staticmethod
     def _task_died(greenlet):
@@ -490,7 +613,7 @@ class Pack:
         throttle = LogThrottle(log)
         while not self._stopping.is_set():
             try:
-                self._registration = self.client.register(self.pack_def)
+                self._registrar.register()
             except FlyteError as exc:
                 if exc.status == 400:
                     raise
@@ -506,7 +629,6 @@ class Pack:
                 self._sleep(delay)
                 continue
             self._registered.set()
-            self._metrics.registered(True)
             return True
         return False
 
@@ -527,56 +649,25 @@ class Pack:
             raise ValueError(f"event {event.name!r}: payload cannot be serialized: "
                              + "; ".join(flatten_errors(exc.messages))) from None
 
-    def _deliver_event(self, name, body, deadline, limit):
+    def _deliver_event(self, name, body, limit):
+        deadline = time.monotonic() + limit
         if not self._registered.wait(max(0.0, deadline - time.monotonic())):
             self._metrics.event_failed(name)
             raise DeliveryError(f"event {name!r} not sent: pack {self.pack_def.name!r} did not register within "
                                 f"{limit:g} s")
-        backoff = Backoff(*_EVENT_BACKOFF)
-        attempts = 0
-        while True:
-            attempts += 1
-            registration = self._registration
-            try:
-                self.client.post_event(registration.events_url, body)
-            except PackNotFoundError as exc:
-                error = exc
-                if self._reregister(registration, "event answered 404") and attempts < 3:
-                    continue
-            except FlyteError as exc:
-                error = exc
-                if not (exc.status == 500 or worth_retrying(exc)):
-                    self._metrics.event_failed(name)
-                    raise
-            else:
-                self._metrics.event_sent(name)
-                if attempts > 1:
-                    self._api_answered()
-                return
-            remaining = min(deadline, self._flush_deadline) - time.monotonic()
-            if remaining <= 0:
-                self._metrics.event_failed(name)
-                raise DeliveryError(f"event {name!r} not delivered within {limit:g} s ({attempts} attempts): "
-                                    f"{error.reason}", last_error=error)
-            delay = min(backoff.next(), remaining)
-            self._event_throttle.log(retry_log_level(error), str(error),
-                                     "sending event %r failed (attempt %d), retrying in %.1f s: %s",
-                                     name, attempts, delay, error)
-            self._sleep(delay)
+        self._delivery.deliver_event(name, body, deadline, limit)
 
     def _send_queued_events(self):
         bind_pack(self.pack_def.name)
         while True:
             name, body = self._events.get()
             try:
-                self._deliver_event(name, body, time.monotonic() + self.event_deadline, self.event_deadline)
+                self._deliver_event(name, body, self.event_deadline)
             except FlyteError as exc:
                 log.error("event %r not sent: %s", name, exc)
             except gevent.GreenletExit:
                 log.error("event %r not sent: the pack stopped before the Flyte API took it", name)
-                self._metrics.event_failed(name)
                 raise
             finally:
                 self._events.task_done()
                 self._progress.set()
-

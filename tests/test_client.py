@@ -653,8 +653,7 @@ def test_sequential_takes_results_and_events_share_one_connection():
         client = Client(url, timeout=2.0)
         for _ in range(10):
             assert client.take(f"{url}/v1/packs/P/actions/take") is None
-        with pytest.raises(FlyteHTTPError):  # 204 is not the 202 a result needs; the connection survives
-            client.post_result(f"{url}/v1/packs/P/actions/a/result", b"{}")
+        client.post_result(f"{url}/v1/packs/P/actions/a/result", b"{}")  # any 2xx is accepted, like 202
         for _ in range(10):
             assert client.take(f"{url}/v1/packs/P/actions/take") is None
     assert len(ports) == 21

@@ -1,4 +1,4 @@
-"""The pack runtime (flyte_gevent.pack, flyte_gevent._actions) against the fake Flyte API over loopback.
+"""The pack runtime (flyte_gevent.pack, ._poller, ._actions) against the fake Flyte API over loopback.
 
 Registration, the poller's pacing and bounds, one greenlet per action, every FATAL path,
 events, label routing, timeouts, and the lifecycle (start/run/stop).
@@ -446,12 +446,12 @@ def test_run_in_a_greenlet_returns_after_stop(flyte_api, make_pack):
 
 
 def test_a_dead_poller_fails_liveness_stops_the_pack_and_makes_run_raise(flyte_api, make_pack, monkeypatch):
-    import flyte_gevent._actions as actions
+    import flyte_gevent._poller as poller
 
     def broken_run(self):
         raise ZeroDivisionError("bug in the poller")
 
-    monkeypatch.setattr(actions.Poller, "run", broken_run)
+    monkeypatch.setattr(poller.Poller, "run", broken_run)
     pack = make_pack(worker_def(name="Broken"))
     runner = gevent.spawn(pack.run)
     runner.join(timeout=5)

@@ -124,6 +124,22 @@ def test_stop_when_results_cannot_be_delivered_gives_up_after_the_flush_timeout_
     assert flyte_api.action(aid).state == "PENDING"
 
 
+def test_a_later_stop_with_a_shorter_grace_period_shortens_the_stop_in_progress(flyte_api):
+    pack = new_pack(flyte_api, grace_period=20.0, flush_timeout=3.0)
+    pack.start(timeout=5)
+    [aid] = sleeps(flyte_api, 30)
+    wait_until(lambda: flyte_api.action(aid).state == "PENDING", what="action taken")
+    first = gevent.spawn(pack.stop)  # waits up to 20 s for the handler
+    gevent.sleep(0.2)
+    started = time.monotonic()
+    pack.stop(grace_period=0)  # e.g. an orchestrator's deadline coming closer
+    assert time.monotonic() - started < 2.0
+    first.join(timeout=1)
+    assert first.dead
+    assert flyte_api.action(aid).result["payload"] == SHUTDOWN
+    assert_completed_once(flyte_api, [aid])
+
+
 def test_stop_while_registration_is_still_retrying_returns_promptly(flyte_api):
     flyte_api.outage("refuse")
     pack = new_pack(flyte_api)
