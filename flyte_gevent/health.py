@@ -116,6 +116,8 @@ class HealthApp:
         self.checks = list(checks) if checks else [default_check]
         self.check_timeout = check_timeout
         self.metrics = metrics
+        #: Greenlets running a check right now (a pack lets a check call its ``stop()`` without waiting on itself).
+        self.check_greenlets = set()
         self._warned_names = set()
         seen = set()
         for check in self.checks:
@@ -138,11 +140,13 @@ class HealthApp:
     def run_checks(self):
         """Run every check concurrently; ``(all_healthy, {name: {"healthy", "status"}})``."""
         greenlets = [gevent.spawn(_run_check, check) for check in self.checks]
+        self.check_greenlets.update(greenlets)
         try:
             gevent.joinall(greenlets, timeout=self.check_timeout)
         finally:
             # Checks past their timeout, or every check when this request is cut short, are not left running.
             gevent.killall([greenlet for greenlet in greenlets if not greenlet.dead], block=False)
+            self.check_greenlets.difference_update(greenlets)
         results = {}
         for check, greenlet in zip(self.checks, greenlets):
             if greenlet.successful():

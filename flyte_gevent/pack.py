@@ -23,7 +23,6 @@ answer, closes the client's connections and returns. A second signal cuts both
 waits short. The pack is never deleted on the server: replicas share its id.
 """
 
-import functools
 import logging
 import math
 import signal
@@ -190,9 +189,7 @@ class Pack:
 
         self._commands = {command.name: command for command in pack_def.commands}
         self._metrics = make_metrics(metrics, pack_def.name, self._commands)
-        self._checking = set()  # greenlets running one of health_checks
-        checks = [self._owned_check(check) for check in health_checks] if health_checks else None
-        self.health_app = HealthApp(self, checks, check_timeout, self._metrics)
+        self.health_app = HealthApp(self, health_checks, check_timeout, self._metrics)
         self._health_server = HealthServer(self.health_app, health_host, health_port) \
             if health_port is not None else None
 
@@ -391,7 +388,7 @@ class Pack:
         self._begin_stop(grace_period, flush_timeout)
         current = gevent.getcurrent()
         if current is self._stopper or current in self._actions or current in self._tasks \
-                or current in self._services or current in self._checking:
+                or current in self._services or current in self.health_app.check_greenlets:
             return  # the stop waits for (or ends) this greenlet: it must not wait for the stop
         self._stopped.wait()
 
@@ -466,21 +463,6 @@ class Pack:
         return self._flush_deadline
 
     # -- private ------------------------------------------------------------------
-
-    def _owned_check(self, check):
-        """*check*, marking the greenlet that runs it as the pack's (so that a check may call :meth:`stop`)."""
-        @functools.wraps(check)
-        def owned():
-            current = gevent.getcurrent()
-            self._checking.add(current)
-            try:
-                return check()
-            finally:
-                self._checking.discard(current)
-
-        # The health app names a failing check after its function, or its class for a callable object.
-        owned.__name__ = getattr(check, "__name__", None) or type(check).__name__
-        return owned
 
     def _state(self):
         if self._stopped.is_set():
