@@ -32,8 +32,12 @@ $(BUILD_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet build
 	touch $(BUILD_STAMP)
 
+# The suite runs as TEST_SHARDS pytest processes side by side (most tests wait on loopback I/O);
+# TEST_SHARDS=1 runs one plain pytest.
+TEST_SHARDS ?= 3
+
 test: venv
-	$(BIN)/python -m pytest
+	$(BIN)/python .ci/pytest-shards $(TEST_SHARDS) $(BIN)/python -m pytest
 
 dist: $(BUILD_STAMP)
 	rm -rf dist

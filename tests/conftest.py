@@ -13,6 +13,27 @@ import pytest  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def pytest_addoption(parser):
+    parser.addoption("--shard", metavar="K/N",
+                     help="run only slice K of N of the collected tests (dealt round-robin); "
+                          ".ci/pytest-shards runs the N slices side by side")
+
+
+def pytest_collection_modifyitems(config, items):
+    spec = config.getoption("--shard")
+    if not spec:
+        return
+    try:
+        number, count = (int(part) for part in spec.split("/"))
+        if not 1 <= number <= count:
+            raise ValueError
+    except ValueError:
+        raise pytest.UsageError(f"--shard {spec!r}: expected K/N with 1 <= K <= N") from None
+    kept = items[number - 1::count]
+    config.hook.pytest_deselected(items=[item for index, item in enumerate(items) if index % count != number - 1])
+    items[:] = kept
+
+
 @pytest.fixture
 def subprocess_env():
     """Environment for child Python processes: the project importable, no stray FLYTE_* settings."""
