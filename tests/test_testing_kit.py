@@ -4,6 +4,7 @@ say why no pack takes an action, and the garbage-body fault."""
 import subprocess
 import textwrap
 
+import gevent
 import pytest
 import requests
 
@@ -64,8 +65,8 @@ def test_a_late_action_whose_matching_pack_does_not_poll_names_the_pack_and_when
     register(flyte_api, "Echo", {"env": "dev"})
     aid = flyte_api.enqueue("Echo", "Echo")  # no labels: any pack named Echo fits
     message = late(flyte_api, aid, timeout=0.1)
-    assert "pack 'Echo.env.dev' would take it, but has not polled during this wait (last seen " in message
-    assert "s ago): is it running, and pointed at " + flyte_api.url in message
+    assert "pack 'Echo.env.dev' would take it, but was not seen during this wait (last seen " in message
+    assert "s ago): is it running, and pointed at " + flyte_api.url + "?" in message
 
 
 def test_a_late_action_behind_others_for_a_polling_pack_says_what_the_pack_holds(flyte_api):
@@ -74,11 +75,13 @@ def test_a_late_action_behind_others_for_a_polling_pack_says_what_the_pack_holds
     second = flyte_api.enqueue("Echo", "Echo", 2)
     third = flyte_api.enqueue("Echo", "Echo", 3)
     assert take(flyte_api, "Echo").status_code == 200  # first is PENDING now
+    # The pack stays in touch during the wait (an event refreshes lastSeen as a take does).
+    gevent.spawn_later(0.01, requests.post, flyte_api.url + "/v1/packs/Echo/events", json={"event": "Tick"})
     with pytest.raises(AssertionError) as failure:
         flyte_api.wait_for_results([first, third], timeout=0.05)
     message = str(failure.value)
     assert f"{first} ('Echo' for 'Echo') is PENDING, taken by 'Echo'" in message
-    assert "pack 'Echo' would take it and polled" in message
+    assert "pack 'Echo' would take it and was seen" in message
     assert "it holds 1 PENDING action and 1 older NEW action is queued before this one" in message
     assert flyte_api.action(second).state == "NEW"
 
@@ -115,8 +118,8 @@ def test_garbage_answers_with_the_body_and_status_given_then_the_route_works_aga
                                                                                        "text/plain")
     flyte_api.clear_faults()
     assert requests.get(flyte_api.url + "/v1", timeout=5).status_code == 200
-    html = flyte_api.garbage("take")  # a default page
-    assert b"<html" in take(flyte_api, "Echo").content and html is None
+    flyte_api.garbage("take")  # a default page
+    assert b"<html>" in take(flyte_api, "Echo").content
 
 
 def test_fail_can_carry_a_body_like_a_proxy_error_page(flyte_api):
@@ -198,7 +201,7 @@ def test_running_pack_stops_a_failing_tests_pack_and_a_leaked_pack_errors_the_te
             time.sleep(0.7)  # more than the leaked pack's polling interval: it would have taken by now
             assert not [r for r in caplog.records if r.name.startswith("flyte_gevent")]
     """)
-    assert "FAILED test_kit.py::test_failing_with_running_pack - AssertionError: the test fails" in output
+    assert "FAILED test_kit.py::test_failing_with_running_pack" in output and "the test fails" in output
     assert "PASSED test_kit.py::test_the_failed_tests_pack_was_stopped" in output
     assert "ERROR test_kit.py::test_leaks" in output
     assert ("the test left 1 started pack running: 'Echo' (pack id 'Echo') against http://127.0.0.1:" in output)
