@@ -68,9 +68,9 @@ _BRACE_TAGS = {"{": "{% templatetag openbrace %}", "}": "{% templatetag closebra
 
 # What only the in-process fake can do; named in the AttributeError a FlyteServer raises for them.
 _FAKE_ONLY = frozenset({
-    "fail", "drop_response", "delay", "outage", "restore", "clear_faults", "latency", "race_window",
-    "take_cost", "accepted_tokens", "requests", "requests_for", "clear_requests", "violations", "errors",
-    "packs", "actions", "events", "record_requests",
+    "fail", "garbage", "drop_response", "delay", "outage", "restore", "clear_faults", "reset", "latency",
+    "race_window", "take_cost", "accepted_tokens", "requests", "requests_for", "clear_requests", "violations",
+    "errors", "packs", "actions", "events", "record_requests", "control",
 })
 
 
@@ -671,7 +671,7 @@ class FlyteServer:
         def failure():
             late = self._fetch([aid for aid in action_ids if aid not in done])
             return (f"{len(action_ids) - len(done)} of {len(action_ids)} actions have no result after {timeout} s: "
-                    + "; ".join(f"{a.id} ({a.command!r} for {a.pack_name!r}) is {a.state}" for a in late[:10])
+                    + "; ".join(_describe(a) for a in late[:10])
                     + self._explain_new(late, began))
         return self._wait(ready, timeout, failure)
 
@@ -688,7 +688,7 @@ class FlyteServer:
 
         def failure():
             action = self.action(action_id)
-            return (f"action {action_id} ({action.command!r} for {action.pack_name!r}) is {action.state}, not "
+            return (f"action {_describe(action)}, not "
                     f"{'/'.join(states)}, after {timeout} s" + self._explain_new([action], began))
         return self._wait(ready, timeout, failure)
 
@@ -699,8 +699,7 @@ class FlyteServer:
         def failure():
             late = [a for a in self._own_actions() if a.state not in FINISHED]
             return f"{len(late)} actions still open after {timeout} s: " + "; ".join(
-                f"{a.id} ({a.command!r} for {a.pack_name!r}) is {a.state}" for a in late[:10]) + \
-                self._explain_new(late, began)
+                _describe(a) for a in late[:10]) + self._explain_new(late, began)
         self._wait(lambda: True if all(a.state in FINISHED for a in self._own_actions()) else None, timeout, failure)
 
     def watch_events(self, pack_name: str, event: str, labels: dict[str, str] | None = None) -> str:
@@ -882,6 +881,12 @@ def _received_event(trigger):
     pack = trigger.get("pack") or {}
     return ReceivedEvent(pack_id=pack.get("id", ""), event=trigger.get("event", ""), payload=trigger.get("payload"),
                          created_at=trigger.get("createdAt"), body=None)
+
+
+def _describe(action):
+    """An action in an assertion message, as ``FakeFlyteApi`` writes it: id, command, pack name, labels, state."""
+    labels = f" {action.labels!r}" if action.labels else ""
+    return f"{action.id} ({action.command!r} for {action.pack_name!r}{labels}) is {action.state}"
 
 
 def _epoch_seconds(text):

@@ -70,10 +70,10 @@ def _fake():
         yield api
     finally:
         api.stop()
+    problems = [_stop_running_packs(api.url, watchers)]
     if api.errors:
-        pytest.fail("FakeFlyteApi hit internal errors (a bug in flyte_gevent.testing):\n" + "\n".join(api.errors),
-                    pytrace=False)
-    _fail_on_running_packs(api.url, watchers)
+        problems.append("FakeFlyteApi hit internal errors (a bug in flyte_gevent.testing):\n" + "\n".join(api.errors))
+    _fail([problem for problem in problems if problem])
 
 
 def _real(url):
@@ -87,7 +87,7 @@ def _real(url):
         yield server
     finally:
         server.close()
-    _fail_on_running_packs(server.url, watchers)
+    _fail([_stop_running_packs(server.url, watchers)])
 
 
 @pytest.fixture
@@ -189,19 +189,24 @@ def _running_packs(url, watchers_before):
     pack_class = pack_module.Pack
     url = url.rstrip("/")
     return [obj for obj in gc.get_objects()
-            if isinstance(obj, pack_class) and obj.registered and obj.live()[0]
+            if issubclass(type(obj), pack_class) and obj.registered and obj.live()[0]
             and obj.client.url.rstrip("/") == url]
 
 
-def _fail_on_running_packs(url, watchers_before):
+def _stop_running_packs(url, watchers_before):
+    """Stop the packs a test left running against *url*; what to fail the test with, or None."""
     packs = _running_packs(url, watchers_before)
     if not packs:
-        return
+        return None
     for pack in packs:
         pack.stop(grace_period=0, flush_timeout=0)
     named = ", ".join(f"{pack.pack_def.name!r} (pack id {pack.pack_id!r})" for pack in packs)
-    noun = "pack" if len(packs) == 1 else "packs"
-    pytest.fail(f"the test left {len(packs)} started {noun} running: {named} against {url}. flyte_gevent "
-                f"stopped {'it' if len(packs) == 1 else 'them'} now; stop {'it' if len(packs) == 1 else 'them'} "
-                f"in the test (pack.stop(), in a finally) or start {'it' if len(packs) == 1 else 'them'} with the "
-                f"running_pack fixture, which always stops its packs", pytrace=False)
+    noun, it = ("pack", "it") if len(packs) == 1 else ("packs", "them")
+    return (f"the test left {len(packs)} started {noun} running: {named} against {url}. flyte_gevent stopped {it} "
+            f"now; stop {it} in the test (pack.stop(), in a finally) or start {it} with the running_pack fixture, "
+            f"which always stops its packs")
+
+
+def _fail(problems):
+    if problems:
+        pytest.fail("\n\n".join(problems), pytrace=False)

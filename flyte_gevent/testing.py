@@ -21,8 +21,10 @@ Usage::
         aid = api.enqueue("Echo", "Echo", {"text": "hi"})
         assert api.wait_for_result(aid).payload == {"text": "hi"}
 
-pytest users get the same thing as the ``flyte_api`` fixture (``flyte_gevent.pytest_plugin``). From a shell,
-``python -m flyte_gevent.testing --port 8080`` serves one until SIGINT or SIGTERM.
+pytest users get the same thing as the ``flyte_api`` fixture (``flyte_gevent.pytest_plugin``), and
+``running_pack`` to run a pack against it. From a shell, ``flyte-gevent fake-api --port 8080`` (or
+``python -m flyte_gevent.testing --port 8080``) serves one until SIGINT or SIGTERM, with control routes under
+``/_fake/`` that ``flyte-gevent fake-api enqueue|results|events|packs|...`` use (``flyte_gevent._fake_control``).
 
 :class:`FlyteServer` (from ``flyte_gevent._flyte_server``) offers the same helpers on a real Flyte API, where it
 creates actions through flows and reads results from the audit API; ``flyte_api`` becomes one with
@@ -458,8 +460,8 @@ class FakeFlyteApi:
         return explain_new(sorted(late, key=lambda a: a._seq), self._sightings, began, self.url)
 
     def _sightings(self, action):
-        """Every registered pack as ``_flyte_server.why_not_taken`` sees it, for *action*: packs that would take it also say
-        how many actions they hold PENDING and how many NEW ones they would take first."""
+        """Every registered pack as ``_flyte_server.why_not_taken`` sees it, for *action*: packs that would take it
+        also say how many actions they hold PENDING and how many NEW ones they would take first."""
         sightings = []
         for pack in self.packs.values():
             pending = queued = None
