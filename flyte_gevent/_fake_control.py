@@ -12,18 +12,16 @@ no link the fake hands out leads to them, so a pack following its links never me
 fake does to the pack-facing routes — latency, faults, outages in ``"503"`` mode, token checks, the request log —
 and answer plain JSON (errors as ``{"error": "..."}``):
 
-=====================  ==============================================================================================
-``GET /_fake``          the list of routes
-``GET /_fake/packs``    registered packs; ``?name=NAME_OR_ID&wait=S`` first waits up to S seconds for that one
-``POST /_fake/actions`` ``{"pack", "command", "input", "labels"}``: queue an action (201 ``{"id"}``)
-``GET /_fake/actions``  actions with state and result; ``?id=A&id=B`` only those; ``?wait=S`` first waits up to S
-                        seconds until they (or all) have finished
-``GET /_fake/events``   spontaneous events, oldest first; ``?name=E`` only those; ``?wait=S&count=N`` first waits
-                        up to S seconds for N (default 1) of them
-``POST /_fake/faults``  ``{"kind": "fail" | "drop" | "delay", "route", "times", ...}``: as the methods of that name
-``DELETE /_fake/faults`` clear every fault
-``POST /_fake/reset``   forget packs, actions, events, requests and faults, as a restart on an empty database
-=====================  ==============================================================================================
+- ``GET /_fake``: the list of routes;
+- ``GET /_fake/packs``: registered packs; ``?name=NAME_OR_ID&wait=S`` first waits up to S seconds for that one;
+- ``POST /_fake/actions`` ``{"pack", "command", "input", "labels"}``: queue an action, answered 201 ``{"id"}``;
+- ``GET /_fake/actions``: actions with state and result; ``?id=A&id=B`` only those; ``?wait=S`` first waits up to
+  S seconds until they (or all) have finished;
+- ``GET /_fake/events``: spontaneous events, oldest first; ``?name=E`` only those; ``?wait=S&count=N`` first
+  waits up to S seconds for N (default 1) of them;
+- ``POST /_fake/faults`` ``{"kind": "fail" | "drop" | "delay", "route", "times", ...}``: as the methods of that
+  name; ``DELETE /_fake/faults`` clears them all;
+- ``POST /_fake/reset``: forget packs, actions, events, requests and faults, as a restart on an empty database.
 
 A ``GET`` that waits answers 200 whether or not what it waited for happened: ``"done"`` says which, and ``"problem"``
 says what is missing (for late actions, why no pack takes them).

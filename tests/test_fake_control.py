@@ -323,7 +323,7 @@ def test_the_readme_walkthrough_runs_as_written(subprocess_env):
     child = subprocess.Popen(["bash", "-c", "set -e\n" + script + "wait\n"], cwd=ROOT, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        out, err = child.communicate(timeout=60)
+        out, err = child.communicate(timeout=45)
     finally:
         try:
             os.killpg(child.pid, signal.SIGKILL)  # whatever the script left behind if it failed

@@ -156,7 +156,7 @@ def test_running_pack_fails_quickly_when_the_pack_cannot_register(flyte_api, run
         running_pack(echo_def(), start_timeout=1)
 
 
-PYTEST_OUTPUT_TIMEOUT = 60
+PYTEST_OUTPUT_TIMEOUT = 45  # below pytest-timeout's 60 s, so the child's output is shown
 
 
 def run_pytest(tmp_path, python, subprocess_env, source):
