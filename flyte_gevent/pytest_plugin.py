@@ -73,7 +73,7 @@ def _fake():
     problems = [_stop_running_packs(api.url, watchers)]
     if api.errors:
         problems.append("FakeFlyteApi hit internal errors (a bug in flyte_gevent.testing):\n" + "\n".join(api.errors))
-    _fail([problem for problem in problems if problem])
+    _fail(problems)
 
 
 def _real(url):
@@ -208,5 +208,7 @@ def _stop_running_packs(url, watchers_before):
 
 
 def _fail(problems):
+    """Fail the test with the *problems* that are not None, if any."""
+    problems = [problem for problem in problems if problem]
     if problems:
         pytest.fail("\n\n".join(problems), pytrace=False)
