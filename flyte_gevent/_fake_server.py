@@ -28,6 +28,7 @@ from urllib.parse import parse_qs
 
 import gevent
 
+from . import _fake_control
 from .models import pack_id
 
 __all__ = [
@@ -640,8 +641,14 @@ class FakeFlyteApp:
         if not path.isascii():
             # WSGI hands over the unquoted path as latin-1; the server sees UTF-8.
             path = path.encode("latin-1").decode("utf-8", "replace")
-        route, params, allow = resolve(method, path)
         body = environ["wsgi.input"].read()
+        if api.control and _fake_control.is_control_path(path):
+            # The operator's routes: none of the pack-facing machinery (latency, faults, tokens, the log) applies.
+            status, headers, payload = _fake_control.respond(api, method, path, environ.get("QUERY_STRING", ""),
+                                                             body)
+            start_response(_STATUS_LINES.get(status) or f"{status} Unknown", headers)
+            return [b"" if method == "HEAD" else payload]
+        route, params, allow = resolve(method, path)
         record = None
         if api.record_requests:
             record = api._record_request(route, method, path, environ.get("QUERY_STRING", ""),
@@ -670,7 +677,7 @@ class FakeFlyteApp:
         if api._faults:
             fault = api._next_fault("fail", route)
             if fault is not None:
-                return _empty(fault.status)
+                return fault.status, list(fault.headers), fault.body
             fault = api._next_fault("delay_before", route)
             if fault is not None:
                 gevent.sleep(fault.seconds)

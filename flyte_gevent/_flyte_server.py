@@ -26,6 +26,7 @@ the audit trail stay (the server has no call to delete them).
 
 import collections
 import dataclasses
+import datetime
 import itertools
 import json
 import os
@@ -67,10 +68,111 @@ _BRACE_TAGS = {"{": "{% templatetag openbrace %}", "}": "{% templatetag closebra
 
 # What only the in-process fake can do; named in the AttributeError a FlyteServer raises for them.
 _FAKE_ONLY = frozenset({
-    "fail", "drop_response", "delay", "outage", "restore", "clear_faults", "latency", "race_window",
-    "take_cost", "accepted_tokens", "requests", "requests_for", "clear_requests", "violations", "errors",
-    "packs", "actions", "events", "record_requests",
+    "fail", "garbage", "drop_response", "delay", "outage", "restore", "clear_faults", "reset", "latency",
+    "race_window", "take_cost", "accepted_tokens", "requests", "requests_for", "clear_requests", "violations",
+    "errors", "packs", "actions", "events", "record_requests", "control",
 })
+
+
+@dataclasses.dataclass(frozen=True)
+class PackSighting:
+    """A registered pack as :func:`why_not_taken` sees it. ``last_seen`` is in seconds since the epoch (None when
+    unknown); ``pending`` (actions it holds PENDING) and ``queued_before`` (NEW actions it would take before the
+    one in question) are None where the server cannot tell."""
+
+    id: str
+    name: str
+    labels: dict[str, str]
+    last_seen: float | None
+    pending: int | None = None
+    queued_before: int | None = None
+
+
+def why_not_taken(pack_name: str, labels: dict[str, str], packs, wait_began: float, url: str,
+                  limit: int = 10) -> str:
+    """Why no pack has taken a NEW action for packs named *pack_name* whose labels include *labels*, in words, for
+    the assertion message of a wait that timed out. *packs* are the registered packs (:class:`PackSighting`),
+    *wait_began* when the wait started (seconds since the epoch), *url* the API the packs should be pointed at.
+
+    The server hands an action to a pack whose name is the action's, exactly, and whose labels include all of the
+    action's; the first rule a registered pack breaks is the one named.
+    """
+    packs = list(packs)
+    named = [p for p in packs if p.name == pack_name]
+    if not named:
+        if not packs:
+            return f"no pack named {pack_name!r} is registered (no pack is)"
+        names = sorted({p.name for p in packs})
+        text = f"no pack named {pack_name!r} is registered; registered: {_first(names, limit)}"
+        near = [n for n in names if n.casefold() == pack_name.casefold()]
+        if near:
+            verb = "is" if len(near) == 1 else "are"
+            text += f"; names are case-sensitive: {_first(near, limit)} {verb} registered"
+        return text
+    wanted = labels.items()
+    fitting = [p for p in named if wanted <= p.labels.items()]
+    if not fitting:
+        held = "; ".join(f"{p.id!r} has {p.labels!r}" if p.labels else f"{p.id!r} has no labels"
+                         for p in named[:limit])
+        if len(named) > limit:
+            held += f"; and {len(named) - limit} more"
+        if len(named) == 1:
+            return (f"a pack named {pack_name!r} is registered, but its labels do not include the action's "
+                    f"{labels!r}: {held}")
+        return (f"packs named {pack_name!r} are registered, but none has labels that include the action's "
+                f"{labels!r}: {held}")
+    now = time.time()
+    clauses = []
+    for pack in fitting[:limit]:
+        seen = pack.last_seen is not None and pack.last_seen >= wait_began
+        if pack.last_seen is None:
+            clause = f"pack {pack.id!r} would take it (last seen: unknown)"
+        elif seen:
+            clause = f"pack {pack.id!r} would take it and was seen {max(now - pack.last_seen, 0):.2f} s ago"
+        else:
+            clause = (f"pack {pack.id!r} would take it, but was not seen during this wait (last seen "
+                      f"{max(now - pack.last_seen, 0):.2f} s ago)")
+        busy = []
+        if pack.pending:
+            busy.append(f"it holds {_count(pack.pending, 'PENDING action')}")
+        if pack.queued_before:
+            verb = "is" if pack.queued_before == 1 else "are"
+            busy.append(f"{_count(pack.queued_before, 'older NEW action')} {verb} queued before this one")
+        if busy:
+            clause += "; " + " and ".join(busy)
+        if not seen:
+            clause += f": is it running, and pointed at {url}?"
+        elif not busy:
+            clause += ": it may not have taken since (an idle pack takes once per polling interval)"
+        clauses.append(clause)
+    if len(fitting) > limit:
+        clauses.append(f"and {len(fitting) - limit} more")
+    return "; ".join(clauses)
+
+
+def _first(names, limit):
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _count(number, noun):
+    return f"{number} {noun}" + ("" if number == 1 else "s")
+
+
+def explain_new(late, packs_for, wait_began, url) -> str:
+    """Lines explaining, once per kind of action (pack name and labels), why the NEW ones among *late* were not
+    taken; "" when none is NEW. *late* holds objects with ``state``, ``pack_name`` and ``labels``, oldest first;
+    ``packs_for(action)`` gives the registered packs as :class:`PackSighting` for the oldest action of a kind."""
+    kinds = {}
+    for action in late:
+        if action.state == NEW:
+            kinds.setdefault((action.pack_name, tuple(sorted(action.labels.items()))), action)
+    lines = []
+    for (pack_name, labels), action in kinds.items():
+        what = f"{pack_name!r} {dict(labels)!r}" if labels else repr(pack_name)
+        reason = why_not_taken(pack_name, dict(labels), packs_for(action), wait_began, url)
+        lines.append(f"\n  NEW for {what}: {reason}")
+    return "".join(lines)
 
 
 class FlyteServerError(Exception):
@@ -555,6 +657,7 @@ class FlyteServer:
         for aid in action_ids:
             self._where[aid]  # noqa: B018 - KeyError early for an unknown id
         done: dict[str, ServerAction] = {}
+        began = time.time()
 
         def ready():
             open_ids = [aid for aid in action_ids if aid not in done]
@@ -566,9 +669,10 @@ class FlyteServer:
             return [_action_result(done[aid]) for aid in action_ids]
 
         def failure():
-            late = [a for a in self._fetch([aid for aid in action_ids if aid not in done])]
+            late = self._fetch([aid for aid in action_ids if aid not in done])
             return (f"{len(action_ids) - len(done)} of {len(action_ids)} actions have no result after {timeout} s: "
-                    + "; ".join(f"{a.id} ({a.command!r} for {a.pack_name!r}) is {a.state}" for a in late[:10]))
+                    + "; ".join(_describe(a) for a in late[:10])
+                    + self._explain_new(late, began))
         return self._wait(ready, timeout, failure)
 
     def wait_for_action(self, action_id: str, state: str | tuple, timeout: float = 5.0) -> ServerAction:
@@ -576,6 +680,7 @@ class FlyteServer:
         once a pack took it; return it. KeyError for an unknown id, AssertionError naming its state on timeout."""
         self._where[action_id]  # noqa: B018 - KeyError early for an unknown id
         states = (state,) if isinstance(state, str) else tuple(state)
+        began = time.time()
 
         def ready():
             action = self.action(action_id)
@@ -583,16 +688,18 @@ class FlyteServer:
 
         def failure():
             action = self.action(action_id)
-            return (f"action {action_id} ({action.command!r} for {action.pack_name!r}) is {action.state}, not "
-                    f"{'/'.join(states)}, after {timeout} s")
+            return (f"action {_describe(action)}, not "
+                    f"{'/'.join(states)}, after {timeout} s" + self._explain_new([action], began))
         return self._wait(ready, timeout, failure)
 
     def wait_until_idle(self, timeout: float = 5.0) -> None:
         """Wait until no action this helper created is NEW or PENDING."""
+        began = time.time()
+
         def failure():
             late = [a for a in self._own_actions() if a.state not in FINISHED]
             return f"{len(late)} actions still open after {timeout} s: " + "; ".join(
-                f"{a.id} ({a.command!r} for {a.pack_name!r}) is {a.state}" for a in late[:10])
+                _describe(a) for a in late[:10]) + self._explain_new(late, began)
         self._wait(lambda: True if all(a.state in FINISHED for a in self._own_actions()) else None, timeout, failure)
 
     def watch_events(self, pack_name: str, event: str, labels: dict[str, str] | None = None) -> str:
@@ -655,6 +762,17 @@ class FlyteServer:
             self.trigger._declare(flow.event)
             self._enqueue_flows[key] = flow
         return flow
+
+    def _explain_new(self, late, began):
+        """Why the NEW actions among *late* were not taken, from the packs the server lists (see
+        :func:`why_not_taken`); "" when none is NEW."""
+        if not any(action.state == NEW for action in late):
+            return ""
+        listed = self._request("GET", "/v1/packs").json().get("packs") or []
+        sightings = [PackSighting(entry.get("id", ""), entry.get("name", ""), dict(entry.get("labels") or {}),
+                                  _epoch_seconds(entry.get("lastSeen")))
+                     for entry in listed]
+        return explain_new(sorted(late, key=_creation_order), lambda action: sightings, began, self.url)
 
     def _own_actions(self):
         return self._fetch(list(self._where))
@@ -763,6 +881,22 @@ def _received_event(trigger):
     pack = trigger.get("pack") or {}
     return ReceivedEvent(pack_id=pack.get("id", ""), event=trigger.get("event", ""), payload=trigger.get("payload"),
                          created_at=trigger.get("createdAt"), body=None)
+
+
+def _describe(action):
+    """An action in an assertion message, as ``FakeFlyteApi`` writes it: id, command, pack name, labels, state."""
+    labels = f" {action.labels!r}" if action.labels else ""
+    return f"{action.id} ({action.command!r} for {action.pack_name!r}{labels}) is {action.state}"
+
+
+def _epoch_seconds(text):
+    """A Go RFC 3339 time as seconds since the epoch; None when it is missing or unreadable."""
+    if not text:
+        return None
+    try:
+        return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
 
 
 def _server_pack(document):

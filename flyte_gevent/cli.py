@@ -21,7 +21,7 @@ import logging  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 
-from . import __version__, config  # noqa: E402
+from . import __version__, _fake_control, config  # noqa: E402
 from ._target import build_pack, load_target  # noqa: E402 - shared with flyte_gevent.gunicorn
 from .errors import ConfigError, FlyteError, redact_url  # noqa: E402
 
@@ -123,13 +123,17 @@ def _parser():
     demo.add_argument("--examples", metavar="DIR", help="directory holding the example packs (default: "
                                                         "the ones installed with flyte-gevent)")
 
-    fake = commands.add_parser("fake-api", help="serve the fake Flyte API for local development",
-                               description="Serve flyte_gevent.testing.FakeFlyteApi until SIGTERM/SIGINT.")
-    fake.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    fake.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
-    fake.add_argument("--latency", type=float, default=0.0, metavar="SECONDS", help="seconds added to every request")
-    fake.add_argument("--token", action="append", dest="tokens", metavar="TOKEN",
-                      help="require Authorization: Bearer TOKEN (repeat to accept several)")
+    fake = commands.add_parser(
+        "fake-api", help="serve the fake Flyte API for local development, and drive it",
+        description="Serve flyte_gevent.testing.FakeFlyteApi until SIGTERM/SIGINT, with control routes under "
+                    "/_fake/ for the other commands: queue actions, read results, events and packs, inject "
+                    "faults, reset. For local use: it binds 127.0.0.1 unless --host says otherwise.",
+        epilog="example:\n"
+               "  flyte-gevent fake-api --port 8080 &\n"
+               "  flyte-gevent fake-api enqueue Shell Shell --text 'echo hi' --wait 5\n"
+               "  flyte-gevent fake-api results --wait 10",
+        formatter_class=_HelpFormatter)
+    _fake_control.add_commands(fake, _HelpFormatter)
     return parser
 
 
@@ -207,12 +211,7 @@ def _demo(args):
 
 
 def _fake_api(args):
-    from .testing import main as serve_fake_api
-
-    argv = ["--host", args.host, "--port", str(args.port), "--latency", str(args.latency)]
-    for token in args.tokens or ():
-        argv += ["--token", token]
-    return serve_fake_api(argv)
+    return _fake_control.run(args)
 
 
 _COMMANDS = {"run": _run, "check": _check, "demo": _demo, "fake-api": _fake_api}

@@ -21,8 +21,10 @@ Usage::
         aid = api.enqueue("Echo", "Echo", {"text": "hi"})
         assert api.wait_for_result(aid).payload == {"text": "hi"}
 
-pytest users get the same thing as the ``flyte_api`` fixture (``flyte_gevent.pytest_plugin``). From a shell,
-``python -m flyte_gevent.testing --port 8080`` serves one until SIGINT or SIGTERM.
+pytest users get the same thing as the ``flyte_api`` fixture (``flyte_gevent.pytest_plugin``), and
+``running_pack`` to run a pack against it. From a shell, ``flyte-gevent fake-api --port 8080`` (or
+``python -m flyte_gevent.testing --port 8080``) serves one until SIGINT or SIGTERM, with control routes under
+``/_fake/`` that ``flyte-gevent fake-api enqueue|results|events|packs|...`` use (``flyte_gevent._fake_control``).
 
 :class:`FlyteServer` (from ``flyte_gevent._flyte_server``) offers the same helpers on a real Flyte API, where it
 creates actions through flows and reads results from the audit API; ``flyte_api`` becomes one with
@@ -52,8 +54,8 @@ import gevent.pool
 
 from . import _fake_server
 from ._fake_server import ROUTES, as_flow_input, as_go_value, go_json_dumps, go_json_encode, pack_id
-from ._flyte_server import (ActionResult, FlowInstance, FlyteServer, FlyteServerError, ReceivedEvent, ServerAction,
-                            ServerPack, TriggerPack)
+from ._flyte_server import (ActionResult, FlowInstance, FlyteServer, FlyteServerError, PackSighting, ReceivedEvent,
+                            ServerAction, ServerPack, TriggerPack, explain_new)
 
 __all__ = [
     "ROUTES",
@@ -63,6 +65,7 @@ __all__ = [
     "FlowInstance",
     "FlyteServer",
     "FlyteServerError",
+    "PROXY_PAGE",
     "PackRecord",
     "ReceivedEvent",
     "RecordedRequest",
@@ -157,6 +160,15 @@ class _Fault:
     remaining: int | None  # None: until cleared
     status: int = 0
     seconds: float = 0.0
+    # What a "fail" answers with besides its status.
+    headers: tuple = ()
+    body: bytes = b""
+
+
+#: What :meth:`FakeFlyteApi.garbage` answers with by default: the kind of page a proxy or captive portal sends.
+PROXY_PAGE = (b"<!DOCTYPE html>\n<html><head><title>Sign in</title></head>"
+              b"<body><h1>Authentication required</h1><p>Sign in to continue to the network.</p></body></html>\n")
+_HTML = "text/html; charset=utf-8"
 
 
 class _Changes:
@@ -188,6 +200,9 @@ class FakeFlyteApi:
     :param host: address to listen on.
     :param port: port to listen on; 0 picks a free one (read :attr:`port` after :meth:`start`).
     :param record_requests: keep every request in :attr:`requests`; a long benchmark may turn it off.
+    :param control: also answer the control routes under ``/_fake/`` (queue actions, read results, events and
+        packs, inject faults, reset) for driving the fake from another process, as ``flyte-gevent fake-api`` does.
+        Off by default: in process, the methods do the same, and a pack under test should meet only Flyte's routes.
 
     Usage::
 
@@ -198,10 +213,12 @@ class FakeFlyteApi:
         api.stop()
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, record_requests: bool = True):
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, record_requests: bool = True,
+                 control: bool = False):
         self.host = host
         self._port = port
         self.record_requests = record_requests
+        self.control = control
 
         #: pack id -> :class:`PackRecord`
         self.packs: dict[str, PackRecord] = {}
@@ -300,6 +317,22 @@ class FakeFlyteApi:
         return (f"<FakeFlyteApi {where} packs={len(self.packs)} actions={len(self.actions)} "
                 f"open={self._open} events={len(self.events)}>")
 
+    def reset(self) -> None:
+        """Forget every pack, action, event, recorded request and violation, as a server restarted on an empty
+        database would, and clear the faults as :meth:`clear_faults` does; ``accepted_tokens`` stay. Packs still
+        running get 404s and register again."""
+        self.packs.clear()
+        self.actions.clear()
+        self.events.clear()
+        self.violations.clear()
+        self.requests.clear()
+        self.errors.clear()
+        self._queues.clear()
+        self._open = 0
+        self._event_names.clear()
+        self.clear_faults()
+        self._changes.notify()
+
     # --- packs ----------------------------------------------------------------------------------------------
 
     def delete_pack(self, pack_id: str) -> None:
@@ -385,6 +418,7 @@ class FakeFlyteApi:
         """Wait for the results of several actions; returned in the order of *action_ids*. Raises KeyError for an
         unknown id, AssertionError naming the late actions and their states on timeout."""
         actions = [self.actions[aid] for aid in action_ids]
+        began = time.time()
 
         def ready():
             if all(a.result is not None for a in actions):
@@ -394,7 +428,8 @@ class FakeFlyteApi:
 
         def failure():
             late = [a for a in actions if a.result is None]
-            return f"{len(late)} of {len(actions)} actions have no result after {timeout} s: {_describe(late)}"
+            return (f"{len(late)} of {len(actions)} actions have no result after {timeout} s: {_describe(late)}"
+                    + self._explain_new(late, began))
         return self._wait(ready, timeout, failure)
 
     def wait_for_action(self, action_id: str, state: str | tuple, timeout: float = 5.0) -> ActionRecord:
@@ -402,17 +437,41 @@ class FakeFlyteApi:
         return its record. Raises KeyError for an unknown id, AssertionError naming its state on timeout."""
         action = self.actions[action_id]
         states = (state,) if isinstance(state, str) else tuple(state)
+        began = time.time()
 
         def failure():
-            return f"action {_describe([action])}, not {'/'.join(states)}, after {timeout} s"
+            return (f"action {_describe([action])}, not {'/'.join(states)}, after {timeout} s"
+                    + self._explain_new([action], began))
         return self._wait(lambda: action if action.state in states else None, timeout, failure)
 
     def wait_until_idle(self, timeout: float = 5.0) -> None:
         """Wait until no action is NEW or PENDING. Raises AssertionError listing the stragglers on timeout."""
+        began = time.time()
+
         def failure():
             late = [a for a in self.actions.values() if a.state in (NEW, PENDING)]
-            return f"{len(late)} actions still open after {timeout} s: {_describe(late)}"
+            return f"{len(late)} actions still open after {timeout} s: {_describe(late)}" + \
+                self._explain_new(late, began)
         self._wait(lambda: True if self._open == 0 else None, timeout, failure)
+
+    def _explain_new(self, late, began):
+        """Why the NEW actions among *late* were not taken (see ``_flyte_server.why_not_taken``); "" when none
+        is NEW."""
+        return explain_new(sorted(late, key=lambda a: a._seq), self._sightings, began, self.url)
+
+    def _sightings(self, action):
+        """Every registered pack as ``_flyte_server.why_not_taken`` sees it, for *action*: packs that would take it
+        also say how many actions they hold PENDING and how many NEW ones they would take first."""
+        sightings = []
+        for pack in self.packs.values():
+            pending = queued = None
+            if pack.name == action.pack_name and action._label_set <= pack._label_set:
+                pending = sum(1 for a in self.actions.values() if a.state == PENDING and a.taken_by == pack.id)
+                queued = sum(1 for a in self.actions.values()
+                             if a.state == NEW and a.pack_name == pack.name and a._seq < action._seq
+                             and a._label_set <= pack._label_set)
+            sightings.append(PackSighting(pack.id, pack.name, pack.labels, pack._last_seen_ns / 1e9, pending, queued))
+        return sightings
 
     # --- events and requests --------------------------------------------------------------------------------
 
@@ -445,10 +504,25 @@ class FakeFlyteApi:
 
     # --- faults ---------------------------------------------------------------------------------------------
 
-    def fail(self, route: str | None, status: int, times: int | None = 1) -> None:
+    def fail(self, route: str | None, status: int, times: int | None = 1, *, body: bytes | str = b"",
+             content_type: str = _HTML) -> None:
         """Answer the next *times* requests of *route* (every route when None) with *status* and an empty body,
-        without processing them. *times* None: until :meth:`clear_faults`."""
-        self._faults.append(_Fault("fail", _check_route(route), _check_times(times), status=int(status)))
+        without processing them. *times* None: until :meth:`clear_faults`.
+
+        With *body* (bytes, or text sent as UTF-8) the answer carries it, typed *content_type*: a proxy's error
+        page, say (``fail("take", 502, body=b"<html>Bad Gateway</html>")``)."""
+        if isinstance(body, str):
+            body = body.encode("utf-8")
+        headers = (("Content-Type", content_type),) if body else ()
+        self._faults.append(_Fault("fail", _check_route(route), _check_times(times), status=int(status),
+                                   headers=headers, body=bytes(body)))
+
+    def garbage(self, route: str | None, body: bytes | str = PROXY_PAGE, status: int = 200, times: int | None = 1,
+                content_type: str = _HTML) -> None:
+        """Answer the next *times* requests of *route* with *body* instead of the server's answer, without
+        processing them: what a pack gets when a proxy or captive portal answers for the API, by default an HTML
+        page with status 200. :meth:`fail` with a body, for the status a pack would take as success."""
+        self.fail(route, status, times, body=body, content_type=content_type)
 
     def drop_response(self, route: str | None, times: int | None = 1) -> None:
         """Process the next *times* requests of *route* normally, then close the connection without answering:
@@ -634,8 +708,20 @@ def _check_times(times):
     return times
 
 
+def _is_loopback(host):
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def main(argv=None) -> int:
-    """``python -m flyte_gevent.testing``: serve a FakeFlyteApi until SIGINT or SIGTERM, then exit 0."""
+    """``python -m flyte_gevent.testing``: serve a FakeFlyteApi, with its control routes under ``/_fake/``, until
+    SIGINT or SIGTERM, then exit 0."""
     import argparse
     import signal
 
@@ -647,15 +733,20 @@ def main(argv=None) -> int:
                         help="require Authorization: Bearer TOKEN (repeat to accept several)")
     args = parser.parse_args(argv)
 
-    api = FakeFlyteApi(args.host, args.port, record_requests=False)
+    api = FakeFlyteApi(args.host, args.port, record_requests=False, control=True)
     api.latency = args.latency
     if args.tokens:
         api.accepted_tokens = set(args.tokens)
+    if not _is_loopback(args.host):
+        print(f"warning: listening on {args.host}: anyone who can reach this port can queue actions and read "
+              f"results through /_fake/; the fake is meant for local use", file=sys.stderr, flush=True)
     stopping = gevent.event.Event()
     handlers = [gevent.signal_handler(signum, stopping.set) for signum in (signal.SIGINT, signal.SIGTERM)]
     try:
         api.start()
         print(f"FakeFlyteApi listening on {api.url}", flush=True)
+        print(f"drive it with: flyte-gevent fake-api enqueue|results|events|packs|fail|reset --url {api.url}",
+              flush=True)
         stopping.wait()
     finally:
         for handler in handlers:
