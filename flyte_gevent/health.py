@@ -118,6 +118,7 @@ class HealthApp:
         self.metrics = metrics
         #: Greenlets running a check right now (a pack lets a check call its ``stop()`` without waiting on itself).
         self.check_greenlets = set()
+        self._run = None  # the greenlet of the run in progress, which concurrent requests share
         self._warned_names = set()
         seen = set()
         for check in self.checks:
@@ -138,13 +139,26 @@ class HealthApp:
         return _json(start_response, "200 OK" if status else "500 Internal Server Error", document)
 
     def run_checks(self):
-        """Run every check concurrently; ``(all_healthy, {name: {"healthy", "status"}})``."""
+        """Run every check concurrently; ``(all_healthy, {name: {"healthy", "status"}})``.
+
+        Requests that arrive while a run is in progress share its answer instead
+        of starting their own: a flood of requests to the health port then costs
+        whatever the checks call (the Flyte API, a database) one run at a time.
+        A request cut short leaves the shared run to finish, within the check
+        timeout.
+        """
+        if self._run is None or self._run.dead:
+            self._run = gevent.spawn(self._run_once)
+            self._run.name = "health-checks"
+        return self._run.get()
+
+    def _run_once(self):
         greenlets = [gevent.spawn(_run_check, check) for check in self.checks]
         self.check_greenlets.update(greenlets)
         try:
             gevent.joinall(greenlets, timeout=self.check_timeout)
         finally:
-            # Checks past their timeout, or every check when this request is cut short, are not left running.
+            # Checks past their timeout are not left running.
             gevent.killall([greenlet for greenlet in greenlets if not greenlet.dead], block=False)
             self.check_greenlets.difference_update(greenlets)
         results = {}

@@ -290,6 +290,23 @@ def test_mount_serves_the_health_app_under_a_prefix_inside_another_wsgi_app(make
 # --- duplicate check names ------------------------------------------------------------------------------------------
 
 
+def test_concurrent_requests_share_one_run_of_the_checks(serve_checks):
+    # A flood of GET / must not become a flood of calls to whatever the checks ask (the Flyte API, a database).
+    calls = []
+
+    def slow_database():
+        calls.append(1)
+        gevent.sleep(0.3)
+        return "Database", Health(True, f"run {len(calls)}")
+
+    base = serve_checks([slow_database])
+    answers = Group().map(lambda _: get(base + "/"), range(20))
+    assert [response.status_code for response in answers] == [200] * 20
+    assert len(calls) == 1
+    assert {response.json()["Database"]["status"] for response in answers} == {"run 1"}
+    assert get(base + "/").json()["Database"]["status"] == "run 2"  # a later request runs them afresh
+
+
 def test_checks_sharing_a_name_are_all_reported_under_numbered_keys_with_one_warning(serve_checks, caplog):
     def replica_db():
         return "Database", Health(False, "replica down")
