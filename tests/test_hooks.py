@@ -11,6 +11,7 @@ import gevent
 import pytest
 import requests
 
+import flyte_gevent._hooks as hooks_module
 import flyte_gevent.pack as pack_module
 from flyte_gevent import Client, Command, Event, EventDef, Health, Pack, PackDef, PackDefError
 from helpers import wait_until
@@ -28,7 +29,7 @@ def quick_registration(monkeypatch):
 @pytest.fixture
 def quick_restarts(monkeypatch):
     """A background task that raised is restarted after 1 s or more; far less keeps tests short."""
-    monkeypatch.setattr(pack_module, "_TASK_RESTART_BACKOFF", (0.05, 0.1))
+    monkeypatch.setattr(hooks_module, "TASK_RESTART_BACKOFF", (0.05, 0.1))
 
 
 def echo(input):
