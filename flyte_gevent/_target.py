@@ -197,9 +197,10 @@ def _takes_an_argument(function):
 def _ready_made(pack, spec, source, verb):
     where = _definition_attribute(pack.pack_def, spec)
     at = f"at {where} (the PackDef it was built from)" if where else "at a PackDef"
+    subject = "the CLI" if source == "target" else source
     return ConfigError(
         f"{source} {spec!r} {verb} a ready-made Pack, but the runner builds the Pack itself, from its flags and "
-        f"FLYTE_* variables, which a Pack built in advance would ignore: point {source} {at} instead, and "
+        f"FLYTE_* variables, which a Pack built in advance would ignore: point {subject} {at} instead, and "
         f"{_HOOKS_HINT}", source)
 
 

@@ -198,10 +198,12 @@ def _print_config(target, flags, spec):
 
 def _raised_in_authors_code(exc):
     """Whether *exc* went through code outside flyte_gevent (a hook), rather than being raised by the library."""
-    package = os.path.dirname(os.path.abspath(__file__))
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    examples = package + "examples" + os.sep  # installed with the package, but written as a pack author would
     frame = exc.__traceback__
     while frame is not None:
-        if not os.path.abspath(frame.tb_frame.f_code.co_filename).startswith(package + os.sep):
+        filename = os.path.abspath(frame.tb_frame.f_code.co_filename)
+        if not filename.startswith(package) or filename.startswith(examples):
             return True
         frame = frame.tb_next
     return False

@@ -423,7 +423,7 @@ class Pack:
         :raises FlyteHTTPError: the API refused the event (400).
         """
         self._check_can_send()
-        body = self._encode_event(event)
+        body = self._encode(event)
         self._deliver_event(event.name, body, self.event_deadline if timeout is None else timeout)
 
     def send_event_nowait(self, event):
@@ -435,7 +435,7 @@ class Pack:
         if not self._started:
             raise NotRegisteredError(f"pack {self.pack_def.name!r} is not started: call start() or run() before "
                                      "sending events")
-        body = self._encode_event(event)
+        body = self._encode(event)
         if self._events_closed:
             log.warning("event %r dropped: the pack is stopping", event.name)
             self._metrics.event_dropped()
@@ -622,7 +622,7 @@ class Pack:
         if self._stopped.is_set():
             raise NotRegisteredError(f"pack {self.pack_def.name!r} has stopped")
 
-    def _encode_event(self, event):
+    def _encode(self, event):
         """The body of a spontaneous event (warning, once per name, about one the pack does not declare)."""
         from marshmallow import ValidationError
 

@@ -9,6 +9,7 @@ action context on the pack author's records) and can be made to sleep:
   what it was given;
 * tests/cli_pack_target.py holds a ready ``pack`` (a ``Pack``), and ``create_ready_pack`` returns one: both
   refused, since a Pack built in advance would ignore the runner's settings;
+* ``failing_start`` — a PackDef whose on_start hook raises;
 * ``broken_factory`` — raises, the CLI's "unexpected error" case; ``not_a_pack`` — neither;
 * ``bad_pack_def`` — a definition Flyte would refuse.
 
@@ -61,6 +62,14 @@ def create_ready_pack():
     from flyte_gevent import Pack
 
     return Pack.from_env(_make_pack_def("CliFactoryPack"))
+
+
+failing_start = PackDef("CliFailingStart")
+
+
+@failing_start.on_start
+def warm_cache(pack):
+    raise RuntimeError("cache warm-up failed")
 
 
 def broken_factory():

@@ -213,6 +213,25 @@ def test_the_url_checker_runs_with_its_hooks_and_every_flag_applies(flyte_api, c
     assert not any(r["level"] == "ERROR" for r in records), stderr
 
 
+def test_an_on_start_hook_that_raises_exits_1_with_its_traceback_once(flyte_api, cli_env):
+    cli_env.update({"FLYTE_API": flyte_api.url, "FLYTE_HEALTH_PORT": "off"})
+    result = flyte_gevent("run", "cli_targets:failing_start", env=cli_env)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.count("Traceback") == 1 and 'raise RuntimeError("cache warm-up failed")' in result.stderr
+    assert "on_start hook 'warm_cache' failed: RuntimeError: cache warm-up failed; stopping the pack" in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "Error: unexpected RuntimeError: cache warm-up failed"
+    assert flyte_api.packs["CliFailingStart"].registrations == 1 and flyte_api.requests_for("take") == []
+
+
+def test_a_setting_an_on_start_hook_refuses_exits_78_with_its_one_line(flyte_api, cli_env):
+    cli_env.update({"FLYTE_API": flyte_api.url, "FLYTE_HEALTH_PORT": "off", "URL_CHECKER_INTERVAL": "soon"})
+    result = flyte_gevent("run", URL_CHECKER, env=cli_env)
+    assert result.returncode == 78, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == ("Error: URL_CHECKER_INTERVAL='soon': expected a positive "
+                                                      "number of seconds")
+
+
 def test_print_config_also_names_the_hooks_the_definition_declares(cli_env):
     result = flyte_gevent("run", URL_CHECKER, "--print-config", "--api", "http://flyte:8080", env=cli_env)
     assert result.returncode == 0, result.stderr

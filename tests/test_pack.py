@@ -526,7 +526,8 @@ def test_a_malformed_taken_action_is_completed_as_fatal_not_stranded():
 
 @pytest.mark.parametrize("message, expected", [
     ("cannot reach http://user:secret@db/orders", "ConnectionError: cannot reach http://***@db/orders"),
-    ("'postgres://app:pa55@db.internal:5432/x' refused", "ConnectionError: 'postgres://***@db.internal:5432/x' refused"),
+    ("'postgres://app:pa55@db.internal:5432/x' refused",
+     "ConnectionError: 'postgres://***@db.internal:5432/x' refused"),
     ("two: https://a:b@one.example and ftp://c@two.example/f", "ConnectionError: two: https://***@one.example and "
                                                               "ftp://***@two.example/f"),
     ("mail admin@example.com about http://example.com/a@b", "ConnectionError: mail admin@example.com about "
@@ -553,7 +554,8 @@ def test_the_log_line_for_bad_input_reads_as_one_sentence(flyte_api, make_pack, 
     action = flyte_api.enqueue("Worker", "checkUrl", {"url": "not a url", "retries": "many"})
     make_pack(worker_def(Command("checkUrl", echo, [done], input_schema=CheckUrl)), start=True)
     result = flyte_api.wait_for_result(action)
-    assert result.payload == "invalid input for command 'checkUrl':\nurl: Not a valid URL.\nretries: Not a valid integer."
+    assert result.payload == ("invalid input for command 'checkUrl':\n"
+                              "url: Not a valid URL.\nretries: Not a valid integer.")
     (record,) = [r for r in caplog.records if r.getMessage().startswith("invalid input")]
     assert record.getMessage() == "invalid input for command 'checkUrl': url: Not a valid URL.; retries: Not a " \
                                   "valid integer."

@@ -112,8 +112,8 @@ def test_the_watcher_sends_url_down_and_url_up_and_reports_its_health(flyte_api,
 def test_without_urls_to_watch_the_watcher_idles_and_says_so(flyte_api, running_pack, monkeypatch):
     monkeypatch.delenv("URL_CHECKER_WATCH", raising=False)
     pack = running_pack(url_checker.pack_def, health_port=0)
-    assert _health(pack.health_port)["Watcher"] == {"healthy": True, "status": "nothing to watch (URL_CHECKER_WATCH "
-                                                                              "is empty)"}
+    assert _health(pack.health_port)["Watcher"] == {
+        "healthy": True, "status": "nothing to watch (URL_CHECKER_WATCH is empty)"}
 
 
 @pytest.mark.parametrize("variable, value, message", [
