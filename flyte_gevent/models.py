@@ -283,9 +283,9 @@ class PackDef:
     it runs — whichever runner builds the pack (a script's
     :meth:`~flyte_gevent.Pack.from_env`, ``flyte-gevent run``, the gunicorn
     hooks, the testing kit): :meth:`on_start` and :meth:`on_stop` hooks,
-    :meth:`background` tasks and :meth:`health_check` s. Each is called with the
-    running :class:`~flyte_gevent.Pack`; :class:`~flyte_gevent.Pack` documents
-    when each runs and what a failure does.
+    :meth:`background` tasks and health checks (:meth:`health_check`). Each is
+    called with the running :class:`~flyte_gevent.Pack`; the decorators say when
+    each runs and what a failure does.
 
     :param name: the pack name; actions are addressed to it.
     :param help_url: optional link to the pack's documentation.

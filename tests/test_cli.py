@@ -343,6 +343,17 @@ def test_check_prints_the_registration_json_with_labels_merged(cli_env):
     assert result.stderr.strip() == "pack id: CliEcho.env.dev.team.cli"
 
 
+def test_check_gives_a_factory_the_settings_without_needing_the_api_and_refuses_a_ready_made_pack(cli_env):
+    result = flyte_gevent("check", "cli_targets:create_from_settings", "--labels", "team=x", env=cli_env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["labels"] == {"team": "x"}
+    assert result.stderr.strip() == "pack id: CliSettings.team.x"
+
+    cli_env["FLYTE_API"] = DEAD_API  # read by the module's own Pack.from_env()
+    refused = flyte_gevent("check", "cli_pack_target:pack", env=cli_env)
+    assert refused.returncode == 78 and "is a ready-made Pack" in _one_error_line(refused)
+
+
 @pytest.mark.parametrize("args", [["--help"], ["--version"], ["check", "cli_targets:pack_def"]])
 def test_python_dash_m_is_the_same_command(args, cli_env):
     script = flyte_gevent(*args, env=cli_env)
