@@ -142,8 +142,8 @@ def watch(pack):
 @pack_def.health_check
 def watcher_health(pack):
     watcher = watchers.get(pack)
-    if watcher is None:
-        return "Watcher", Health(False, "not started")
+    if watcher is None:  # the health server answers while the pack registers, before open_watcher ran
+        return "Watcher", Health(True, "starting")
     if not watcher.urls:
         return "Watcher", Health(True, f"nothing to watch ({WATCH_VARIABLE} is empty)")
     quiet = time.monotonic() - watcher.since

@@ -8,6 +8,7 @@ hooks, ``running_pack``) builds its Pack from the definition, so each gets them.
 import logging
 
 import gevent
+import gevent.event
 import pytest
 import requests
 
@@ -158,6 +159,7 @@ def test_a_stop_during_on_start_interrupts_the_hook_and_start_returns_without_ta
 
     @pack_def.on_start
     def slow_setup(pack):
+        calls.append("entered")
         try:
             gevent.sleep(30)
         except gevent.GreenletExit:
@@ -170,12 +172,11 @@ def test_a_stop_during_on_start_interrupts_the_hook_and_start_returns_without_ta
 
     pack = make_pack(pack_def)
     starter = gevent.spawn(pack.start, timeout=5)
-    wait_until(lambda: pack.registered, what="registration")
-    gevent.sleep(0.05)
+    wait_until(lambda: calls, what="the on_start hook")
     pack.stop()
     starter.join(timeout=2)
     assert starter.successful() and starter.value is None
-    assert calls == ["interrupted", "cleanup"]
+    assert calls == ["entered", "interrupted", "cleanup"]
     assert flyte_api.requests_for("take") == []
 
 
@@ -185,10 +186,11 @@ def test_a_stop_during_on_start_interrupts_the_hook_and_start_returns_without_ta
 def test_background_tasks_start_after_the_start_hooks_and_are_killed_when_stop_begins(flyte_api, make_pack):
     pack_def = PackDef("Background", event_defs=[tick])
     log = []
+    task_killed = gevent.event.Event()
 
     @pack_def.command("Slow", output_events=[done])
     def slow(input):
-        gevent.sleep(0.4)
+        task_killed.wait(5)  # past the 2 s grace period unless the stop kills the task before draining handlers
         log.append("handler finished")
         return Event(done, input)
 
@@ -205,10 +207,11 @@ def test_background_tasks_start_after_the_start_hooks_and_are_killed_when_stop_b
                 gevent.sleep(0.05)
         except gevent.GreenletExit:
             log.append("task killed")
+            task_killed.set()
             raise
 
     action = flyte_api.enqueue("Background", "Slow", "x")
-    pack = make_pack(pack_def, start=True, grace_period=5)
+    pack = make_pack(pack_def, start=True, grace_period=2)
     flyte_api.wait_for_events(2, name="Tick")
     flyte_api.wait_for_action(action, "PENDING")
     pack.stop()
