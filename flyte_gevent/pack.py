@@ -409,6 +409,7 @@ class Pack:
 
     # -- events ---------------------------------------------------------------
 
+    @_as_the_pack
     def send_event(self, event, timeout=None):
         """Send a spontaneous event, retrying until it is accepted.
 
@@ -426,6 +427,7 @@ class Pack:
         body = self._encode(event)
         self._deliver_event(event.name, body, self.event_deadline if timeout is None else timeout)
 
+    @_as_the_pack
     def send_event_nowait(self, event):
         """Queue a spontaneous event for the event sender; ``False`` when the buffer is full and it was dropped.
 
