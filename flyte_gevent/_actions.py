@@ -29,6 +29,7 @@ import gevent
 from gevent import GreenletExit, getcurrent
 from marshmallow import ValidationError
 
+from .errors import redact_urls
 from .log import bind_action
 from .models import FATAL, Event, fatal_event
 from .schemas import encode_event, flatten_errors
@@ -162,7 +163,7 @@ class ActionRunner:
             # Problems with the input as a whole (not an object, say) have no field path of their own.
             lines = [line if ": " in line else f"input: {line}" for line in flatten_errors(value.messages)]
             message = f"invalid input for command '{command.name}':\n" + "\n".join(lines)
-            log.warning("%s", message.replace("\n", "; "))
+            log.warning("invalid input for command %r: %s", command.name, "; ".join(lines))
             return Event(command.failure_event or FATAL, message), "invalid_input"
         if ended is _TIMED_OUT:
             log.error("handler for command %r timed out after %g s", command.name, seconds)
@@ -171,7 +172,7 @@ class ActionRunner:
             log.warning("handler for command %r cut short: %s", command.name, SHUTDOWN_MESSAGE)
             return fatal_event(SHUTDOWN_MESSAGE), "shutdown"
         log.error("handler for command %r failed", command.name, exc_info=(type(value), value, value.__traceback__))
-        text = str(value)
+        text = redact_urls(str(value))  # the payload is kept by Flyte and shown to whoever reads the flow
         return fatal_event(f"{type(value).__name__}: {text}" if text else type(value).__name__), "error"
 
     def _call(self, command, value):
@@ -225,7 +226,7 @@ class ActionRunner:
         if isinstance(exc, GreenletExit):  # the pack killed this greenlet at the end of its stop
             event = fatal_event(SHUTDOWN_MESSAGE)
         else:
-            event = fatal_event(f"flyte_gevent could not complete the action: {_describe(exc)}")
+            event = fatal_event(f"flyte_gevent could not complete the action: {redact_urls(_describe(exc))}")
         _log_quietly(logging.ERROR, "completing action %s as FATAL after an unexpected error: %s", action.id,
                      _describe(exc), exc_info=(type(exc), exc, exc.__traceback__))
         return event.name, encode_event(event)

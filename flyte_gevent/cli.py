@@ -22,8 +22,10 @@ import os  # noqa: E402
 import sys  # noqa: E402
 
 from . import __version__, _fake_control, config  # noqa: E402
-from ._target import build_pack, load_target  # noqa: E402 - shared with flyte_gevent.gunicorn
+from ._target import PACK_SETTINGS, Settings, build_pack, load_target, pack_definition  # noqa: E402
+from ._target import resolve_settings  # noqa: E402
 from .errors import ConfigError, FlyteError, redact_url  # noqa: E402
+from .models import hook_name  # noqa: E402
 
 __all__ = ["main", "load_target", "build_pack"]
 
@@ -78,8 +80,9 @@ class _HelpFormatter(argparse.HelpFormatter):
         return super()._fill_text(text, width, indent)
 
 
-_TARGET_HELP = ("the pack: a Pack, a PackDef, or a function returning one, as module:attr or path/to/file.py:attr; "
-                "without :attr, pack, pack_def and create_pack are tried")
+_TARGET_HELP = ("the pack: a PackDef, or a function returning one (given the resolved settings if it takes an "
+                "argument), as module:attr or path/to/file.py:attr; without :attr, pack_def, pack and create_pack "
+                "are tried")
 
 
 def _parser():
@@ -97,16 +100,18 @@ def _parser():
 
     run = commands.add_parser(
         "run", help="run a pack until SIGTERM/SIGINT",
-        description="Import MODULE:ATTR (a Pack, a PackDef, or a function returning one), configure it from "
-                    "flags and FLYTE_* variables, register it and run it until SIGTERM or SIGINT. "
-                    "The first signal drains running actions; a second one forces the stop.",
+        description="Import MODULE:ATTR (a PackDef, or a function returning one), build its Pack from flags and "
+                    "FLYTE_* variables, register it and run it, with the hooks, background tasks and health checks "
+                    "the definition declares, until SIGTERM or SIGINT. The first signal drains running actions; a "
+                    "second one forces the stop.",
         epilog=_EXIT_CODES, formatter_class=_HelpFormatter)
     run.add_argument("target", metavar="MODULE:ATTR", help=_TARGET_HELP)
     _settings_arguments(run, ("client", "pack", "labels", "cli"))
     run.add_argument("--start-timeout", type=float, metavar="SECONDS",
                      help="give up (exit 69) when the pack cannot register within this time; default: keep trying")
     run.add_argument("--print-config", action="store_true",
-                     help="print the resolved settings (token and URL credentials redacted) and exit")
+                     help="print the resolved settings (token and URL credentials redacted) and the hooks the "
+                          "definition declares, and exit")
 
     check = commands.add_parser(
         "check", help="validate a pack definition offline and print its registration JSON",
@@ -157,23 +162,51 @@ def _run(args):
     from . import log as flyte_log
 
     flags = _parsed_flags(args, ("client", "pack", "labels", "cli"))
-    cli_settings = config.from_environ(names={"log_level", "log_format"}, overrides=flags)
-    flyte_log.configure(cli_settings["log_level"], cli_settings["log_format"])
-    pack_flags = {k: v for k, v in flags.items() if k not in cli_settings}
+    cli_settings = {name: flags.pop(name) for name in ("log_level", "log_format") if name in flags}
+    flyte_log.configure_from_environ(cli_settings)
+    target = load_target(args.target)
     if args.print_config:
-        wanted = {s.name for s in config.SETTINGS}
-        values = config.from_environ(names=wanted, overrides=flags)
-        for setting in config.SETTINGS:
-            print(f"{setting.name} = {_shown(setting, values[setting.name])!r}")
-        return EX_OK
-    pack = build_pack(load_target(args.target), pack_flags)
+        return _print_config(target, flags, args.target)
+    pack = build_pack(target, flags, spec=args.target)
     try:
-        pack.run(start_timeout=args.start_timeout)
+        pack.run(start_timeout=args.start_timeout, configure_logging=False)
     except FlyteError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         pack.stop(grace_period=0)
         return EX_UNAVAILABLE if exc.status != 400 else EX_CONFIG
+    except ConfigError:
+        raise
+    except Exception as exc:
+        if _raised_in_authors_code(exc):  # an on_start hook's failure: its traceback is the author's to read
+            log.error("pack %r failed", pack.pack_def.name, exc_info=(type(exc), exc, exc.__traceback__))
+        raise
     return EX_OK
+
+
+def _print_config(target, flags, spec):
+    """What --print-config prints: every setting as run resolves it, then what the definition declares."""
+    values = config.from_environ(names={s.name for s in config.SETTINGS}, overrides=flags)
+    pack_def = pack_definition(target, Settings({name: values[name] for name in PACK_SETTINGS}), spec)
+    for setting in config.SETTINGS:
+        print(f"{setting.name} = {_shown(setting, values[setting.name])!r}")
+    print(f"pack = {pack_def.name!r}")
+    for name, hooks in (("on_start", pack_def.start_hooks), ("on_stop", pack_def.stop_hooks),
+                        ("background", pack_def.background_tasks), ("health_checks", pack_def.health_checks)):
+        print(f"{name} = {[hook_name(hook) for hook in hooks]!r}")
+    return EX_OK
+
+
+def _raised_in_authors_code(exc):
+    """Whether *exc* went through code outside flyte_gevent (a hook), rather than being raised by the library."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    examples = package + "examples" + os.sep  # installed with the package, but written as a pack author would
+    frame = exc.__traceback__
+    while frame is not None:
+        filename = os.path.abspath(frame.tb_frame.f_code.co_filename)
+        if not filename.startswith(package) or filename.startswith(examples):
+            return True
+        frame = frame.tb_next
+    return False
 
 
 def _shown(setting, value):
@@ -184,20 +217,13 @@ def _shown(setting, value):
 
 
 def _check(args):
-    from .models import PackDef
-    from .pack import Pack
     from .schemas import registration_body
 
-    target = load_target(args.target)
-    if callable(target) and not isinstance(target, (Pack, PackDef)):
-        target = target()
-    pack_def = target.pack_def if isinstance(target, Pack) else target
-    if not isinstance(pack_def, PackDef):
-        raise ConfigError(f"the target is a {type(target).__name__}; expected a Pack or a PackDef", "target")
-    labels_text = args.labels if args.labels is not None else os.environ.get("FLYTE_LABELS")
-    if labels_text:
-        source = "--labels" if args.labels is not None else "FLYTE_LABELS"
-        pack_def = pack_def.with_labels(config.read(config.setting("labels"), labels_text, source))
+    flags = _parsed_flags(args, ("labels",))
+    settings = resolve_settings(flags, need_api=False)
+    pack_def = pack_definition(load_target(args.target), Settings(settings), args.target)
+    if settings["labels"]:
+        pack_def = pack_def.with_labels(settings["labels"])
     pack_def.validate()
     print(json.dumps(registration_body(pack_def), indent=2))
     print(f"pack id: {pack_def.id}", file=sys.stderr)

@@ -4,8 +4,9 @@ A web app served by ``gunicorn -k gevent`` already runs on a patched gevent
 hub, so it can take Flyte actions in the same process: two hooks in the
 gunicorn config start a pack in each worker and drain it when the worker
 stops. The pack is named by ``FLYTE_PACK=module:attr`` and resolved exactly
-like ``flyte-gevent run module:attr`` (a ``Pack``, a ``PackDef`` or a factory;
-``FLYTE_*`` variables configure it)::
+like ``flyte-gevent run module:attr`` (a ``PackDef``, or a factory returning
+one; ``FLYTE_*`` variables configure it), and each worker builds its own Pack
+from it, with the hooks, background tasks and health checks it declares::
 
     # gunicorn_conf.py
     from flyte_gevent.gunicorn import post_worker_init, worker_exit  # noqa: F401 - hooks gunicorn calls
@@ -27,13 +28,20 @@ missing, a target that cannot be imported, an invalid pack definition, a worker
 that is not a gevent worker — fails the worker's boot, and gunicorn stops with
 the message in its log.
 
+**Hooks.** The definition's on_start hooks run in each worker once its pack
+has registered, its background tasks from then on, and its on_stop hooks while
+the worker drains (see :class:`~flyte_gevent.PackDef`). A hook that fails the
+start is logged with its traceback; that worker then serves HTTP without a
+pack, and its ``/livez`` answers 503.
+
 **Health.** The pack gets no health server of its own unless
 ``FLYTE_HEALTH_PORT`` is set: with several workers a fixed port would be bound
 by the first worker only. Mount the pack's health app in the web app instead
 (:func:`mount_health`); it answers ``/livez``, ``/readyz``, ``/metrics`` and the
-Go-compatible JSON for the worker that happens to serve the request. A ready
-``Pack`` object is used as built, health port included; point ``FLYTE_PACK`` at a
-``PackDef`` or a factory to get the defaults above.
+Go-compatible JSON, the definition's health checks included, for the worker
+that happens to serve the request. A ready-made ``Pack`` is refused (each worker
+must build its own, with these settings): the message says how to declare its
+health checks and tasks on the ``PackDef``.
 
 **Stop.** As soon as the worker stops being alive — SIGTERM, SIGINT/SIGQUIT,
 ``max_requests``, ``--reload`` — the pack stops taking actions and drains while
@@ -68,6 +76,7 @@ import os
 
 from ._target import build_pack, load_target
 from .errors import ConfigError
+from .log import pack_context
 
 __all__ = ["post_worker_init", "worker_exit", "current_pack", "mount_health", "load_pack", "shutdown_budget",
            "PACK_VARIABLE"]
@@ -160,7 +169,8 @@ def post_worker_init(worker):
     _worker = state
     state.spawn(_start, state, worker.pid)
     state.spawn(_watch, worker, state)
-    log.info("worker %s runs pack %r (pack id %r)", worker.pid, pack.pack_def.name, pack.pack_def.id)
+    with pack_context(pack.pack_def.name):
+        log.info("worker %s runs pack %r (pack id %r)", worker.pid, pack.pack_def.name, pack.pack_def.id)
 
 
 def worker_exit(server, worker):
@@ -178,27 +188,21 @@ def worker_exit(server, worker):
 def load_pack(environ=None):
     """The :class:`~flyte_gevent.Pack` that ``FLYTE_PACK`` names, configured for a gunicorn worker.
 
-    A ``PackDef`` (or a factory returning one) is configured from ``FLYTE_*``
-    variables like ``flyte-gevent run`` does, except that the health server is
-    off unless ``FLYTE_HEALTH_PORT`` is set. A ready ``Pack`` is used as it is.
+    A ``PackDef`` (or a factory returning one, given the settings) is configured
+    from ``FLYTE_*`` variables like ``flyte-gevent run`` does, except that the
+    health server is off unless ``FLYTE_HEALTH_PORT`` is set.
 
-    :raises ConfigError: ``FLYTE_PACK`` is missing or names nothing usable.
+    :raises ConfigError: ``FLYTE_PACK`` is missing or names nothing usable
+        (a ready-made ``Pack`` included).
     """
-    from .models import PackDef
-    from .pack import Pack
-
     environ = os.environ if environ is None else environ
     spec = environ.get(PACK_VARIABLE, "").strip()
     if not spec:
         raise ConfigError(f"{PACK_VARIABLE} is not set: name the pack each worker runs as module:attr, "
                           "e.g. mypack:pack_def", PACK_VARIABLE)
     target = load_target(spec, PACK_VARIABLE)
-    if callable(target) and not isinstance(target, (Pack, PackDef)):
-        target = target()
-    if not isinstance(target, PackDef):
-        return build_pack(target)
     overrides = {} if environ.get(_HEALTH_PORT_VARIABLE, "").strip() else {"health_port": None}
-    return build_pack(target, overrides, environ)
+    return build_pack(target, overrides, environ, spec=spec, source=PACK_VARIABLE)
 
 
 def shutdown_budget(pack, cfg):
@@ -224,12 +228,13 @@ def _start(state, pid):
     pack = state.pack
     if state.stopper is not None:
         return  # the worker was told to stop before this greenlet ran
-    try:
-        pack.start()
-    except FlyteError as exc:
-        log.error("pack %r will not take actions in worker %s: %s", pack.pack_def.name, pid, exc)
-    except Exception:
-        log.exception("pack %r failed to start in worker %s", pack.pack_def.name, pid)
+    with pack_context(pack.pack_def.name):
+        try:
+            pack.start()
+        except FlyteError as exc:
+            log.error("pack %r will not take actions in worker %s: %s", pack.pack_def.name, pid, exc)
+        except Exception:  # an on_start hook's failure (the pack has stopped), or a bug: its traceback, once
+            log.exception("pack %r failed to start in worker %s", pack.pack_def.name, pid)
 
 
 def _watch(worker, state):
@@ -245,6 +250,7 @@ def _begin_stop(worker, state):
     if state.stopper is not None:
         return
     grace, flush = shutdown_budget(state.pack, worker.cfg)
-    log.info("worker %s is stopping: draining pack %r (grace %g s, flush %g s)", worker.pid,
-             state.pack.pack_def.name, grace, flush)
+    with pack_context(state.pack.pack_def.name):
+        log.info("worker %s is stopping: draining pack %r (grace %g s, flush %g s)", worker.pid,
+                 state.pack.pack_def.name, grace, flush)
     state.stopper = state.spawn(state.pack.stop, grace_period=grace, flush_timeout=flush)

@@ -10,13 +10,14 @@ The library itself only adds a ``NullHandler``; :func:`configure` is for entry
 points (the CLI) that own logging.
 """
 
+import contextlib
 import contextvars
 import datetime
 import json
 import logging
 import sys
 
-__all__ = ["current_action", "ActionContextFilter", "JsonFormatter", "configure"]
+__all__ = ["current_action", "ActionContextFilter", "JsonFormatter", "configure", "configure_from_environ"]
 
 _action = contextvars.ContextVar("flyte_gevent_action", default=None)
 _pack = contextvars.ContextVar("flyte_gevent_pack", default=None)
@@ -36,6 +37,21 @@ def bind_action(action, pack_name):
 def bind_pack(pack_name):
     """Mark this greenlet as working for *pack_name* (poller, event sender)."""
     _pack.set(pack_name)
+
+
+@contextlib.contextmanager
+def pack_context(pack_name):
+    """Within the block, records carry *pack_name*; afterwards the greenlet's own value is back.
+
+    For a pack's lifecycle (start, stop, signals), which runs in its caller's
+    greenlet: that greenlet may log for something else afterwards, or for
+    another pack.
+    """
+    token = _pack.set(pack_name)
+    try:
+        yield
+    finally:
+        _pack.reset(token)
 
 
 class ActionContextFilter(logging.Filter):
@@ -103,3 +119,18 @@ def configure(level="INFO", fmt="text", stream=None):
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper() if isinstance(level, str) else level)
+
+
+def configure_from_environ(overrides=None, environ=None):
+    """:func:`configure` at ``FLYTE_GEVENT_LOG_LEVEL`` in ``FLYTE_GEVENT_LOG_FORMAT`` (info, text); ``(level, format)``.
+
+    The default of ``flyte-gevent run`` (whose flags are *overrides*) and of
+    :meth:`Pack.run <flyte_gevent.Pack.run>` in a program that configured no logging.
+
+    :raises ConfigError: a variable is malformed.
+    """
+    from . import config
+
+    values = config.from_environ(environ, names={"log_level", "log_format"}, overrides=overrides)
+    configure(values["log_level"], values["log_format"])
+    return values["log_level"], values["log_format"]

@@ -276,7 +276,16 @@ def pack_id(name, labels=None):
 
 
 class PackDef:
-    """What a pack registers with Flyte: name, labels, commands, events and help link.
+    """What a pack registers with Flyte, and what it runs besides its commands.
+
+    It registers a name, labels, commands, events and a help link. It also
+    declares, with decorators, what every :class:`~flyte_gevent.Pack` built from
+    it runs — whichever runner builds the pack (a script's
+    :meth:`~flyte_gevent.Pack.from_env`, ``flyte-gevent run``, the gunicorn
+    hooks, the testing kit): :meth:`on_start` and :meth:`on_stop` hooks,
+    :meth:`background` tasks and health checks (:meth:`health_check`). Each is
+    called with the running :class:`~flyte_gevent.Pack`; the decorators say when
+    each runs and what a failure does.
 
     :param name: the pack name; actions are addressed to it.
     :param help_url: optional link to the pack's documentation.
@@ -289,6 +298,10 @@ class PackDef:
     :raises PackDefError: the definition would be refused by the Flyte server or
         break its links; the one-line message lists every problem.
 
+    :ivar start_hooks: the :meth:`on_start` hooks, in declaration order (a plain
+        list, like :attr:`commands`); likewise :attr:`stop_hooks`,
+        :attr:`background_tasks` and :attr:`health_checks`.
+
     Commands can also be added with the :meth:`command` decorator::
 
         pack_def = PackDef("JiraPack", help_url="https://example.com/jira-pack")
@@ -296,6 +309,12 @@ class PackDef:
         @pack_def.command("createIssue", output_events=[created])
         def create_issue(input):
             return Event(created, {"issueId": "FOO-1"})
+
+        @pack_def.background
+        def sync_projects(pack):          # runs while the pack does
+            while True:
+                pack.send_event_nowait(Event(synced, projects.refresh()))
+                gevent.sleep(300)
     """
 
     def __init__(self, name, help_url=None, commands=(), event_defs=(), labels=None, links=None):
@@ -306,6 +325,10 @@ class PackDef:
         # Anything but a mapping is kept as it is, for _problems() to refuse.
         self.labels = dict(labels) if isinstance(labels, collections.abc.Mapping) else {} if labels is None else labels
         self.links = dict(links) if isinstance(links, collections.abc.Mapping) else {} if links is None else links
+        self.start_hooks = []
+        self.stop_hooks = []
+        self.background_tasks = []
+        self.health_checks = []
         self._raise_problems()
 
     def __repr__(self):
@@ -336,15 +359,74 @@ class PackDef:
             return handler
         return decorate
 
+    def on_start(self, function=None):
+        """Decorator: call ``function(pack)`` when the pack has registered, before it takes its first action.
+
+        Hooks run one after the other in declaration order, before the
+        background tasks start. One that raises fails the start: the later ones
+        do not run, the pack stops (running the :meth:`on_stop` hooks) and
+        ``start()`` raises the hook's exception.
+
+        :raises PackDefError: *function* is not callable or is already an on_start hook.
+        """
+        return self._declare("on_start", self.start_hooks, function)
+
+    def on_stop(self, function=None):
+        """Decorator: call ``function(pack)`` when the pack stops, once its running handlers have finished.
+
+        Runs whenever the :meth:`on_start` hooks were called (a failed start
+        included), in reverse declaration order, within the shutdown's flush
+        period; an exception is logged and the next hook still runs.
+
+        :raises PackDefError: *function* is not callable or is already an on_stop hook.
+        """
+        return self._declare("on_stop", self.stop_hooks, function)
+
+    def background(self, function=None):
+        """Decorator: run ``function(pack)`` in a greenlet the pack owns, from its start until its stop begins.
+
+        For loops that send spontaneous events or keep something fresh. It
+        starts after the :meth:`on_start` hooks and is killed (``GreenletExit``)
+        as soon as a stop begins. If it raises, the exception is logged with its
+        traceback and the task runs again after a backoff (1 s doubling to 60 s);
+        if it returns, it is done.
+
+        :raises PackDefError: *function* is not callable or is already a background task.
+        """
+        return self._declare("background", self.background_tasks, function)
+
+    def health_check(self, function=None):
+        """Decorator: add ``function(pack) -> (name, Health)`` to the pack's health checks.
+
+        It joins the checks given as ``Pack(health_checks=...)`` in the health
+        server's JSON, under the name it returns (under its ``__name__`` when it
+        raises, hangs or returns something else).
+
+        :raises PackDefError: *function* is not callable or is already a health check.
+        """
+        return self._declare("health_check", self.health_checks, function)
+
+    def _declare(self, kind, hooks, function):
+        if function is None:  # used with parentheses: @pack_def.on_start()
+            return lambda function: self._declare(kind, hooks, function)
+        problems = _hook_problems(kind, [*hooks, function])
+        if problems:
+            raise PackDefError(_invalid(self.name, problems))
+        hooks.append(function)
+        return function
+
     def with_labels(self, labels):
-        """A copy of this definition with *labels* merged over its own.
+        """A copy of this definition with *labels* merged over its own, hooks included.
 
         :raises PackDefError: *labels* is not a dict of strings Flyte can put into links.
         """
         if not isinstance(labels, collections.abc.Mapping):
             raise PackDefError(_invalid(self.name, [_not_a_dict("labels", labels)]))
-        return PackDef(self.name, self.help_url, self.commands, self.event_defs, {**self.labels, **labels},
+        copy = PackDef(self.name, self.help_url, self.commands, self.event_defs, {**self.labels, **labels},
                        self.links)
+        for attribute in _HOOK_LISTS.values():
+            setattr(copy, attribute, list(getattr(self, attribute)))
+        return copy
 
     def all_event_defs(self):
         """Event definitions to register: the pack's own, then each command's, once per name.
@@ -403,6 +485,8 @@ class PackDef:
         for event_def in self.event_defs:
             if not isinstance(event_def, EventDef):
                 problems.append(f"event_defs must be EventDef objects or event names, got {type(event_def).__name__}")
+        for kind, attribute in _HOOK_LISTS.items():
+            problems += _hook_problems(kind, getattr(self, attribute))
         problems += _url_problems("help_url", self.help_url)
         if not isinstance(self.links, collections.abc.Mapping):
             problems.append(_not_a_dict("links", self.links))
@@ -416,6 +500,30 @@ class PackDef:
                         f"'{_RESERVED_REL.pattern}', which catches any rel containing 'up' or 'self')")
                 problems += _url_problems(f"link {rel!r}", href)
         return [p for p in problems if p]
+
+
+# Each decorator of PackDef, and the list it adds to.
+_HOOK_LISTS = {"on_start": "start_hooks", "on_stop": "stop_hooks", "background": "background_tasks",
+               "health_check": "health_checks"}
+
+
+def _hook_problems(kind, hooks):
+    """What is wrong with the *kind* hooks *hooks*: any that is not callable, any listed twice."""
+    if not isinstance(hooks, list):
+        return [f"{_HOOK_LISTS[kind]} must be a list, not {type(hooks).__name__}"]
+    problems, seen = [], set()
+    for hook in hooks:
+        if not callable(hook):
+            problems.append(f"{kind}: {hook!r} is not callable")
+        elif id(hook) in seen:
+            problems.append(f"{kind} hook {hook_name(hook)!r} is declared twice")
+        seen.add(id(hook))
+    return problems
+
+
+def hook_name(hook):
+    """The name a hook is logged and reported under: its ``__name__``, else its type's."""
+    return getattr(hook, "__name__", None) or type(hook).__name__
 
 
 def _invalid(name, problems):

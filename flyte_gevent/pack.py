@@ -2,8 +2,8 @@
 
 A :class:`Pack` wires these together and owns their greenlets:
 
-* the :class:`Registrar`, which holds the registration and registers again
-  (rate-limited) when the server answers 404;
+* the :class:`~flyte_gevent._registration.Registrar`, which holds the
+  registration and registers again (rate-limited) when the server answers 404;
 * the **poller** (only when the pack has commands): the taking strategy,
   :class:`flyte_gevent._poller.Poller`;
 * **one greenlet per action**, in a ``gevent.pool.Pool(max_in_flight)``, each
@@ -12,17 +12,26 @@ A :class:`Pack` wires these together and owns their greenlets:
   :class:`flyte_gevent._delivery.Delivery`;
 * the **event sender**, which delivers events queued by :meth:`Pack.send_event_nowait`;
 * the **health server** (unless ``health_port=None``);
+* the author's **hooks and tasks** — ``on_start``/``on_stop`` hooks, background
+  tasks and health checks declared on the definition, tasks given to
+  :meth:`Pack.spawn` — run by :class:`flyte_gevent._hooks.Hooks`;
 * the **stopper**, the greenlet :meth:`Pack.stop` runs the shutdown in, so
   that a stop asked for from any greenlet (a handler included) completes.
 
+Start-up — :meth:`Pack.start` — starts the health server, registers (retrying),
+calls the ``on_start`` hooks, then starts the event sender, the poller and the
+tasks, and only then counts as ready.
+
 Shutdown — :meth:`Pack.stop`, or SIGTERM/SIGINT while :meth:`Pack.run` waits —
-stops taking, gives running handlers ``grace_period`` seconds, completes the ones
-still running as FATAL "pack shutting down", flushes results and queued events
-for up to ``flush_timeout`` seconds, lets requests still in flight get their
+stops taking and kills the tasks, gives running handlers ``grace_period`` seconds,
+completes the ones still running as FATAL "pack shutting down", calls the
+``on_stop`` hooks, flushes results and queued events for up to ``flush_timeout``
+seconds (the hooks' time included), lets requests still in flight get their
 answer, closes the client's connections and returns. A second signal cuts both
 waits short. The pack is never deleted on the server: replicas share its id.
 """
 
+import functools
 import logging
 import math
 import signal
@@ -30,7 +39,6 @@ import time
 
 import gevent
 import gevent.event
-import gevent.lock
 import gevent.queue
 from gevent import monkey
 from gevent.pool import Group, Pool
@@ -38,14 +46,16 @@ from gevent.pool import Group, Pool
 from . import config
 from ._actions import SHUTDOWN_MESSAGE, ActionRunner
 from ._delivery import Delivery
+from ._hooks import Hooks, describe
 from ._poller import Poller
+from ._registration import Registrar
 from ._retry import Backoff, LogThrottle
 from .client import Client
 from .errors import ConfigError, DeliveryError, FlyteError, NotPatchedError, NotRegisteredError
 from .health import HealthApp, HealthServer
-from .log import bind_pack
+from .log import bind_pack, configure_from_environ, pack_context
 from .metrics import make_metrics
-from .models import PackDef
+from .models import PackDef, hook_name
 from .schemas import encode_event, flatten_errors
 
 __all__ = ["Pack"]
@@ -53,90 +63,28 @@ __all__ = ["Pack"]
 log = logging.getLogger(__name__)
 
 _REGISTER_BACKOFF = (1.0, 30.0)
-_REREGISTER_BACKOFF = (1.0, 30.0)
 _FORCED_FLUSH = 3.0          # seconds left to post results after a second signal
 _NOT_READY_AFTER_ERRORS = 5  # failed takes in a row before /readyz says 503
 _RUN_WAKEUP = 60.0           # run() wakes this often: its timer keeps gevent's loop alive
 
 
-class Registrar:
-    """The pack's registration with the Flyte API, and registering again when the server has forgotten it.
-
-    A 404 on a take, a result or an event means the pack was deleted on the
-    server (dead-pack cleanup, a ``DELETE``). Every greenlet that sees one calls
-    :meth:`reregister`; they share one attempt. Attempts are rate-limited: while
-    no request on the new registration is answered (a proxy that keeps answering
-    404, say), each re-registration waits longer than the last, from 1 s up to
-    30 s, and the log line about them is throttled.
-
-    :param client: the :class:`~flyte_gevent.Client` that registers.
-    :param pack_def: the :class:`~flyte_gevent.PackDef` to register.
-    :param metrics: the pack's metrics (:mod:`flyte_gevent.metrics`).
-    :param stopping: a ``gevent.event.Event`` set once the pack stops (it is then
-        not reported as registered).
-
-    :ivar current: the :class:`~flyte_gevent.client.Registration` in use, ``None``
-        before the first registration.
-    """
-
-    def __init__(self, client, pack_def, metrics, stopping):
-        self.current = None
-        self._client = client
-        self._pack_def = pack_def
-        self._metrics = metrics
-        self._stopping = stopping
-        self._lock = gevent.lock.Semaphore()
-        self._backoff = Backoff(*_REREGISTER_BACKOFF)
-        self._next_at = 0.0
-        self._throttle = LogThrottle(log)
-
-    def register(self):
-        """Register once; the new :class:`~flyte_gevent.client.Registration`.
-
-        :raises FlyteError: the attempt failed.
-        """
-        self.current = self._client.register(self._pack_def)
-        self._metrics.registered(not self._stopping.is_set())
-        return self.current
-
-    def reregister(self, failed, why):
-        """Register again because a request made with the registration *failed* answered 404.
-
-        ``True`` when there is a newer registration to use (made now, or by
-        another greenlet meanwhile); ``False`` when registering failed or it is
-        too soon to try again, and the caller should retry later.
-        """
-        with self._lock:
-            if self.current is not failed:
-                return True
-            if time.monotonic() < self._next_at:
-                return False
-            name = self._pack_def.name
-            try:
-                self.register()
-            except FlyteError as exc:
-                self._next_at = time.monotonic() + self._backoff.next()
-                self._throttle.log(logging.WARNING, "failed", "pack %r is not registered on the server (%s) and "
-                                   "registering again failed: %s", name, why, exc)
-                return False
-            self._next_at = time.monotonic() + self._backoff.next()
-            self._throttle.log(logging.WARNING, "registered", "pack %r was not registered on the server (%s; "
-                               "deleted?): registered it again", name, why)
-            return True
-
-    def confirmed(self):
-        """A request made with the current registration was answered: the next 404 may register again at once."""
-        if self._backoff.attempt:
-            self._backoff.reset()
-            self._next_at = 0.0
+def _as_the_pack(method):
+    """Records logged while *method* runs (in its caller's greenlet) carry the pack's name."""
+    @functools.wraps(method)
+    def lifecycle(self, *args, **kwargs):
+        with pack_context(self.pack_def.name):
+            return method(self, *args, **kwargs)
+    return lifecycle
 
 
 class Pack:
     """A running Flyte pack.
 
-    :param pack_def: the :class:`~flyte_gevent.PackDef` to register.
+    :param pack_def: the :class:`~flyte_gevent.PackDef` to register, with the
+        hooks, background tasks and health checks it declares.
     :param client: the :class:`~flyte_gevent.Client` to talk to the Flyte API with.
-    :param health_checks: callables returning ``(name, Health)``; a default check when empty.
+    :param health_checks: callables returning ``(name, Health)``, besides the
+        definition's ``@pack_def.health_check`` ones; a default check when there are none.
     :param polling_interval: seconds between takes while idle or after an error (floor 0.5).
     :param max_in_flight: most actions taken and not yet completed at any time.
     :param health_port: health server port; 0 picks a free one (see :attr:`health_port`),
@@ -158,6 +106,13 @@ class Pack:
 
         pack = Pack(pack_def, Client("http://flyte:8080"), max_in_flight=50)
         pack.run()   # until SIGTERM
+
+    The definition's hooks run at fixed points of the pack's life, each given
+    the pack: ``on_start`` hooks after registration and before the first take
+    (one that raises fails :meth:`start`); background tasks and :meth:`spawn`
+    tasks from then until a stop begins (a background task that raises is
+    logged and restarted with backoff); ``on_stop`` hooks during the stop,
+    once handlers are done. See :class:`~flyte_gevent.PackDef`.
     """
 
     def __init__(self, pack_def, client, health_checks=None, polling_interval=5.0, max_in_flight=100,
@@ -173,8 +128,9 @@ class Pack:
         self.polling_interval = max(config.check_seconds("polling_interval", polling_interval),
                                     config.MIN_POLLING_INTERVAL)
         if polling_interval < config.MIN_POLLING_INTERVAL:
-            log.warning("polling interval %g s is below the %g s floor; using %g s",
-                        polling_interval, config.MIN_POLLING_INTERVAL, config.MIN_POLLING_INTERVAL)
+            with pack_context(pack_def.name):
+                log.warning("polling interval %g s is below the %g s floor; using %g s",
+                            polling_interval, config.MIN_POLLING_INTERVAL, config.MIN_POLLING_INTERVAL)
         self.max_in_flight = config.check_count("max_in_flight", max_in_flight)
         self.max_takers = min(config.check_count("max_takers", max_takers), self.max_in_flight)
         self.action_timeout = (None if action_timeout is None
@@ -189,7 +145,9 @@ class Pack:
 
         self._commands = {command.name: command for command in pack_def.commands}
         self._metrics = make_metrics(metrics, pack_def.name, self._commands)
-        self.health_app = HealthApp(self, health_checks, check_timeout, self._metrics)
+        self._hooks = Hooks(self, pack_def)
+        self.health_app = HealthApp(self, self._hooks.health_checks + list(health_checks or ()), check_timeout,
+                                    self._metrics)
         self._health_server = HealthServer(self.health_app, health_host, health_port) \
             if health_port is not None else None
 
@@ -206,10 +164,10 @@ class Pack:
 
         self._actions = Pool(self.max_in_flight)
         self._services = Group()
-        self._tasks = Group()
         self._poller = None
         self._stopper = None
         self._started = False
+        self._running = False  # start() has finished: hooks called, services and tasks started
         self._stop_begun = False
         self._forced = False
         self._grace_end = math.inf
@@ -221,6 +179,8 @@ class Pack:
         self._events = gevent.queue.JoinableQueue(maxsize=event_buffer)
         self._events_closed = False
         self._event_throttle = LogThrottle(log)
+        self._declared_events = {event_def.name for event_def in pack_def.all_event_defs()}
+        self._undeclared_events = set()
 
     def __repr__(self):
         return f"<Pack {self.pack_def.name!r} {self._state()}>"
@@ -236,16 +196,17 @@ class Pack:
 
         :raises ConfigError: a variable is missing or malformed; the message names it.
         """
-        wanted = {s.name for s in config.SETTINGS if s.target in ("client", "pack", "labels")}
-        settings = {k: v for k, v in overrides.items() if k in wanted}
-        values = config.from_environ(environ, names=wanted, overrides=settings)
-        client = Client(values["api"], timeout=values["timeout"], insecure=values["insecure"], jwt=values["jwt"],
-                        jwt_file=values["jwt_file"], ca_file=values["ca_file"])
-        if values["labels"]:
-            pack_def = pack_def.with_labels(values["labels"])
-        options = {s.name: values[s.name] for s in config.SETTINGS if s.target == "pack"}
-        options.update({k: v for k, v in overrides.items() if k not in wanted})
-        return cls(pack_def, client, **options)
+        with pack_context(getattr(pack_def, "name", None)):  # what reading the settings logs is about this pack
+            wanted = {s.name for s in config.SETTINGS if s.target in ("client", "pack", "labels")}
+            settings = {k: v for k, v in overrides.items() if k in wanted}
+            values = config.from_environ(environ, names=wanted, overrides=settings)
+            client = Client(values["api"], timeout=values["timeout"], insecure=values["insecure"],
+                            jwt=values["jwt"], jwt_file=values["jwt_file"], ca_file=values["ca_file"])
+            if values["labels"]:
+                pack_def = pack_def.with_labels(values["labels"])
+            options = {s.name: values[s.name] for s in config.SETTINGS if s.target == "pack"}
+            options.update({k: v for k, v in overrides.items() if k not in wanted})
+            return cls(pack_def, client, **options)
 
     # -- public state -------------------------------------------------------
 
@@ -279,13 +240,15 @@ class Pack:
         return True, "alive"
 
     def ready(self):
-        """``(ok, reason)`` for readiness: registered, taking actions, not shutting down."""
+        """``(ok, reason)`` for readiness: started (registered, on_start hooks done), taking actions, not stopping."""
+        if self._start_failure is not None and not self._running:
+            return False, self._start_failure
         if self._stopping.is_set():
             return False, "shutting down"
         if not self._registered.is_set():
-            if self._start_failure is not None:
-                return False, f"registration failed: {self._start_failure}"
             return False, "not registered with the Flyte API yet"
+        if not self._running:
+            return False, "starting: on_start hooks running"
         poller = self._poller
         if poller is not None and poller.consecutive_errors >= _NOT_READY_AFTER_ERRORS:
             return False, f"taking actions failed {poller.consecutive_errors} times in a row: {poller.last_error}"
@@ -293,20 +256,26 @@ class Pack:
 
     # -- lifecycle ----------------------------------------------------------
 
+    @_as_the_pack
     def start(self, timeout=None):
-        """Start the health server, register (retrying until it works), then start taking actions.
+        """Start the health server, register (retrying until it works), call the on_start hooks, start taking actions.
 
-        Returns once registered. With *timeout*, gives up after that many seconds
-        and raises the last :class:`~flyte_gevent.FlyteError`; a 400 (the server
-        refuses the definition) is raised at once.
+        Returns once registered and started: the on_start hooks have returned,
+        the poller and the tasks run. With *timeout*, registering gives up
+        after that many seconds and raises the last
+        :class:`~flyte_gevent.FlyteError`; a 400 (the server refuses the
+        definition) is raised at once. A stop that begins meanwhile makes it
+        return early, without starting anything more.
 
         :raises PackDefError: the pack definition is invalid.
         :raises NotPatchedError: sockets are not monkey-patched (see ``allow_unpatched``).
+        :raises Exception: what an on_start hook raised; the pack is then stopped
+            (its on_stop hooks ran) and cannot be started again.
         """
-        if self._started:
-            return
         if self._stop_begun:
             raise RuntimeError("a stopped pack cannot be started again; create a new Pack")
+        if self._started:
+            return
         self.pack_def.validate()
         if not self.allow_unpatched and not monkey.is_module_patched("socket"):
             raise NotPatchedError(
@@ -317,17 +286,20 @@ class Pack:
         if self._health_server is not None:
             self._health_server.start()  # before registering, so liveness answers during an API outage
         self._started = True
-        bind_pack(self.pack_def.name)
+        self._start_failure = None
         try:
             registered = self._register_until(None if timeout is None else time.monotonic() + timeout, timeout)
         except BaseException as exc:
             self._started = False
-            self._start_failure = str(exc) or type(exc).__name__
+            self._start_failure = f"registration failed: {str(exc) or type(exc).__name__}"
             if self._health_server is not None:
                 self._health_server.stop()
             raise
         if not registered or self._stopping.is_set():
             return  # stop() was called while registering
+        self._call_start_hooks()
+        if self._stopping.is_set():
+            return  # stop() was called while the on_start hooks ran
         sender = self._services.spawn(self._send_queued_events)
         sender.name = "event-sender"
         sender.link_exception(self._service_died)
@@ -339,10 +311,23 @@ class Pack:
             poller = self._services.spawn(self._poller.run)
             poller.name = "poller"
             poller.link_exception(self._service_died)
+        self._hooks.start_tasks()
+        self._running = True
         log.info("pack %r is registered as %r and %s", self.pack_def.name, self.pack_id,
                  f"taking actions for {sorted(self._commands)}" if self._commands else "has no commands to take")
 
-    def run(self, start_timeout=None):
+    def _call_start_hooks(self):
+        """Call the on_start hooks; when one raises, stop the pack and raise what it raised."""
+        failed = self._hooks.run_start_hooks()
+        if failed is None:
+            return
+        hook, exc = failed
+        self._start_failure = f"on_start hook {hook_name(hook)!r} failed: {describe(exc)}"
+        log.error("%s; stopping the pack", self._start_failure)  # the caller of start() gets the traceback
+        self.stop(grace_period=0)
+        raise exc
+
+    def run(self, start_timeout=None, *, configure_logging=True):
         """:meth:`start` if needed, then block until :meth:`stop` or SIGTERM/SIGINT has finished.
 
         Signals are handled from the moment it is called, so a SIGTERM during a
@@ -350,10 +335,25 @@ class Pack:
         gracefully; a second one cuts the grace period and the flush short.
         Returns normally, so the program exits 0.
 
+        A program that runs a pack this way is often nothing else, so when it
+        has configured no logging (the root logger has no handler), ``run()``
+        sets up what ``flyte-gevent run`` does: records with their action
+        context on stderr, at ``FLYTE_GEVENT_LOG_LEVEL`` (info) in
+        ``FLYTE_GEVENT_LOG_FORMAT`` (text). Configure logging first, or pass
+        ``configure_logging=False``, to keep it off; :meth:`start` never does it.
+
         :param start_timeout: passed to :meth:`start` as its ``timeout``.
+        :param configure_logging: ``False`` leaves logging alone.
         :raises RuntimeError: the pack stopped because its poller or event
             sender died (a bug, logged with its traceback).
+        :raises ConfigError: ``FLYTE_GEVENT_LOG_LEVEL`` or ``FLYTE_GEVENT_LOG_FORMAT`` is malformed.
         """
+        if configure_logging and not logging.getLogger().handlers:
+            level, fmt = configure_from_environ()
+            with pack_context(self.pack_def.name):
+                log.info("logging to stderr at level %s in %s format: FLYTE_GEVENT_LOG_LEVEL and "
+                         "FLYTE_GEVENT_LOG_FORMAT change that; configure logging before run(), or pass "
+                         "run(configure_logging=False), to keep it off", level, fmt)
         watchers = []
         try:
             for signum in (signal.SIGTERM, signal.SIGINT):
@@ -372,11 +372,12 @@ class Pack:
         if self._service_failure is not None:
             raise RuntimeError(self._service_failure)
 
+    @_as_the_pack
     def stop(self, grace_period=None, flush_timeout=None):
         """Stop gracefully; returns when everything is delivered or given up on.
 
         Works from any greenlet, any number of times. Called from inside the
-        pack (a handler, a :meth:`spawn` task) it starts the stop and returns at
+        pack (a handler, a hook, a task) it starts the stop and returns at
         once, so a handler that stops the pack returns its own result, which is
         delivered while the pack drains. A later call waits for the same stop;
         a shorter *grace_period* or *flush_timeout* it gives applies.
@@ -387,26 +388,28 @@ class Pack:
         """
         self._begin_stop(grace_period, flush_timeout)
         current = gevent.getcurrent()
-        if current is self._stopper or current in self._actions or current in self._tasks \
+        if current is self._stopper or current in self._actions or self._hooks.owns(current) \
                 or current in self._services or current in self.health_app.check_greenlets:
             return  # the stop waits for (or ends) this greenlet: it must not wait for the stop
         self._stopped.wait()
 
     def spawn(self, function, *args, **kwargs):
-        """Run ``function(*args, **kwargs)`` in a greenlet the pack owns, e.g. a loop sending events.
+        """Run ``function(*args, **kwargs)`` once, in a greenlet the pack owns; returns the greenlet.
 
-        The greenlet is killed (``GreenletExit``) as soon as :meth:`stop` begins,
-        before running actions are drained, so it sends nothing during shutdown;
-        events it queued with :meth:`send_event_nowait` are still flushed. An
-        exception it raises is logged.
+        It starts once the pack has started (registered, on_start hooks done):
+        at once when it has, else then — so it may send events right away. It
+        is killed (``GreenletExit``) as soon as :meth:`stop` begins, before
+        running actions are drained, so it sends nothing during shutdown; events
+        it queued with :meth:`send_event_nowait` are still flushed. Spawned
+        before a start that fails, or once the stop has begun, it never runs.
+        An exception it raises is logged once, with its traceback, and ends it.
+        For a loop the pack should keep running, declare ``@pack_def.background``.
         """
-        greenlet = self._tasks.spawn(function, *args, **kwargs)
-        greenlet.name = f"task:{getattr(function, '__name__', 'task')}"
-        greenlet.link_exception(self._task_died)
-        return greenlet
+        return self._hooks.spawn(function, args, kwargs)
 
     # -- events ---------------------------------------------------------------
 
+    @_as_the_pack
     def send_event(self, event, timeout=None):
         """Send a spontaneous event, retrying until it is accepted.
 
@@ -424,6 +427,7 @@ class Pack:
         body = self._encode(event)
         self._deliver_event(event.name, body, self.event_deadline if timeout is None else timeout)
 
+    @_as_the_pack
     def send_event_nowait(self, event):
         """Queue a spontaneous event for the event sender; ``False`` when the buffer is full and it was dropped.
 
@@ -513,7 +517,7 @@ class Pack:
         """The stop itself, in the stopper greenlet; whatever happens, the pack ends up stopped."""
         try:
             bind_pack(self.pack_def.name)
-            gevent.killall(list(self._tasks), block=True, timeout=1)
+            self._hooks.close()
             self._next_stage()
 
             # A take still in flight also delays the cut-off, but only handlers are worth a warning.
@@ -524,6 +528,9 @@ class Pack:
             self._runner.cancel_handlers()
 
             self._flush_deadline = min(self._flush_deadline, time.monotonic() + self._flush_for)
+            # Handlers just cut short end at their next switch; the on_stop hooks come after them.
+            self._wait_for(lambda: not self._runner.handlers_running, lambda: self._flush_deadline)
+            self._hooks.run_stop_hooks(self._flush_deadline)  # may still queue events: they are flushed below
             self._events_closed = True
             self._next_stage()
             self._wait_for(lambda: not self._actions and not self._events.unfinished_tasks,
@@ -559,6 +566,7 @@ class Pack:
                       2 * self.client.timeout)
             self._actions.kill(block=True, timeout=1)
 
+    @_as_the_pack
     def _on_signal(self, signum):
         name = signal.Signals(signum).name
         if not self._stop_begun:
@@ -584,11 +592,6 @@ class Pack:
         self._service_failure = f"the {greenlet.name} greenlet died: {type(exc).__name__}: {exc}"
         log.error("%s; stopping the pack", self._service_failure, exc_info=(type(exc), exc, exc.__traceback__))
         self._begin_stop()
-
-    @staticmethod
-    def _task_died(greenlet):
-        exc = greenlet.exception
-        log.error("pack task %s failed: %r", greenlet.name, exc, exc_info=(type(exc), exc, exc.__traceback__))
 
     def _register_until(self, deadline, timeout):
         backoff = Backoff(*_REGISTER_BACKOFF)
@@ -621,15 +624,21 @@ class Pack:
         if self._stopped.is_set():
             raise NotRegisteredError(f"pack {self.pack_def.name!r} has stopped")
 
-    @staticmethod
-    def _encode(event):
+    def _encode(self, event):
+        """The body of a spontaneous event (warning, once per name, about one the pack does not declare)."""
         from marshmallow import ValidationError
 
         try:
-            return encode_event(event)
+            body = encode_event(event)
         except ValidationError as exc:
             raise ValueError(f"event {event.name!r}: payload cannot be serialized: "
                              + "; ".join(flatten_errors(exc.messages))) from None
+        if event.name not in self._declared_events and event.name not in self._undeclared_events:
+            self._undeclared_events.add(event.name)
+            log.warning("pack %r sent event %r, which it does not declare (event_defs or a command's "
+                        "output_events); Flyte accepts it, but its registration does not list it",
+                        self.pack_def.name, event.name)
+        return body
 
     def _deliver_event(self, name, body, limit):
         deadline = time.monotonic() + limit

@@ -56,6 +56,7 @@ from . import _fake_server
 from ._fake_server import ROUTES, as_flow_input, as_go_value, go_json_dumps, go_json_encode, pack_id
 from ._flyte_server import (ActionResult, FlowInstance, FlyteServer, FlyteServerError, PackSighting, ReceivedEvent,
                             ServerAction, ServerPack, TriggerPack, explain_new)
+from ._run_handler import run_handler  # a handler's result without HTTP, for unit tests
 
 __all__ = [
     "ROUTES",
@@ -73,6 +74,7 @@ __all__ = [
     "ServerPack",
     "TriggerPack",
     "pack_id",
+    "run_handler",
 ]
 
 log = logging.getLogger(__name__)

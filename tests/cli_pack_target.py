@@ -1,7 +1,8 @@
 """A ready-made ``Pack`` as a ``flyte-gevent run`` target (tests/test_cli.py).
 
 Built at import from ``FLYTE_*`` variables, as a pack author's module might
-do; the CLI then uses it as it is.
+do. The CLI refuses it (its flags could not apply to a Pack built in advance),
+and when ``FLYTE_API`` is not set the import itself fails, which the CLI names.
 """
 
 from flyte_gevent import Pack

@@ -5,7 +5,11 @@ Every kind of target the CLI accepts, on one small pack ``CliEcho`` whose
 action context on the pack author's records) and can be made to sleep:
 
 * ``pack_def`` — a PackDef; ``create_pack_def`` — a factory returning one;
-* tests/cli_pack_target.py holds a ready ``pack`` (a ``Pack``);
+* ``create_from_settings`` — a factory given the resolved settings, whose ``Settings`` command answers with
+  what it was given;
+* tests/cli_pack_target.py holds a ready ``pack`` (a ``Pack``), and ``create_ready_pack`` returns one: both
+  refused, since a Pack built in advance would ignore the runner's settings;
+* ``failing_start`` — a PackDef whose on_start hook raises;
 * ``broken_factory`` — raises, the CLI's "unexpected error" case; ``not_a_pack`` — neither;
 * ``bad_pack_def`` — a definition Flyte would refuse.
 
@@ -40,6 +44,32 @@ pack_def = _make_pack_def()
 
 def create_pack_def():
     return _make_pack_def("CliFactory")
+
+
+def create_from_settings(settings):
+    pack_def = PackDef("CliSettings")
+    seen = {"labels": settings["labels"], "health_port": settings["health_port"], "api": settings["api"],
+            "grace_period": settings["grace_period"], "repr": repr(settings)}
+
+    @pack_def.command("Settings", output_events=[echoed])
+    def show(input):
+        return Event(echoed, seen)
+
+    return pack_def
+
+
+def create_ready_pack():
+    from flyte_gevent import Pack
+
+    return Pack.from_env(_make_pack_def("CliFactoryPack"))
+
+
+failing_start = PackDef("CliFailingStart")
+
+
+@failing_start.on_start
+def warm_cache(pack):
+    raise RuntimeError("cache warm-up failed")
 
 
 def broken_factory():

@@ -21,6 +21,7 @@ from flyte_gevent import config
 TESTS = os.path.dirname(os.path.abspath(__file__))
 FLYTE_GEVENT = os.path.join(os.path.dirname(sys.executable), "flyte-gevent")
 DEAD_API = "http://127.0.0.1:9"  # nothing listens on the discard port
+URL_CHECKER = os.path.join(os.path.dirname(TESTS), "examples", "url_checker_pack.py") + ":pack_def"
 
 
 @pytest.fixture
@@ -82,7 +83,6 @@ def _one_error_line(result):
 
 @pytest.mark.parametrize("target, pack_id", [
     ("cli_targets:pack_def", "CliEcho.team.cli"),          # a PackDef
-    ("cli_pack_target:pack", "CliReady.team.cli"),         # a ready Pack
     ("cli_targets:create_pack_def", "CliFactory.team.cli"),  # a factory
 ])
 def test_run_takes_actions_for_each_kind_of_target_and_exits_0_after_sigterm(target, pack_id, flyte_api, cli_env,
@@ -135,6 +135,110 @@ def test_run_flags_win_over_the_environment(flyte_api, cli_env, tmp_path):
     stopping = next(r for r in records if r["msg"].startswith("stopping pack"))
     assert stopping["action_id"] is None and stopping["command"] is None
     assert set(records[0]) >= {"ts", "level", "logger", "msg", "pack", "action_id", "command"}
+
+
+def test_a_factory_is_given_the_resolved_settings_and_its_definition_runs_with_them(flyte_api, cli_env, tmp_path):
+    cli_env.update({"FLYTE_API": DEAD_API, "FLYTE_JWT": "s3cret-token", "FLYTE_HEALTH_PORT": "9999",
+                    "FLYTE_GEVENT_POLLING_INTERVAL": "0.5"})
+    flyte_api.accepted_tokens = {"s3cret-token"}
+    action = flyte_api.enqueue("CliSettings", "Settings", labels={"team": "flag"})
+    running = Running(["run", "cli_targets:create_from_settings", "--api", flyte_api.url, "--labels", "team=flag",
+                       "--health-port", "off", "--grace-period", "2"], cli_env, tmp_path)
+    try:
+        flyte_api.wait_for_pack("CliSettings.team.flag", timeout=10)
+        payload = flyte_api.wait_for_result(action, timeout=10).payload
+        returncode, _, stderr = running.stop()
+    finally:
+        running.kill()
+    assert returncode == 0, stderr
+    shown = payload.pop("repr")
+    assert payload == {"labels": {"team": "flag"}, "health_port": None, "api": flyte_api.url, "grace_period": 2}
+    assert "s3cret-token" not in shown and "'jwt': '<redacted>'" in shown and "'labels': {'team': 'flag'}" in shown
+
+
+@pytest.mark.parametrize("target, args", [
+    ("cli_pack_target:pack", []),
+    ("cli_pack_target:pack", ["--health-port", "0", "--grace-period", "1"]),
+    ("cli_targets:create_ready_pack", ["--api", DEAD_API]),
+    ("cli_pack_target:pack", ["--print-config"]),
+])
+def test_a_ready_made_pack_is_refused_with_how_to_declare_it_on_the_definition(target, args, cli_env):
+    cli_env.update({"FLYTE_API": DEAD_API, "FLYTE_HEALTH_PORT": "off"})
+    result = flyte_gevent("run", target, *args, env=cli_env)
+    assert result.returncode == 78, result.stderr
+    line = _one_error_line(result)
+    assert f"target {target!r} is a ready-made Pack" in line or f"target {target!r} returned a ready-made Pack" in line
+    for hint in ("builds the Pack itself", "a PackDef", "@pack_def.health_check", "@pack_def.background",
+                 "@pack_def.on_start", "@pack_def.on_stop"):
+        assert hint in line, line
+    assert result.stdout == ""
+
+
+def test_a_module_that_builds_its_pack_on_import_is_named_when_that_fails(cli_env):
+    result = flyte_gevent("run", "cli_pack_target:pack", "--api", DEAD_API, env=cli_env)
+    assert result.returncode == 78, result.stderr
+    line = _one_error_line(result)
+    assert "target 'cli_pack_target:pack': importing 'cli_pack_target' raised: FLYTE_API or FLYTE_API_URL is not " \
+           "set" in line
+    assert "export its PackDef" in line
+
+
+def test_the_url_checker_runs_with_its_hooks_and_every_flag_applies(flyte_api, cli_env, tmp_path):
+    from web_targets import WebTargets
+
+    web = WebTargets().start()
+    web.status["/orders"] = 503
+    health_port = _free_port()
+    cli_env.update({"FLYTE_API": DEAD_API, "FLYTE_HEALTH_PORT": "off", "URL_CHECKER_WATCH": web.url("/orders"),
+                    "URL_CHECKER_INTERVAL": "0.2"})
+    action = flyte_api.enqueue("UrlChecker", "checkUrl", {"url": web.url("/ok")}, labels={"env": "cli"})
+    running = Running(["run", URL_CHECKER, "--api", flyte_api.url, "--labels", "env=cli", "--health-port",
+                       str(health_port), "--health-host", "127.0.0.1", "--polling-interval", "0.5",
+                       "--log-format", "json"], cli_env, tmp_path)
+    try:
+        assert flyte_api.wait_for_pack("UrlChecker.env.cli", timeout=10)              # --api, --labels
+        assert flyte_api.wait_for_result(action, timeout=10).payload["status"] == 200  # the command
+        (down,) = flyte_api.wait_for_events(1, name="UrlDown", timeout=10)            # the background task
+        assert (down.pack_id, down.payload["url"]) == ("UrlChecker.env.cli", web.url("/orders"))
+        with urllib.request.urlopen(f"http://127.0.0.1:{health_port}/", timeout=3) as response:  # --health-port
+            checks = json.loads(response.read())
+        assert checks["Watcher"]["healthy"] and checks["Watcher"]["status"]["down"] == [web.url("/orders")]
+        returncode, _, stderr = running.stop()
+    finally:
+        running.kill()
+        web.stop()
+    assert returncode == 0, stderr
+    records = [json.loads(line) for line in stderr.splitlines() if line.strip()]     # --log-format
+    assert any(r["msg"] == "watcher stopped: 1 URL watched, 1 down" for r in records)
+    assert not any(r["level"] == "ERROR" for r in records), stderr
+
+
+def test_an_on_start_hook_that_raises_exits_1_with_its_traceback_once(flyte_api, cli_env):
+    cli_env.update({"FLYTE_API": flyte_api.url, "FLYTE_HEALTH_PORT": "off"})
+    result = flyte_gevent("run", "cli_targets:failing_start", env=cli_env)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.count("Traceback") == 1 and 'raise RuntimeError("cache warm-up failed")' in result.stderr
+    assert "on_start hook 'warm_cache' failed: RuntimeError: cache warm-up failed; stopping the pack" in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "Error: unexpected RuntimeError: cache warm-up failed"
+    assert flyte_api.packs["CliFailingStart"].registrations == 1 and flyte_api.requests_for("take") == []
+
+
+def test_a_setting_an_on_start_hook_refuses_exits_78_with_its_one_line(flyte_api, cli_env):
+    cli_env.update({"FLYTE_API": flyte_api.url, "FLYTE_HEALTH_PORT": "off", "URL_CHECKER_INTERVAL": "soon"})
+    result = flyte_gevent("run", URL_CHECKER, env=cli_env)
+    assert result.returncode == 78, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == ("Error: URL_CHECKER_INTERVAL='soon': expected a positive "
+                                                      "number of seconds")
+
+
+def test_print_config_also_names_the_hooks_the_definition_declares(cli_env):
+    result = flyte_gevent("run", URL_CHECKER, "--print-config", "--api", "http://flyte:8080", env=cli_env)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "api = 'http://flyte:8080'" in lines
+    assert {"pack = 'UrlChecker'", "on_start = ['open_watcher']", "on_stop = ['close_watcher']",
+            "background = ['watch']", "health_checks = ['watcher_health']"} <= set(lines)
 
 
 def test_print_config_shows_flags_over_environment_and_redacts_the_token(cli_env):
@@ -237,6 +341,17 @@ def test_check_prints_the_registration_json_with_labels_merged(cli_env):
         "commands": [{"name": "Echo", "events": ["Echoed"]}],
     }
     assert result.stderr.strip() == "pack id: CliEcho.env.dev.team.cli"
+
+
+def test_check_gives_a_factory_the_settings_without_needing_the_api_and_refuses_a_ready_made_pack(cli_env):
+    result = flyte_gevent("check", "cli_targets:create_from_settings", "--labels", "team=x", env=cli_env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["labels"] == {"team": "x"}
+    assert result.stderr.strip() == "pack id: CliSettings.team.x"
+
+    cli_env["FLYTE_API"] = DEAD_API  # read by the module's own Pack.from_env()
+    refused = flyte_gevent("check", "cli_pack_target:pack", env=cli_env)
+    assert refused.returncode == 78 and "is a ready-made Pack" in _one_error_line(refused)
 
 
 @pytest.mark.parametrize("args", [["--help"], ["--version"], ["check", "cli_targets:pack_def"]])

@@ -26,6 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 APP_DIR = os.path.join(ROOT, "examples", "gunicorn_app")
 GUNICORN = os.path.join(os.path.dirname(sys.executable), "gunicorn")
 PACK_ID = "Greeter.app.gunicorn-example"
+URL_CHECKER = os.path.join(ROOT, "examples", "url_checker_pack.py") + ":pack_def"
 
 needs_gunicorn = pytest.mark.skipif(not os.path.exists(GUNICORN), reason="gunicorn is not installed next to python")
 
@@ -183,3 +184,68 @@ def test_shutdown_budget_fits_the_drain_into_gunicorns_deadline(graceful_timeout
     pack = types.SimpleNamespace(grace_period=30.0, flush_timeout=10.0)
     cfg = types.SimpleNamespace(graceful_timeout=graceful_timeout, timeout=timeout)
     assert hooks.shutdown_budget(pack, cfg) == expected
+
+
+@needs_gunicorn
+def test_gunicorn_runs_the_url_checker_with_its_hooks_in_every_worker_and_binds_no_health_port(
+        flyte_api, gunicorn_env, tmp_path):
+    from web_targets import WebTargets
+
+    web = WebTargets().start()
+    web.status["/orders"] = 503
+    gunicorn_env.update({"FLYTE_PACK": URL_CHECKER, "FLYTE_LABELS": "env=gunicorn",
+                         "URL_CHECKER_WATCH": web.url("/orders"), "URL_CHECKER_INTERVAL": "0.2"})
+    server = Gunicorn(gunicorn_env, tmp_path / "gunicorn.log", "--workers", "2", "--graceful-timeout", "10")
+    try:
+        url = server.wait_listening()
+        _wait_until(lambda: "UrlChecker.env.gunicorn" in flyte_api.packs
+                    and flyte_api.packs["UrlChecker.env.gunicorn"].registrations >= 2, 10,
+                    "both workers did not register")
+        # Each worker's own watcher reports the URL once: two workers, two events.
+        downs = flyte_api.wait_for_events(2, name="UrlDown", timeout=10)
+        assert {e.payload["url"] for e in downs} == {web.url("/orders")}
+        status, checks = _get(url + "/flyte/healthz")
+        assert status == 200 and checks["Watcher"]["status"]["down"] == [web.url("/orders")]
+        _wait_until(lambda: _get(url + "/flyte/readyz")[0] == 200, 5, "/flyte/readyz never answered 200")
+        action = flyte_api.enqueue("UrlChecker", "checkUrl", {"url": web.url("/ok")}, labels={"env": "gunicorn"})
+        assert flyte_api.wait_for_result(action, timeout=10).payload["status"] == 200
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=15) == 0
+    finally:
+        server.close()
+        web.stop()
+    output = server.output()
+    assert "Address already in use" not in output and "health server listening" not in output
+    assert output.count("watcher stopped: 1 URL watched, 1 down") == 2  # on_stop ran in both workers
+    assert "Traceback" not in output
+
+
+def test_load_pack_refuses_a_ready_made_pack_naming_flyte_pack_and_the_hooks_to_use(tmp_path, monkeypatch):
+    module = tmp_path / "ready_pack.py"
+    module.write_text("from flyte_gevent import Pack, PackDef\n"
+                      "pack_def = PackDef('Ready')\n"
+                      "pack = Pack.from_env(pack_def)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("FLYTE_API", "http://flyte:8080")  # read by the module's own Pack.from_env()
+    with pytest.raises(ConfigError) as caught:
+        hooks.load_pack({"FLYTE_PACK": f"{module}:pack", "FLYTE_API": "http://flyte:8080"})
+    message = str(caught.value)
+    assert message.startswith(f"FLYTE_PACK '{module}:pack' is a ready-made Pack")
+    assert f"point FLYTE_PACK at {module}:pack_def" in message
+    assert "@pack_def.background" in message and caught.value.name == "FLYTE_PACK"
+
+
+def test_load_pack_gives_a_factory_the_workers_settings(tmp_path, monkeypatch):
+    module = tmp_path / "factory_pack.py"
+    module.write_text("from flyte_gevent import PackDef\n"
+                      "seen = []\n"
+                      "def create_pack(settings):\n"
+                      "    seen.append(dict(settings))\n"
+                      "    return PackDef('Made', labels={'port': str(settings['health_port'])})\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    pack = hooks.load_pack({"FLYTE_PACK": f"{module}", "FLYTE_API": "http://flyte:8080", "FLYTE_LABELS": "w=1"})
+    assert pack.pack_def.id == "Made.port.None.w.1" and pack.health_port is None
+    import factory_pack
+
+    (settings,) = factory_pack.seen
+    assert (settings["health_port"], settings["api"], settings["labels"]) == (None, "http://flyte:8080", {"w": "1"})

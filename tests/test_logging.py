@@ -165,3 +165,121 @@ def test_configure_sends_records_with_action_context_to_the_stream(fmt, flyte_ap
 def test_configure_refuses_an_unknown_format(restore_root_logging):
     with pytest.raises(ValueError, match="log format 'xml'"):
         configure("info", "xml")
+
+
+def test_lifecycle_records_carry_the_pack_name_and_leave_the_callers_context_as_it_was(flyte_api,
+                                                                                     restore_root_logging):
+    from flyte_gevent import Client, Pack
+
+    stream = io.StringIO()
+    configure("debug", "json", stream=stream)
+    pack = Pack(PackDef("Lifecycle"), Client(flyte_api.url), health_port=0, health_host="127.0.0.1",
+                polling_interval=0.1)  # below the floor: a warning from the constructor
+    pack.start(timeout=5)
+    pack.stop()
+    logging.getLogger("mypack.outside").info("after the pack")
+
+    entries = [json.loads(line) for line in stream.getvalue().splitlines()]
+    ours = [e for e in entries if e["logger"].startswith("flyte_gevent.")
+            and not e["logger"].startswith(("flyte_gevent.testing", "flyte_gevent._fake"))]
+    messages = " | ".join(e["msg"] for e in ours)
+    for expected in ("polling interval 0.1 s is below", "health server listening", "is registered as",
+                     "stopping pack 'Lifecycle'", "pack 'Lifecycle' stopped"):
+        assert expected in messages
+    assert {(e["msg"], e["pack"]) for e in ours if e["pack"] != "Lifecycle"} == set()
+    (after,) = [e for e in entries if e["msg"] == "after the pack"]
+    assert after["pack"] is None
+
+
+def _script_env(subprocess_env, **extra):
+    env = dict(subprocess_env, FLYTE_API="http://127.0.0.1:9", **extra)  # nothing listens on the discard port
+    env.pop("FLYTE_GEVENT_LOG_LEVEL", None)
+    env.pop("FLYTE_GEVENT_LOG_FORMAT", None)
+    return env
+
+
+def _readme_quick_start_pack():
+    """The Quick start's whole pack, as README.md shows it."""
+    import os
+    import re
+
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")) as f:
+        readme = f.read()
+    quick_start = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    (code,) = [block for block in re.findall(r"```python\n(.*?)```", quick_start, re.S) if "Pack.from_env" in block]
+    return code
+
+
+def test_the_quick_start_pack_run_as_a_script_logs_to_stderr_and_names_its_health_port(tmp_path, python,
+                                                                                      subprocess_env):
+    import re
+    import signal
+    import time
+    import urllib.request
+
+    script = tmp_path / "jira.py"
+    script.write_text(_readme_quick_start_pack())
+    env = _script_env(subprocess_env, FLYTE_HEALTH_PORT="0", FLYTE_GEVENT_HEALTH_HOST="127.0.0.1")
+    with open(tmp_path / "stderr", "w+") as err:
+        process = subprocess.Popen([python, str(script)], env=env, stdout=subprocess.PIPE, stderr=err, text=True)
+        try:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                err.seek(0)
+                text = err.read()
+                if "cannot register" in text and "health server listening" in text:
+                    break
+                gevent.sleep(0.05)
+            port = re.search(r"health server listening on 127\.0\.0\.1:(\d+)", text)
+            assert port, text
+            with urllib.request.urlopen(f"http://127.0.0.1:{port.group(1)}/livez", timeout=3) as response:
+                assert response.status == 200
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=10) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        err.seek(0)
+        text = err.read()
+    assert re.search(r"WARNING flyte_gevent\.pack: cannot register pack 'JiraPack' yet, retrying", text), text
+    assert "pack 'JiraPack' stopped" in text
+    assert "FLYTE_GEVENT_LOG_LEVEL" in text  # the first line says how to change or turn off this default
+
+
+@pytest.mark.parametrize("setup, expected_stderr", [
+    ("logging.basicConfig(stream=sys.stdout, level=logging.INFO, format='MINE %(name)s: %(message)s')", ""),
+    ("os.environ['FLYTE_GEVENT_LOG_FORMAT'] = 'json'", '"level": "WARNING"'),
+])
+def test_run_configures_logging_only_when_the_program_has_not(setup, expected_stderr, python, subprocess_env):
+    script = ("from gevent import monkey; monkey.patch_all()\n"
+              "import logging, os, sys\n"
+              f"{setup}\n"
+              "from flyte_gevent import FlyteError, Pack, PackDef\n"
+              "try:\n"
+              "    Pack.from_env(PackDef('Configured'), health_port=None).run(start_timeout=0.3)\n"
+              "except FlyteError as exc:\n"
+              "    print('gave up:', exc.reason)\n")
+    result = subprocess.run([python, "-c", script], env=_script_env(subprocess_env), capture_output=True, text=True,
+                            timeout=10)
+    assert result.returncode == 0, result.stderr
+    assert "gave up: could not register pack 'Configured' within 0.3 s" in result.stdout
+    if "basicConfig" in setup:
+        assert "MINE flyte_gevent.pack: cannot register pack 'Configured' yet" in result.stdout
+        assert result.stderr == ""
+    else:
+        assert expected_stderr in result.stderr
+
+
+def test_start_and_run_told_not_to_leave_an_unconfigured_program_silent(python, subprocess_env):
+    script = ("from gevent import monkey; monkey.patch_all()\n"
+              "from flyte_gevent import FlyteError, Pack, PackDef\n"
+              "for run in (lambda pack: pack.start(timeout=0.3),\n"
+              "            lambda pack: pack.run(start_timeout=0.3, configure_logging=False)):\n"
+              "    try:\n"
+              "        run(Pack.from_env(PackDef('Silent'), health_port=None))\n"
+              "    except FlyteError:\n"
+              "        print('gave up')\n")
+    result = subprocess.run([python, "-c", script], env=_script_env(subprocess_env), capture_output=True, text=True,
+                            timeout=10)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "gave up\ngave up\n", "")

@@ -5,6 +5,7 @@ events, label routing, timeouts, and the lifecycle (start/run/stop).
 """
 
 import datetime
+import logging
 import sys
 import time
 
@@ -518,3 +519,59 @@ def test_a_malformed_taken_action_is_completed_as_fatal_not_stranded():
     assert body["event"] == "FATAL"
     assert body["payload"].startswith("malformed action from the Flyte API: take answered 200 with a malformed action")
     assert "command: Missing data for required field." in body["payload"]
+
+
+# --- what a FATAL and the log say (issue #10 item 9) ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("cannot reach http://user:secret@db/orders", "ConnectionError: cannot reach http://***@db/orders"),
+    ("'postgres://app:pa55@db.internal:5432/x' refused",
+     "ConnectionError: 'postgres://***@db.internal:5432/x' refused"),
+    ("two: https://a:b@one.example and ftp://c@two.example/f", "ConnectionError: two: https://***@one.example and "
+                                                              "ftp://***@two.example/f"),
+    ("mail admin@example.com about http://example.com/a@b", "ConnectionError: mail admin@example.com about "
+                                                           "http://example.com/a@b"),
+])
+def test_credentials_in_urls_of_a_handlers_exception_are_redacted_from_the_fatal_payload(flyte_api, make_pack,
+                                                                                         message, expected):
+    def leaky(input):
+        raise ConnectionError(message)
+
+    action = flyte_api.enqueue("Worker", "Leaky", None)
+    make_pack(worker_def(Command("Leaky", leaky, [done])), start=True)
+    result = flyte_api.wait_for_result(action)
+    assert (result.event, result.payload) == ("FATAL", expected)
+
+
+def test_the_log_line_for_bad_input_reads_as_one_sentence(flyte_api, make_pack, caplog):
+    from marshmallow import Schema, fields
+
+    class CheckUrl(Schema):
+        url = fields.Url(required=True)
+        retries = fields.Integer()
+
+    action = flyte_api.enqueue("Worker", "checkUrl", {"url": "not a url", "retries": "many"})
+    make_pack(worker_def(Command("checkUrl", echo, [done], input_schema=CheckUrl)), start=True)
+    result = flyte_api.wait_for_result(action)
+    assert result.payload == ("invalid input for command 'checkUrl':\n"
+                              "url: Not a valid URL.\nretries: Not a valid integer.")
+    (record,) = [r for r in caplog.records if r.getMessage().startswith("invalid input")]
+    assert record.getMessage() == "invalid input for command 'checkUrl': url: Not a valid URL.; retries: Not a " \
+                                  "valid integer."
+
+
+def test_an_undeclared_spontaneous_event_is_warned_about_once_per_name(flyte_api, make_pack, caplog):
+    pack = make_pack(PackDef("Ticker", event_defs=[tick]), start=True)
+    for payload in (1, 2):
+        pack.send_event(Event(tick, payload))            # declared: no warning
+        pack.send_event(Event("Tock", payload))          # not declared: warned about once
+        pack.send_event_nowait(Event("Tack", payload))   # neither here
+    flyte_api.wait_for_events(6)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        "pack 'Ticker' sent event 'Tock', which it does not declare (event_defs or a command's output_events); "
+        "Flyte accepts it, but its registration does not list it",
+        "pack 'Ticker' sent event 'Tack', which it does not declare (event_defs or a command's output_events); "
+        "Flyte accepts it, but its registration does not list it",
+    ]
