@@ -267,7 +267,8 @@ class HTTPPool:
         self.max_connections = max_connections
         self.max_response_size = max_response_size
         self._origins = {}
-        self._targets = {}
+        self._targets = {}   # url -> (origin, target, Host header)
+        self._prefixes = {}  # "scheme://host:port" as written -> (origin, Host header)
 
     def request(self, method, url, body=None, headers=None):
         """Send one request and read its whole final response.
@@ -400,9 +401,23 @@ class HTTPPool:
         return _Connection(sock, origin.scheme == "https")
 
     def _resolve(self, url):
+        """``(origin, request target, Host header)`` for *url*.
+
+        :raises ValueError: a URL this pool cannot send to.
+        """
         cached = self._targets.get(url)
         if cached is not None:
             return cached
+        # Each result URL is new, but its scheme and host were met before (in the take URL): reuse
+        # what parsing them gave, and take the target as written when parsing it would not change it.
+        start = url.find("://") + 3
+        slash = url.find("/", start) if start > 2 else -1
+        if slash > 0:
+            known = self._prefixes.get(url[:slash])
+            if known is not None:
+                target = url[slash:]
+                if _plain_target(target):
+                    return known[0], target, known[1]
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
         if scheme not in _DEFAULT_PORTS:
@@ -424,10 +439,23 @@ class HTTPPool:
             target += "?" + parts.query
         if not target.isascii() or not target.isprintable() or " " in target:
             target = quote(target, safe=_TARGET_SAFE)
-        if len(self._targets) > 10_000:  # result URLs are unique per action
+        if len(self._targets) > 1_000:  # only repeated URLs (take, events) are worth keeping
             self._targets.clear()
         resolved = self._targets[url] = (origin, target, netloc)
+        if slash > 0 and parts.netloc == url[start:slash] and url[:start - 3].lower() == scheme:
+            if len(self._prefixes) > 100:
+                self._prefixes.clear()
+            self._prefixes[url[:slash]] = (origin, netloc)
         return resolved
+
+
+def _plain_target(target):
+    """Whether *target* (from the first ``/`` after the host) is what ``urlsplit`` would make of it.
+
+    That is, printable ASCII without a space, a fragment or an empty query.
+    """
+    return target.isascii() and target.isprintable() and " " not in target and "#" not in target \
+        and not target.endswith("?")
 
 
 def _serialize(method, target, host, headers, body):
