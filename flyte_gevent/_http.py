@@ -194,7 +194,7 @@ class _Reader:
 class _Connection:
     """One socket to an origin and the response parser that lives as long as it does."""
 
-    __slots__ = ("sock", "tls", "reader", "parser", "released_at")
+    __slots__ = ("sock", "tls", "reader", "parser", "released_at", "_idle_check")
 
     def __init__(self, sock, tls):
         self.sock = sock
@@ -203,6 +203,8 @@ class _Connection:
         self.parser = httptools.HttpResponseParser(self.reader)
         self.reader.parser = self.parser
         self.released_at = 0.0
+        self._idle_check = _poll()
+        self._idle_check.register(sock.fileno(), POLLIN)  # POLLHUP and POLLERR are always reported
 
     def close(self):
         self.reader.parser = None  # break the reference cycle now rather than at the next GC
@@ -210,9 +212,7 @@ class _Connection:
 
     def looks_open(self):
         """Whether the idle connection can carry a request: the peer has neither closed it nor sent anything."""
-        poller = _poll()
-        poller.register(self.sock.fileno(), POLLIN)  # POLLHUP and POLLERR are always reported
-        if not poller.poll(0):
+        if not self._idle_check.poll(0):
             return not (self.tls and self.sock.pending())
         if not self.tls:
             return False  # end of stream, a reset, or bytes nobody asked for
@@ -459,19 +459,39 @@ def _plain_target(target):
 
 
 def _serialize(method, target, host, headers, body):
-    lines = [f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n"]
-    for name, value in (headers or {}).items():
-        if "\n" in value or "\r" in value:
-            raise ValueError(f"the {name} header holds a line break")  # never the value: it may be a token
-        lines.append(f"{name}: {value}\r\n")
+    block = _header_block(tuple(headers.items()) if headers else ())
     if body is not None or method not in ("GET", "HEAD"):
-        lines.append(f"Content-Length: {len(body) if body else 0}\r\n")
-    lines.append("\r\n")
+        head = f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n{block}Content-Length: {len(body) if body else 0}\r\n\r\n"
+    else:
+        head = f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n{block}\r\n"
     try:
-        head = "".join(lines).encode("latin-1")
+        head = head.encode("latin-1")  # the target and host are ASCII (see _resolve), the block was checked
     except UnicodeEncodeError:
-        raise ValueError("a header holds a character outside latin-1") from None  # without the value
+        raise ValueError("the request line holds a character outside latin-1") from None
     return head + body if body else head
+
+
+_header_blocks = {}
+
+
+def _header_block(items):
+    """``"Name: value\r\n"`` for each header, checked once per set of headers (the same few come again and again)."""
+    block = _header_blocks.get(items)
+    if block is None:
+        lines = []
+        for name, value in items:
+            if "\n" in value or "\r" in value:
+                raise ValueError(f"the {name} header holds a line break")  # never the value: it may be a token
+            lines.append(f"{name}: {value}\r\n")
+        block = "".join(lines)
+        try:
+            block.encode("latin-1")
+        except UnicodeEncodeError:
+            raise ValueError("a header holds a character outside latin-1") from None  # without the value
+        if len(_header_blocks) > 64:  # a rotating token makes new ones
+            _header_blocks.clear()
+        _header_blocks[items] = block
+    return block
 
 
 def _send(conn, data, deadline):
