@@ -145,8 +145,7 @@ class _Reader:
 
     def reset(self):
         self.status = None
-        self.headers = []
-        self.chunks = []
+        self.headers = self.chunks = ()  # lists once a response begins (on_message_begin)
         self.in_body = False  # the final response's headers have ended
         self.complete = False  # the final response has ended
         self.keep_alive = False  # the connection may carry another request
