@@ -459,10 +459,9 @@ def _plain_target(target):
 
 def _serialize(method, target, host, headers, body):
     block = _header_block(tuple(headers.items()) if headers else ())
-    if body is not None or method not in ("GET", "HEAD"):
-        head = f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n{block}Content-Length: {len(body) if body else 0}\r\n\r\n"
-    else:
-        head = f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n{block}\r\n"
+    length = f"Content-Length: {len(body) if body else 0}\r\n" if body is not None or method not in ("GET", "HEAD") \
+        else ""
+    head = f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n{block}{length}\r\n"
     try:
         head = head.encode("latin-1")  # the target and host are ASCII (see _resolve), the block was checked
     except UnicodeEncodeError:
@@ -474,7 +473,10 @@ _header_blocks = {}
 
 
 def _header_block(items):
-    """``"Name: value\r\n"`` for each header, checked once per set of headers (the same few come again and again)."""
+    """The header lines of *items* (``(name, value)`` pairs), checked and rendered once per set of headers.
+
+    The same few sets come again and again (one per token value).
+    """
     block = _header_blocks.get(items)
     if block is None:
         lines = []

@@ -163,7 +163,7 @@ class _ActionSeries:
     prometheus_client guards each change of a metric with a lock, and once gevent
     has patched ``threading`` that lock is written in Python: the five changes an
     action makes (taken, in flight up and down, completed, duration) cost about
-    10 µs that way, and well under 1 µs here. The families collected are the ones
+    10 µs that way, and about 1 µs here. The families collected are the ones
     prometheus_client's Counter, Gauge and Histogram would expose (the same names,
     labels, default buckets and ``_created`` samples).
 
