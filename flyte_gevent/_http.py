@@ -356,7 +356,9 @@ class HTTPPool:
         except BaseException:
             conn.close()
             raise
-        return Response(reader.status, Headers(reader.headers), b"".join(reader.chunks))
+        response = Response(reader.status, Headers(reader.headers), b"".join(reader.chunks))
+        reader.headers = reader.chunks = ()  # an idle connection keeps nothing of the response it carried
+        return response
 
     def _finish(self, origin, conn, response):
         if not conn.reader.keep_alive or len(origin.idle) >= self.maxsize:
