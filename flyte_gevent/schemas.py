@@ -7,6 +7,12 @@ as the Flyte server itself does. A payload whose event declares its own schema
 is dumped through it and checked by loading the dump back (:func:`encode_event`).
 Anything malformed becomes a ``marshmallow.ValidationError`` whose messages
 :func:`flatten_errors` turns into one ``path: message`` line per problem.
+
+The two bodies of every action — the take answer (:func:`load_action`) and the
+result (:func:`encode_event`) — go through plans compiled once from
+``ActionSchema`` and ``EventBodySchema``, which do what the schemas do for the
+plain case and hand everything else to the schema itself (see the section on
+fast paths below).
 """
 
 import collections
