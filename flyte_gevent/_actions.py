@@ -75,6 +75,7 @@ class ActionRunner:
         self._in_handler = set()  # greenlets inside a handler call, the only ones cancel_handlers() interrupts
         self._cancelled = False
         self._undeclared = set()
+        self._declared_names = {}  # command name -> (its output_events, their names)
 
     @property
     def handlers_running(self):
@@ -181,7 +182,7 @@ class ActionRunner:
         Returns ``(how it ended, what it returned or raised, the timeout in seconds)``.
         """
         seconds = command.timeout or self._action_timeout
-        timed_out = _TimedOut()
+        timed_out = _TimedOut() if seconds else None
         timer = gevent.Timeout(seconds, timed_out) if seconds else None
         current = getcurrent()
         self._in_handler.add(current)
@@ -214,12 +215,20 @@ class ActionRunner:
                                f"expected an Event"), "error"
         if result.name == FATAL.name:
             return result, "fatal"
-        if command.output_events and result.event_def.name not in {e.name for e in command.output_events}:
+        if command.output_events and result.event_def.name not in self._declared(command):
             if (command.name, result.name) not in self._undeclared:
                 self._undeclared.add((command.name, result.name))
                 log.warning("command %r returned event %r, which is not among its output_events",
                             command.name, result.name)
         return result, "success"
+
+    def _declared(self, command):
+        """The names of *command*'s output events (worked out once per command)."""
+        names = self._declared_names.get(command.name)
+        if names is None or names[0] is not command.output_events:
+            names = self._declared_names[command.name] = (command.output_events,
+                                                          frozenset(e.name for e in command.output_events))
+        return names[1]
 
     def _internal_failure(self, action, exc):
         """The FATAL result for an action whose run went wrong outside its handler: ``(event name, body)``."""

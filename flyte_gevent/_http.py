@@ -145,8 +145,7 @@ class _Reader:
 
     def reset(self):
         self.status = None
-        self.headers = []
-        self.chunks = []
+        self.headers = self.chunks = ()  # lists once a response begins (on_message_begin)
         self.in_body = False  # the final response's headers have ended
         self.complete = False  # the final response has ended
         self.keep_alive = False  # the connection may carry another request
@@ -194,7 +193,7 @@ class _Reader:
 class _Connection:
     """One socket to an origin and the response parser that lives as long as it does."""
 
-    __slots__ = ("sock", "tls", "reader", "parser", "released_at")
+    __slots__ = ("sock", "tls", "reader", "parser", "released_at", "_idle_check")
 
     def __init__(self, sock, tls):
         self.sock = sock
@@ -203,6 +202,8 @@ class _Connection:
         self.parser = httptools.HttpResponseParser(self.reader)
         self.reader.parser = self.parser
         self.released_at = 0.0
+        self._idle_check = _poll()
+        self._idle_check.register(sock.fileno(), POLLIN)  # POLLHUP and POLLERR are always reported
 
     def close(self):
         self.reader.parser = None  # break the reference cycle now rather than at the next GC
@@ -210,9 +211,7 @@ class _Connection:
 
     def looks_open(self):
         """Whether the idle connection can carry a request: the peer has neither closed it nor sent anything."""
-        poller = _poll()
-        poller.register(self.sock.fileno(), POLLIN)  # POLLHUP and POLLERR are always reported
-        if not poller.poll(0):
+        if not self._idle_check.poll(0):
             return not (self.tls and self.sock.pending())
         if not self.tls:
             return False  # end of stream, a reset, or bytes nobody asked for
@@ -267,7 +266,8 @@ class HTTPPool:
         self.max_connections = max_connections
         self.max_response_size = max_response_size
         self._origins = {}
-        self._targets = {}
+        self._targets = {}   # url -> (origin, target, Host header)
+        self._prefixes = {}  # "scheme://host:port" as written -> (origin, Host header)
 
     def request(self, method, url, body=None, headers=None):
         """Send one request and read its whole final response.
@@ -356,7 +356,9 @@ class HTTPPool:
         except BaseException:
             conn.close()
             raise
-        return Response(reader.status, Headers(reader.headers), b"".join(reader.chunks))
+        response = Response(reader.status, Headers(reader.headers), b"".join(reader.chunks))
+        reader.headers = reader.chunks = ()  # an idle connection keeps nothing of the response it carried
+        return response
 
     def _finish(self, origin, conn, response):
         if not conn.reader.keep_alive or len(origin.idle) >= self.maxsize:
@@ -400,9 +402,23 @@ class HTTPPool:
         return _Connection(sock, origin.scheme == "https")
 
     def _resolve(self, url):
+        """``(origin, request target, Host header)`` for *url*.
+
+        :raises ValueError: a URL this pool cannot send to.
+        """
         cached = self._targets.get(url)
         if cached is not None:
             return cached
+        # Each result URL is new, but its scheme and host were met before (in the take URL): reuse
+        # what parsing them gave, and take the target as written when parsing it would not change it.
+        start = url.find("://") + 3
+        slash = url.find("/", start) if start > 2 else -1
+        if slash > 0:
+            known = self._prefixes.get(url[:slash])
+            if known is not None:
+                target = url[slash:]
+                if _plain_target(target):
+                    return known[0], target, known[1]
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
         if scheme not in _DEFAULT_PORTS:
@@ -424,26 +440,61 @@ class HTTPPool:
             target += "?" + parts.query
         if not target.isascii() or not target.isprintable() or " " in target:
             target = quote(target, safe=_TARGET_SAFE)
-        if len(self._targets) > 10_000:  # result URLs are unique per action
+        if len(self._targets) > 1_000:  # only repeated URLs (take, events) are worth keeping
             self._targets.clear()
         resolved = self._targets[url] = (origin, target, netloc)
+        if slash > 0 and parts.netloc == url[start:slash] and url[:start - 3].lower() == scheme:
+            if len(self._prefixes) > 100:
+                self._prefixes.clear()
+            self._prefixes[url[:slash]] = (origin, netloc)
         return resolved
 
 
+def _plain_target(target):
+    """Whether *target* (from the first ``/`` after the host) is what ``urlsplit`` would make of it.
+
+    That is, printable ASCII without a space, a fragment or an empty query.
+    """
+    return target.isascii() and target.isprintable() and " " not in target and "#" not in target \
+        and not target.endswith("?")
+
+
 def _serialize(method, target, host, headers, body):
-    lines = [f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n"]
-    for name, value in (headers or {}).items():
-        if "\n" in value or "\r" in value:
-            raise ValueError(f"the {name} header holds a line break")  # never the value: it may be a token
-        lines.append(f"{name}: {value}\r\n")
-    if body is not None or method not in ("GET", "HEAD"):
-        lines.append(f"Content-Length: {len(body) if body else 0}\r\n")
-    lines.append("\r\n")
+    block = _header_block(tuple(headers.items()) if headers else ())
+    length = f"Content-Length: {len(body) if body else 0}\r\n" if body is not None or method not in ("GET", "HEAD") \
+        else ""
+    head = f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n{block}{length}\r\n"
     try:
-        head = "".join(lines).encode("latin-1")
+        head = head.encode("latin-1")  # the target and host are ASCII (see _resolve), the block was checked
     except UnicodeEncodeError:
-        raise ValueError("a header holds a character outside latin-1") from None  # without the value
+        raise ValueError("the request line holds a character outside latin-1") from None
     return head + body if body else head
+
+
+_header_blocks = {}
+
+
+def _header_block(items):
+    """The header lines of *items* (``(name, value)`` pairs), checked and rendered once per set of headers.
+
+    The same few sets come again and again (one per token value).
+    """
+    block = _header_blocks.get(items)
+    if block is None:
+        lines = []
+        for name, value in items:
+            if "\n" in value or "\r" in value:
+                raise ValueError(f"the {name} header holds a line break")  # never the value: it may be a token
+            lines.append(f"{name}: {value}\r\n")
+        block = "".join(lines)
+        try:
+            block.encode("latin-1")
+        except UnicodeEncodeError:
+            raise ValueError("a header holds a character outside latin-1") from None  # without the value
+        if len(_header_blocks) > 64:  # a rotating token makes new ones
+            _header_blocks.clear()
+        _header_blocks[items] = block
+    return block
 
 
 def _send(conn, data, deadline):

@@ -49,12 +49,12 @@ from .schemas import (
     REL_PACKS,
     REL_RESULT,
     REL_TAKE,
-    ActionSchema,
     LinksDocumentSchema,
     PackResponseSchema,
     action_id_from_url,
     find_link,
     flatten_errors,
+    load_action,
     registration_body,
 )
 
@@ -68,7 +68,6 @@ Discovery = collections.namedtuple("Discovery", "packs_url health_url links")
 Registration = collections.namedtuple("Registration", "pack_id take_url events_url pack_url")
 Registration.__doc__ = "Where a registered pack takes actions and sends events."
 
-_ACTION = ActionSchema()
 _LINKS_DOCUMENT = LinksDocumentSchema()
 _PACK_RESPONSE = PackResponseSchema()
 _TAKE_BODY = b"null"  # what the Go client sends; the server ignores the body
@@ -384,7 +383,7 @@ class Client:
         if status != 200:
             raise _http_error("POST", take_url, status, body, "take expected 200 or 204")
         try:
-            return _ACTION.load(json.loads(body))
+            return load_action(json.loads(body))
         except (ValueError, ValidationError) as exc:
             raise _malformed_action(exc, body, take_url) from None
 
