@@ -20,7 +20,8 @@ import pytest
 from gevent import monkey
 from gevent.pool import Pool
 
-from flyte_gevent._journal import SCHEMA_VERSION, Journal, JournalError
+from flyte_gevent._journal import Journal, JournalError
+from flyte_gevent._journal_files import SCHEMA_VERSION
 from flyte_gevent.errors import ConfigError
 from flyte_gevent.models import Action
 from helpers import wait_until
