@@ -203,11 +203,19 @@ class Journal:
     def open(self):
         """Create the directory if needed and this process's own journal file in it.
 
+        A closed journal may be opened again (a pack whose start failed, started
+        again): it starts afresh with a new file of its own, and adopts what it
+        left in the old one like the file of any dead owner.
+
         :raises ConfigError: the directory cannot be created or written, or
             does not support file locks.
         """
-        if self._own is not None or self._closed:
-            raise RuntimeError("a Journal is opened once")
+        if self._forked:
+            self._check_usable()
+        if self._own is not None and not self._closed:
+            raise RuntimeError("the journal is already open")
+        self._own, self._stores, self._records = None, [], {}
+        self._closing = self._closed = False
         writer = _Writer(self.linger)
         try:
             self._own = writer.call(Store.create, self.path, self.pack_id, self.sync)
@@ -266,7 +274,8 @@ class Journal:
 
         Call it as soon as the take's answer is decoded, before the handler
         runs. *action* has ``id``, ``command``, ``input`` (JSON-compatible) and
-        ``result_url``.
+        ``result_url``; a malformed action's ``command`` may be ``None``
+        (recorded as ``""``).
 
         :raises JournalError: the record could not be written (the action is
             then not protected; the journal goes on working for the others).
@@ -277,14 +286,15 @@ class Journal:
             raise JournalError(f"action {action.id} not journaled: the journal is closed")
         if action.id in self._records:
             raise ValueError(f"action {action.id} is already in the journal")
-        for text in (action.id, action.command, action.result_url):
+        command = action.command or ""
+        for text in (action.id, command, action.result_url):
             if not text.isascii() and not storable(text):
                 # Refused here, alone: in the batch it would fail every action written with it.
                 raise JournalError(f"action {action.id} not journaled: {text!r} cannot be stored as UTF-8")
         own = self._own
         own.last_row += 1
         row_id = own.last_row
-        params = (row_id, action.id, action.command, encode_input(action.input), action.result_url,
+        params = (row_id, action.id, command, encode_input(action.input), action.result_url,
                   self.pack_id, time.time())
         self._records[action.id] = (own, row_id)
         own.count += 1

@@ -156,6 +156,28 @@ def test_text_sqlite_cannot_store_fails_only_its_own_action(journals):
     assert records[0].input == odd
 
 
+def test_a_malformed_action_without_a_command_is_recorded_with_an_empty_one(journals):
+    journal = journals()
+    journal.taken(Action("action-1", None, {"odd": True}, "http://flyte:8080/actions/action-1/result"))
+    journal.close()
+    (record,) = journals().recover()
+    assert (record.action_id, record.command, record.input) == ("action-1", "", {"odd": True})
+
+
+def test_a_closed_journal_opens_again_and_adopts_what_it_left(journals):
+    journal = journals()
+    journal.taken(action(1))
+    assert journal.close() == 1
+    journal.open()  # a pack whose start failed, started again
+    assert [r.action_id for r in journal.recover()] == ["action-1"]
+    journal.remove("action-1")
+    journal.taken(action(2))
+    assert journal.close() == 1
+    assert [r.action_id for r in journals().recover()] == ["action-2"]
+    with pytest.raises(RuntimeError, match="already open"):
+        journals().open()
+
+
 def test_taking_an_action_already_in_the_journal_is_refused(journals):
     journal = journals()
     journal.taken(action(1))
