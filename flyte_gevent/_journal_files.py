@@ -192,6 +192,9 @@ class Store:
                 raise config_error(directory, f"cannot create {store.lock_path}: {exc.strerror}") from None
             raise
         try:
+            # Created private before SQLite opens it: SQLite would use the umask (0644, typically), and gives
+            # the WAL the database file's mode. The file holds inputs and results.
+            os.close(os.open(store.db_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
             store.conn = _connect(store.db_path, create=True)
             _configure(store.conn, sync)
             # The schema, its version and the owner in one transaction: a file is either empty or complete.

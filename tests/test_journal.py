@@ -156,6 +156,18 @@ def test_text_sqlite_cannot_store_fails_only_its_own_action(journals):
     assert records[0].input == odd
 
 
+def test_journal_files_are_private_to_the_pack_user_even_in_a_shared_directory(journals, tmp_path):
+    directory = tmp_path / "shared"
+    directory.mkdir(mode=0o777)
+    os.chmod(directory, 0o777)  # an emptyDir is world-writable
+    journal = journals(directory)
+    journal.taken(action(1, payload={"secret": "input"}))
+    journal.flush()
+    for name in journal_files(directory):
+        mode = os.stat(directory / name).st_mode & 0o777
+        assert mode & 0o077 == 0, f"{name} is mode {mode:o}"
+
+
 def test_a_malformed_action_without_a_command_is_recorded_with_an_empty_one(journals):
     journal = journals()
     journal.taken(Action("action-1", None, {"odd": True}, "http://flyte:8080/actions/action-1/result"))
