@@ -417,3 +417,16 @@ def test_journal_settings_are_checked_when_the_pack_is_made(flyte_api, journal_d
     with pytest.raises(PackDefError, match="rerun_after_crash must be True or False"):
         Command("Again", lambda input: None, rerun_after_crash="yes")
     assert not journal_dir.exists()  # nothing touches the disk before start()
+
+
+def test_the_kubernetes_example_keeps_its_journal_on_an_emptydir_of_its_own():
+    yaml = pytest.importorskip("yaml")
+    with open(os.path.join(os.path.dirname(TESTS), "examples", "deploy", "deployment.yaml")) as f:
+        documents = {doc["kind"]: doc for doc in yaml.safe_load_all(f)}
+    pod = documents["Deployment"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    journal = next(item["value"] for item in container["env"] if item["name"] == "FLYTE_GEVENT_JOURNAL")
+    mount = next(m for m in container["volumeMounts"] if journal.startswith(m["mountPath"].rstrip("/") + "/"))
+    assert not mount.get("readOnly") and "subPath" not in mount
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    assert volume == {"name": mount["name"], "emptyDir": {}}  # the pod's own: it survives container restarts
