@@ -92,17 +92,12 @@ __all__ = ["Journal", "NullJournal", "Recovered", "JournalError", "SYNC_MODES", 
 log = logging.getLogger("flyte_gevent.journal")
 
 _LOG_AGAIN = 30.0  # seconds between repeated write-failure logs
-# Group commit: a batch that follows the previous one within _BUSY seconds waits _GROUP_WINDOW first,
-# so that under load takes share batches; a take on an idle journal is written at once.
-_BUSY = 0.005
-_GROUP_WINDOW = float(os.environ.get("GROUPW", "0.001"))
 
 # Operations queued for the writer, in the order given.
 _TAKEN, _RESULT, _REMOVE, _RETIRE, _CALL, _FLUSH, _STOP = range(7)
 
 # Real threads and locks even when the program is monkey-patched.
 _start_new_thread, _allocate_lock = monkey.get_original("_thread", ["start_new_thread", "allocate_lock"])
-_real_sleep = monkey.get_original("time", "sleep")
 
 
 class NullJournal:
@@ -414,7 +409,6 @@ class _Writer:
     def __init__(self, linger):
         self.linger = linger
         self.failures = 0                 # batches that failed
-        self.batches = 0                  # batches written (for benchmarks)
         self._failing_since = None
         self._last_failure_log = 0.0
         self._reporters = Group()         # greenlets that log what a batch did (rare)
@@ -521,23 +515,16 @@ class _Writer:
     def _run(self):
         ops, linger, wake = self._ops, self.linger, self._wake
         drained = 0  # the last operation taken off the queue
-        last_batch = -_BUSY
         while True:
             if not ops:
                 woken = wake.acquire()
             elif self._urgent_seq > drained or time.monotonic() >= self._first_at + linger:
-                if time.monotonic() - last_batch < _BUSY:
-                    # Takes are coming in quick succession: let the ones on their way share this batch.
-                    # Each batch costs both threads a round of wake-ups and GIL hand-offs, and a commit.
-                    _real_sleep(_GROUP_WINDOW)
                 batch = []
                 while ops:
                     batch.append(ops.popleft())
                 drained = batch[-1][0]
                 if self._work(batch):
                     return
-                self.batches += 1
-                last_batch = time.monotonic()
                 continue
             else:
                 # Only results and removals queued: the hub's timer, or a take, says when.
