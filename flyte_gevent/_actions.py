@@ -67,7 +67,7 @@ class ActionRunner:
 
     :param pack_name: the pack's name, for the log context.
     :param commands: ``{name: Command}``.
-    :param delivery: posts results: ``deliver_result(action, body, event_name)``
+    :param delivery: posts results: ``deliver_result(action, body, event_name, recovered=False)``
         returns a :class:`~flyte_gevent._delivery.Delivered` (see :class:`~flyte_gevent._delivery.Delivery`).
     :param metrics: the pack's metrics (:mod:`flyte_gevent.metrics`).
     :param journal: where taken actions are written down (a
