@@ -365,6 +365,22 @@ def test_results_not_delivered_by_a_clean_stop_stay_in_the_journal_for_the_next_
     assert journal_files(journal_dir) == []
 
 
+def test_recovered_actions_that_do_not_fit_in_the_pool_go_first_and_takes_wait_for_them(
+        flyte_api, take, make_pack, journal_dir):
+    left = [take("Hold", {"n": n}) for n in range(5)]
+    left_by_a_dead_process(journal_dir, *[(action, None) for action in left])
+    new = flyte_api.enqueue(PACK_NAME, "Echo", {"n": "new"})
+
+    pack = make_pack(pack_def, start=True, journal=str(journal_dir), max_in_flight=2)
+    flyte_api.wait_for_results([action.id for action in left] + [new])
+    pack.stop()
+    assert all(flyte_api.action(action.id).result["payload"] == RESTARTED for action in left)
+    # Two slots: the fifth recovered action got one only after three had finished, and takes began after it.
+    finished = sorted(flyte_api.action(action.id).completed_at for action in left)
+    assert flyte_api.action(new).taken_at > finished[2]
+    assert journal_files(journal_dir) == []
+
+
 def test_a_running_pack_adopts_the_journal_of_a_process_that_died_beside_it(
         flyte_api, take, make_pack, journal_dir, monkeypatch):
     monkeypatch.setattr("flyte_gevent.pack._ADOPT_INTERVAL", 0.2)
