@@ -691,7 +691,15 @@ class Pack:
                 return plan[index:]
             greenlet = self._actions.spawn(self._runner.run_recovered, record, how)
             greenlet.name = f"action:{record.action_id}"
+            # Linked after the pool's own link, so it runs once the slot is free: the poller only hears
+            # of the slots its own takes free.
+            greenlet.rawlink(self._recovered_slot_freed)
         return []
+
+    def _recovered_slot_freed(self, greenlet):
+        self._progress.set()
+        if self._poller is not None:
+            self._poller.notify()
 
     def _run_journal(self, waiting):
         """The journal greenlet: recovered actions that did not fit in the pool, then periodic adoption.
