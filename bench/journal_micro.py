@@ -67,7 +67,7 @@ import gevent.threadpool  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from flyte_gevent import _journal  # noqa: E402
+from flyte_gevent import _journal, _journal_files  # noqa: E402
 from flyte_gevent.models import Action  # noqa: E402
 
 PACK_ID = "Bench"
@@ -105,7 +105,7 @@ class _Raw:
     """One journal file (the module's own, as it creates it), one autocommit statement per write."""
 
     def __init__(self, directory, sync):
-        self.store = _journal._Store.create(directory, PACK_ID, sync)
+        self.store = _journal_files.Store.create(directory, PACK_ID, sync)
         self.rows = {}
         self.commits = 0
         self.sqlite_max = 0.0
@@ -119,15 +119,15 @@ class _Raw:
     def _insert(self, action):
         row = len(self.rows) + 1
         self.rows[action.id] = row
-        self._execute(_journal._insert_sql(1), (row, action.id, action.command,
-                                                _journal._encode_input(action.input),
+        self._execute(_journal_files.insert_sql(1), (row, action.id, action.command,
+                                                _journal_files.encode_input(action.input),
                                                 action.result_url, PACK_ID, time.time()))
 
     def _update(self, action_id, body):
-        self._execute(_journal._UPDATE, (body, self.rows[action_id]))
+        self._execute(_journal_files.UPDATE_SQL, (body, self.rows[action_id]))
 
     def _delete(self, action_id):
-        self._execute(_journal._delete_sql(1), (self.rows[action_id],))
+        self._execute(_journal_files.delete_sql(1), (self.rows[action_id],))
 
     def _checkpoint(self):
         started = time.perf_counter()
@@ -367,7 +367,7 @@ def main():
     counts = {("serial", "normal"): 3000, ("serial", "full"): 300, ("steady", "normal"): 3000,
               ("steady", "full"): 3000, ("burst", "normal"): 3000, ("burst", "full"): 2000}
     repeat = 1 if ARGS.quick else ARGS.repeat
-    print(f"# journal micro-benchmark: Python {sys.version.split()[0]}, SQLite {_journal.sqlite3.sqlite_version}, "
+    print(f"# journal micro-benchmark: Python {sys.version.split()[0]}, SQLite {_journal_files.sqlite3.sqlite_version}, "
           f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}, files in {ARGS.dir or tempfile.gettempdir()}"
           f"{', GC disabled' if ARGS.no_gc else ''}")
     print()

@@ -11,7 +11,9 @@ library's defaults except for the options given on the command line.
   the benchmark can hold many actions in flight while it reads the RSS.
 
 With ``--profile FILE`` the whole run is profiled with cProfile and the stats
-are written to FILE at exit (``python -m pstats FILE`` reads them).
+are written to FILE at exit (``python -m pstats FILE`` reads them). With
+``--journal DIR`` the pack keeps its crash journal there (``Pack(journal=)``),
+which is how ``bench/run.py`` measures what the journal costs.
 """
 
 from gevent import monkey
@@ -63,6 +65,8 @@ def main():
     parser.add_argument("--polling-interval", type=float, default=None)
     parser.add_argument("--no-metrics", action="store_true", help="run without Prometheus metrics")
     parser.add_argument("--profile", metavar="FILE", help="write cProfile stats of the whole run to FILE")
+    parser.add_argument("--journal", metavar="DIR", help="keep the crash journal in DIR (default: no journal)")
+    parser.add_argument("--journal-sync", choices=("normal", "full"), default=None, help="the journal's sync mode")
     args = parser.parse_args()
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -75,6 +79,10 @@ def main():
         options["polling_interval"] = args.polling_interval
     if args.no_metrics:
         options["metrics"] = False
+    if args.journal is not None:
+        options["journal"] = args.journal
+    if args.journal_sync is not None:
+        options["journal_sync"] = args.journal_sync
     pack = Pack(pack_def, Client(args.api), **options)
     gevent.signal_handler(signal.SIGUSR1, released.set)
 

@@ -21,7 +21,9 @@ import json
 import os
 import platform
 import pstats
+import shutil
 import sys
+import tempfile
 import time
 
 import harness
@@ -31,8 +33,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 DEFAULT_OUTPUT = os.path.join(HERE, "results", "latest.json")
 GO_PEER_PATH = os.path.join("shared", "peers", "go-client", "go-bench-pack")
-CLIENTS = ("go", "ours")
-CLIENT_NAMES = {"go": "Go v1.4.1", "ours": "flyte_gevent"}
+CLIENTS = ("go", "ours", "ours+journal")
+CLIENT_NAMES = {"go": "Go v1.4.1", "ours": "flyte_gevent", "ours+journal": "flyte_gevent + journal"}
+#: ours with its crash journal on (``Pack(journal=)``), run only where its cost per action shows: the journal's
+#: CPU per action is the difference to plain ours in the same scenario (target: at most +0.1 ms).
+JOURNAL_CLIENT, JOURNAL_SCENARIOS, JOURNAL_TARGET_MS = "ours+journal", ("fast", "io1s"), 0.1
 #: Pack options of ours that ``--ours`` may override.
 OVERRIDABLE = {"max_takers": int, "max_in_flight": int, "polling_interval": float}
 
@@ -120,7 +125,11 @@ def run_once(scenario, client, args, log_dir, attempt):
             pack = GoPack(args.go_peer, source.url, scenario, log)
         else:
             profile = os.path.join(args.profile, f"{name}.prof") if args.profile else None
-            pack = OurPack(source.url, scenario, log, profile, args.ours)
+            overrides = args.ours
+            if client == JOURNAL_CLIENT:
+                journal = tempfile.mkdtemp(prefix="flyte-bench-journal-")
+                overrides = dict(overrides, journal=journal)
+            pack = OurPack(source.url, scenario, log, profile, overrides)
         load = os.getloadavg()
         try:
             result = harness.run_scenario(scenario, source, pack, warm_up=not args.quick)
@@ -131,12 +140,15 @@ def run_once(scenario, client, args, log_dir, attempt):
         return result
     finally:
         source.close()
+        if client == JOURNAL_CLIENT:
+            shutil.rmtree(journal, ignore_errors=True)
 
 
 def run_repeated(scenario, clients, args, log_dir):
     """Run every client ``--repeat`` times, taking turns (so both meet the same load); per client, the run with
     the median headline number, with the median of every row's metric over all runs in ``medians``."""
     key = HEADLINE.get(scenario.name, "actions_per_s")
+    clients = [c for c in clients if c != JOURNAL_CLIENT or scenario.name in JOURNAL_SCENARIOS]
     runs = {client: [] for client in clients}
     errors = {}
     for attempt in range(args.repeat):
@@ -160,6 +172,7 @@ def run_repeated(scenario, clients, args, log_dir):
         ordered = sorted(runs[client], key=lambda run: run[key])
         median = ordered[(len(ordered) - 1) // 2]
         metrics = {row.metric for row in ROWS if row.scenario == scenario.name and row.metric in median}
+        metrics |= {"cpu_ms_per_action"} & set(median)  # what the journal's cost is read from
         median["medians"] = {metric: _median([run[metric] for run in runs[client]]) for metric in metrics}
         if len(ordered) > 1:
             median["repeats"] = {metric: [run[metric] for run in runs[client]] for metric in metrics}
@@ -289,7 +302,7 @@ def format_comparison(report):
         else:
             verdict = "met" if row["met"] else "MISSED"
         better = f"{row['better']} is better"
-        busy = " / ".join(_busy(entry.get(client)) for client in CLIENTS)
+        busy = " / ".join(_busy(entry.get(client)) for client in ("go", "ours"))
         rows.append([row["title"], _value(row, "go", entry), _value(row, "ours", entry), ratio, better,
                      row["target"], verdict, busy])
     return _table(["", CLIENT_NAMES["go"], CLIENT_NAMES["ours"], "ours/Go", "", "target", "result",
@@ -368,6 +381,10 @@ def format_notes(report):
                  f"server on) plus, per scenario, {'; '.join(tuned) or 'nothing'}"
                  + (f" (overridden with --ours: {report['ours_overrides']})" if report["ours_overrides"] else "")
                  + ".")
+    for cost in report.get("journal_cost", []):
+        lines.append(f"Journal ({CLIENT_NAMES[JOURNAL_CLIENT]}, its own directory in the temp dir, sync=normal): "
+                     f"{cost['ms_per_action']:+.3f} ms CPU per action in {cost['scenario']} ({cost['with']:.3f} ms "
+                     f"with, {cost['without']:.3f} ms without, medians; target at most +{JOURNAL_TARGET_MS:g} ms).")
     if report["go_peer"]:
         peer = report["go_peer"]
         lines.append(f"{CLIENT_NAMES['go']}: {peer['path']} (sha256 {peer['sha256'][:12]}), one take at a time, "
@@ -382,6 +399,18 @@ def format_notes(report):
                  f"{' '.join(f'{x:.2f}' for x in m.get('load_average_at_end', ()))}. Other load shows up as pack "
                  f"CPU well below 100 % in fast: compare ratios, not absolute numbers, across machines.")
     return "\n".join(lines)
+
+
+def journal_cost(report):
+    """The journal's CPU per action: ours with it minus ours without, per scenario where both ran (medians)."""
+    costs = []
+    for entry in report["scenarios"]:
+        runs = [entry.get(client) for client in ("ours", JOURNAL_CLIENT)]
+        if all(run and "error" not in run and "cpu_ms_per_action" in run.get("medians", {}) for run in runs):
+            without, with_journal = (run["medians"]["cpu_ms_per_action"] for run in runs)
+            costs.append({"scenario": entry["scenario"], "with": with_journal, "without": without,
+                          "ms_per_action": with_journal - without})
+    return costs
 
 
 def write_profiles(directory):
@@ -484,6 +513,7 @@ def main(argv=None):
     report["seconds"] = time.monotonic() - started
     report["machine"]["load_average_at_end"] = os.getloadavg()
     report["rows"] = compare(report, chosen)
+    report["journal_cost"] = journal_cost(report)
 
     if args.quick:
         print("--quick: tiny batches; these numbers mean nothing.")

@@ -18,10 +18,15 @@ log handler that yields or raises, a shutdown arriving). That is structural:
 An action's life has three recorded points, each in one place of :meth:`ActionRunner.run`:
 it was taken (:meth:`~ActionRunner._taken`), its result is fixed
 (:meth:`~ActionRunner._encode`), and its delivery ended accepted, refused or lost
-(the :class:`~flyte_gevent._delivery.Delivered` that ``deliver_result`` returns,
-then :meth:`~ActionRunner._finished`).
+(the :class:`~flyte_gevent._delivery.Delivered` that :meth:`~ActionRunner._deliver`
+gets, then :meth:`~ActionRunner._finished`). With a journal
+(:mod:`flyte_gevent._journal`) they are also where the action is written down
+before its handler runs, its result added, and its record removed once the
+result is settled, so the next process can complete an action this one was
+killed with (:meth:`ActionRunner.run_recovered`).
 """
 
+import json
 import logging
 import time
 
@@ -29,16 +34,22 @@ import gevent
 from gevent import GreenletExit, getcurrent
 from marshmallow import ValidationError
 
+from ._journal import NullJournal
+from ._retry import LogThrottle
 from .errors import redact_urls
 from .log import bind_action
 from .models import FATAL, Event, fatal_event
 from .schemas import encode_event, flatten_errors
 
-__all__ = ["ActionRunner", "SHUTDOWN_MESSAGE"]
+__all__ = ["ActionRunner", "SHUTDOWN_MESSAGE", "RESTARTED_MESSAGE", "RESULT", "RERUN", "RESTARTED"]
 
 log = logging.getLogger("flyte_gevent.actions")
 
 SHUTDOWN_MESSAGE = "pack shutting down"
+RESTARTED_MESSAGE = "pack restarted while this action was running"
+
+# How an action adopted from the journal of a dead process is completed (see run_recovered).
+RESULT, RERUN, RESTARTED = "result", "rerun", "fatal"
 
 # How a handler call ended.
 _RETURNED, _RAISED, _INVALID, _TIMED_OUT, _CANCELLED = "returned", "raised", "invalid", "timed out", "cancelled"
@@ -57,25 +68,32 @@ class ActionRunner:
 
     :param pack_name: the pack's name, for the log context.
     :param commands: ``{name: Command}``.
-    :param delivery: posts results: ``deliver_result(action, body, event_name)``
+    :param delivery: posts results: ``deliver_result(action, body, event_name, recovered=False)``
         returns a :class:`~flyte_gevent._delivery.Delivered` (see :class:`~flyte_gevent._delivery.Delivery`).
     :param metrics: the pack's metrics (:mod:`flyte_gevent.metrics`).
+    :param journal: where taken actions are written down (a
+        :class:`~flyte_gevent._journal.Journal`, open while actions run), or
+        ``None`` / a :class:`~flyte_gevent._journal.NullJournal` for none.
     :param action_timeout: default seconds a handler may run (``Command(timeout=)``
         overrides it); ``None`` for no limit.
     :param on_change: called whenever a handler call ends (shutdown waits for those).
     """
 
-    def __init__(self, pack_name, commands, delivery, metrics, *, action_timeout=None, on_change=lambda: None):
+    def __init__(self, pack_name, commands, delivery, metrics, *, journal=None, action_timeout=None,
+                 on_change=lambda: None):
         self._pack_name = pack_name
         self._commands = commands
         self._delivery = delivery
         self._metrics = metrics
+        self._journal = NullJournal() if journal is None else journal
         self._action_timeout = action_timeout
         self._on_change = on_change
         self._in_handler = set()  # greenlets inside a handler call, the only ones cancel_handlers() interrupts
         self._cancelled = False
         self._undeclared = set()
         self._declared_names = {}  # command name -> (its output_events, their names)
+        self._recovered = set()   # ids of actions adopted from the journal being completed here
+        self._journal_throttle = LogThrottle(log)
 
     @property
     def handlers_running(self):
@@ -104,7 +122,7 @@ class ActionRunner:
             outcome = "error"
         duration = time.monotonic() - started
         try:
-            self._delivery.deliver_result(action, body, event_name)  # delivery ended: accepted, refused or lost
+            self._deliver(action, body, event_name)  # delivery ended: accepted, refused or lost
         except Exception as exc:  # noqa: BLE001 - a bug (or a broken log handler) inside delivery
             self._metrics.result_lost()
             _log_quietly(logging.ERROR, "result %r for action %s may be lost: delivering it failed: %s", event_name,
@@ -121,6 +139,34 @@ class ActionRunner:
             # ended by then is past the point where anything may interrupt its action.
             loop.run_callback(self._cancel, greenlet)
 
+    def run_recovered(self, record, how):
+        """Complete an action adopted from the journal of a dead process, in the current greenlet.
+
+        :param record: the :class:`~flyte_gevent._journal.Recovered` record
+            (its journal record stays until the result is settled, as any other's).
+        :param how: :data:`RESULT`, deliver the result it has; :data:`RERUN`,
+            run its handler again; :data:`RESTARTED`, complete it as FATAL
+            :data:`RESTARTED_MESSAGE`.
+
+        A recovered action is not counted as taken by this process, and its
+        delivery takes a 500 as proof that the dead process had completed it.
+        """
+        action = record.action
+        self._recovered.add(action.id)
+        try:
+            if how == RESULT:
+                getcurrent().name = f"action:{action.id}"
+                bind_action(action, self._pack_name)
+                try:
+                    self._deliver(action, record.result, _event_name(record.result))
+                except Exception as exc:  # noqa: BLE001 - a bug inside delivery: the record stays for the next start
+                    _log_quietly(logging.ERROR, "recovered result for action %s may be lost: delivering it failed: "
+                                 "%s", action.id, _describe(exc), exc_info=(type(exc), exc, exc.__traceback__))
+            else:
+                self.run(action, failure=None if how == RERUN else RESTARTED_MESSAGE)
+        finally:
+            self._recovered.discard(action.id)
+
     def _cancel(self, greenlet):
         if greenlet in self._in_handler and not greenlet.dead:
             greenlet.throw(_Cancelled())
@@ -128,22 +174,50 @@ class ActionRunner:
     # -- the three recorded points ---------------------------------------------------
 
     def _taken(self, action):
-        """The one place an action becomes the pack's to complete (it is PENDING on the server)."""
+        """The one place an action becomes the pack's to complete (it is PENDING on the server).
+
+        With a journal, the action is written down before its handler runs;
+        when that fails, it runs all the same, unprotected (logged and counted).
+        An action adopted from a dead process's journal is on disk already.
+        """
+        if action.id in self._recovered:
+            return
         self._metrics.action_taken(action.command)
+        try:
+            self._journal.taken(action)
+        except Exception as exc:  # noqa: BLE001 - the journal protects actions; it never fails one
+            self._metrics.action_unjournaled()
+            self._journal_throttle.log(logging.ERROR, str(exc), "action %s runs without its journal record: if "
+                                       "this process dies before its result is posted, it stays PENDING: %s",
+                                       action.id, _describe(exc))
 
     def _encode(self, action, event, outcome):
-        """The one place an action's result is fixed: ``(event name, body to post, outcome)``."""
+        """The one place an action's result is fixed: ``(event name, body to post, outcome)``; the journal keeps it."""
         try:
-            return event.name, encode_event(event), outcome
+            name, body = event.name, encode_event(event)
         except Exception as exc:
             problem = ("; ".join(flatten_errors(exc.messages)) if isinstance(exc, ValidationError)
                        else f"{type(exc).__name__}: {exc}")
             fatal = fatal_event(f"result payload of event '{event.name}' cannot be serialized: {problem}")
             log.error("result event %r of command %r cannot be serialized: %s", event.name, action.command, problem)
-            return fatal.name, encode_event(fatal), "error"
+            name, body, outcome = fatal.name, encode_event(fatal), "error"
+        self._journal.result(action.id, body)
+        return name, body, outcome
+
+    def _deliver(self, action, body, event_name):
+        """Deliver the result; once the answers settle it, its journal record goes (else the next start retries)."""
+        delivered = self._delivery.deliver_result(action, body, event_name, recovered=action.id in self._recovered)
+        if delivered.settled:  # accepted, or refused for good
+            try:
+                self._journal.remove(action.id)
+            except Exception as exc:  # noqa: BLE001 - the record stays; the next start posts it, and gets a 500
+                _log_quietly(logging.ERROR, "the journal record of action %s cannot be removed: %s", action.id,
+                             _describe(exc))
 
     def _finished(self, action, outcome, duration):
         """The action is done with: its one result was delivered or given up on (and said so)."""
+        if action.id in self._recovered:
+            return  # counted by outcome of its recovery, not as this process's action
         self._metrics.action_completed(action.command, outcome, duration)
 
     # -- running the handler ------------------------------------------------------------
@@ -239,6 +313,15 @@ class ActionRunner:
         _log_quietly(logging.ERROR, "completing action %s as FATAL after an unexpected error: %s", action.id,
                      _describe(exc), exc_info=(type(exc), exc, exc.__traceback__))
         return event.name, encode_event(event)
+
+
+def _event_name(body):
+    """The event a recorded result body posts (for log lines): it is the runtime's own encoding."""
+    try:
+        name = json.loads(body).get("event")
+    except (ValueError, AttributeError):
+        name = None
+    return name if isinstance(name, str) else "?"
 
 
 def _log_quietly(level, message, *args, exc_info=None):

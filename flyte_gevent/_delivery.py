@@ -14,7 +14,9 @@ any 2xx            accepted                                        accepted
                    404 after that means the action is gone: lost   send again
 500                after an attempt that reached the server but    retried with backoff
                    whose answer was lost: that attempt landed
-                   (accepted). Otherwise retried twice more, then
+                   (accepted); so for an action recovered from
+                   the journal, whose dead taker may have posted
+                   it (accepted). Otherwise retried twice more, then
                    lost; after a gateway error (502, 504) it is
                    lost because its landing cannot be confirmed
 401, 429, 502,     retried with backoff                            retried with backoff
@@ -27,7 +29,9 @@ deadline passed    lost                                            ``DeliveryErr
 A result's deadline is ``result_deadline``; an event's is the sender's. Once the
 pack stops, nothing is retried after the flush deadline (the *cutoff*), but the
 attempt in flight still gets its answer. Every lost result is logged at ERROR
-with its action id and counted in ``flyte_pack_results_lost_total``.
+with its action id and counted in ``flyte_pack_results_lost_total``. A lost
+result whose delivery ran out of time (deadline, cutoff) is not *settled*: a
+later attempt (the next start, with a journal) may still land it.
 """
 
 import collections
@@ -53,13 +57,16 @@ _EVENT_BACKOFF = (0.5, 30.0)
 _RESULT_500_RETRIES = 2
 _GATEWAY_ERRORS = frozenset({502, 504})  # a gateway answered: the request may or may not have reached the server
 
-Delivered = collections.namedtuple("Delivered", "outcome event attempts reason error")
+Delivered = collections.namedtuple("Delivered", "outcome event attempts reason error settled")
 Delivered.__doc__ = """How a delivery ended.
 
 ``outcome`` is ACCEPTED, REFUSED or LOST; ``event`` the name of the event last
 sent (FATAL after a result refused with 400); ``attempts`` the posts made;
 ``reason`` why it was not accepted, or how acceptance was inferred (else
-``None``); ``error`` the last failed attempt's :class:`~flyte_gevent.FlyteError`."""
+``None``); ``error`` the last failed attempt's :class:`~flyte_gevent.FlyteError`;
+``settled`` whether the answers settled it (accepted, or refused in a way no
+later attempt changes), ``False`` when it ran out of time (its deadline, or the
+pack's stop) and a later attempt may still land."""
 
 
 class Delivery:
@@ -88,14 +95,19 @@ class Delivery:
         self._results = _ResultPolicy(client, metrics)
         self._events = _EventPolicy(client, metrics)
 
-    def deliver_result(self, action, body, event_name):
+    def deliver_result(self, action, body, event_name, recovered=False):
         """Post the encoded result of *action* until it lands or is given up on; returns a :class:`Delivered`.
+
+        :param recovered: the action was taken by a process that died (it comes
+            from the journal): that process may have posted a result already,
+            so a 500 means the action is complete, as after a lost answer.
 
         Raises nothing but ``GreenletExit`` (the pack killed this greenlet at the
         end of its stop), after logging the result as lost.
         """
         job = _Job(self._results, event_name, body, time.monotonic() + self._result_deadline,
                    self._result_deadline, url=action.result_url, action_id=action.id)
+        job.posted_before = recovered
         return self._deliver(job)
 
     def deliver_event(self, name, body, deadline, limit):
@@ -141,14 +153,14 @@ class Delivery:
             remaining = min(job.deadline, cutoff) - time.monotonic()
             if remaining <= 0:
                 why = "the pack stopped first" if cutoff < job.deadline else f"not accepted within {job.limit:g} s"
-                return self._end(job, LOST, f"{why} ({job.attempts} attempts): {error.reason}")
+                return self._end(job, LOST, f"{why} ({job.attempts} attempts): {error.reason}", settled=False)
             delay = min(job.backoff.next(), remaining)
             job.policy.retrying(job, error, delay)
             self._sleep(delay)
 
-    def _end(self, job, outcome, reason=None):
+    def _end(self, job, outcome, reason=None, settled=True):
         """The one place a delivery ends, accepted, refused or lost: logged and counted by its policy."""
-        delivered = Delivered(outcome, job.name, job.attempts, reason, job.error)
+        delivered = Delivered(outcome, job.name, job.attempts, reason, job.error, settled)
         if outcome is ACCEPTED:
             self._registrar.confirmed()
             if job.attempts > 1:
@@ -174,6 +186,7 @@ class _Job:
         self.reregistered = False
         self.server_errors = 0
         self.answer_lost = False    # an attempt reached the server, but its answer never came back
+        self.posted_before = False  # a process that died may have posted this result (recovered from the journal)
         self.gateway_error = None   # a gateway answered for the server: that attempt may not have reached it
 
     def remember(self, error):
@@ -223,6 +236,9 @@ class _ResultPolicy:
         if status == 500:
             if job.answer_lost:
                 return _End(ACCEPTED, "an earlier attempt whose answer was lost completed the action "
+                                      "(the Flyte API answers 500 to a repeated result)")
+            if job.posted_before:
+                return _End(ACCEPTED, "the process that took it before a restart had completed it already "
                                       "(the Flyte API answers 500 to a repeated result)")
             job.server_errors += 1
             if job.server_errors <= _RESULT_500_RETRIES:

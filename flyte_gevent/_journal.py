@@ -10,25 +10,14 @@ records of the dead one and completes them: a record with a result is delivered
 as usual; a record without one had its handler cut short, and is completed as
 FATAL (or run again, for commands declared safe to re-run).
 
-**Layout.** The journal is a directory. Each live process owns one journal
-file in it, ``flyte-<UTC time>-<random>.db`` (SQLite in WAL mode), and holds
-an exclusive ``flock`` on its sidecar ``<same name>.lock`` for as long as it runs:
-the kernel drops that lock when the process dies, however it dies, so a
-lockable file belongs to a dead owner. Process ids are never used — they are
-reused across container restarts. A starting process *adopts* the files of
-dead owners by taking their locks, so two processes starting at once never
-recover the same file, and holds each adopted file until all of its records are
-finished; if the adopter dies too, the file is adoptable again with whatever
-is left in it. Only files of the same pack id are adopted (a file of another
-pack is left for that pack, with a warning). The sidecar lock keeps our lock
-away from the database file, whose POSIX locks SQLite manages itself and
-would lose if this module opened and closed the file on its own.
-
-The directory must be on a local filesystem (an ``emptyDir``, a node disk, a
-ReadWriteOnce volume), not NFS: SQLite's WAL mode and ``flock`` both need it.
-Replicas on separate pods keep separate directories. It holds action inputs
-and results, so keep it readable by the pack's user only (a directory this
-module creates is mode 0700).
+**Where.** The journal is a directory. Each live process owns one SQLite file
+in it (WAL mode) and holds an OS file lock on it for as long as it lives; a
+starting process adopts the files of dead owners of the same pack, so nothing
+is recovered twice. The files, their locks, adoption, and what makes a file
+unusable (a :class:`~flyte_gevent.errors.ConfigError` at start, naming
+``FLYTE_GEVENT_JOURNAL`` and the file) are :mod:`flyte_gevent._journal_files`.
+This module is the interface the runtime uses (:class:`Journal`, or
+:class:`NullJournal` when the journal is off) and the thread that writes.
 
 **What is guaranteed.**
 
@@ -70,15 +59,6 @@ action in the batch. The greenlet that calls :meth:`Journal.taken` waits,
 cooperatively, for its batch to commit; results and removals do not wait, and
 a result whose removal lands in the same batch is not written at all.
 
-**A journal that cannot be used is a configuration error.** A directory that
-cannot be created or written, a file in it that is not an SQLite database, is
-another program's database, is damaged, or has a schema from a newer
-flyte_gevent: :class:`~flyte_gevent.errors.ConfigError` naming the setting
-(``FLYTE_GEVENT_JOURNAL`` / ``journal``) and the file. A damaged file of a dead
-owner stops the start rather than being skipped: its actions would otherwise be
-stranded without anyone noticing. Move the file out of the directory to start
-without it.
-
 Usage (what the pack runtime does)::
 
     journal = Journal("/var/lib/mypack/journal", pack_def.id)
@@ -93,18 +73,9 @@ Usage (what the pack runtime does)::
 """
 
 import collections
-import dataclasses
-import datetime
-import fcntl
-import functools
-import json
 import logging
 import os
-import re
-import secrets
-import sqlite3
 import time
-import urllib.parse
 import weakref
 
 import gevent
@@ -112,110 +83,62 @@ import gevent.event
 from gevent import monkey
 from gevent.pool import Group
 
+from ._journal_files import (SCHEMA_VERSION, SETTING, SYNC_MODES, JournalError, Recovered, Store, adopt_dead,
+                             encode_input, release_all, storable)
 from .errors import ConfigError
-from .models import Action
 
-__all__ = ["Journal", "Recovered", "JournalError", "SYNC_MODES", "SCHEMA_VERSION"]
+__all__ = ["Journal", "NullJournal", "Recovered", "JournalError", "SYNC_MODES", "SCHEMA_VERSION"]
 
 log = logging.getLogger("flyte_gevent.journal")
 
-SCHEMA_VERSION = 1
-"""The schema this module writes; files with a higher ``user_version`` are refused."""
-
-SYNC_MODES = {"normal": "NORMAL", "full": "FULL"}
-"""``sync=`` values and the SQLite ``synchronous`` setting each one means."""
-
-SETTING = "FLYTE_GEVENT_JOURNAL"
-
-# "FgJ1" in the header: tells our files from other SQLite databases.
-_APPLICATION_ID = 0x46674A31
-_FILE = re.compile(r"^(flyte-\d{8}T\d{12}-[0-9a-f]{8})\.(db|lock)$")
-_STALE_TEMP = 60.0           # seconds after which a temp lock that was never renamed is garbage
-_WAL_LIMIT = 16 * 1024 * 1024  # truncate the WAL back to this after a burst of large records
-_LOG_AGAIN = 30.0            # seconds between repeated write-failure logs
-
-_SCHEMA = """
-CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE actions (
-    id INTEGER PRIMARY KEY,
-    action_id TEXT NOT NULL,
-    command TEXT NOT NULL,
-    input TEXT NOT NULL,
-    result_url TEXT NOT NULL,
-    pack_id TEXT NOT NULL,
-    taken_at REAL NOT NULL,
-    result BLOB,
-    restarts INTEGER NOT NULL DEFAULT 0
-);
-"""
-_UPDATE = "UPDATE actions SET result = ? WHERE id = ?"
-# One encoder for every input: json.dumps with arguments builds a new one per call. ASCII
-# escapes keep lone surrogates (valid in JSON text, not in UTF-8) storable.
-_encode_input = json.JSONEncoder(separators=(",", ":")).encode
-
-
-@functools.lru_cache(maxsize=None)
-def _insert_sql(rows):
-    return ("INSERT INTO actions (id, action_id, command, input, result_url, pack_id, taken_at) VALUES "
-            + ",".join(["(?,?,?,?,?,?,?)"] * rows))
-
-
-@functools.lru_cache(maxsize=None)
-def _delete_sql(rows):
-    return "DELETE FROM actions WHERE id IN (" + ",".join("?" * rows) + ")"
-
+_LOG_AGAIN = 30.0  # seconds between repeated write-failure logs
 
 # Operations queued for the writer, in the order given.
 _TAKEN, _RESULT, _REMOVE, _RETIRE, _CALL, _FLUSH, _STOP = range(7)
-# Rows per multi-row statement: a batch costs a few statements, not one per row
-# (each statement gives the GIL up and has to get it back from a busy hub).
-# 128 rows of 7 values stay below SQLite's oldest limit of 999 parameters.
-_ROWS_PER_INSERT = 128
-_ROWS_PER_DELETE = 512
 
 # Real threads and locks even when the program is monkey-patched.
 _start_new_thread, _allocate_lock = monkey.get_original("_thread", ["start_new_thread", "allocate_lock"])
 
 
-class JournalError(Exception):
-    """Writing to an open journal failed (disk full, I/O error, file removed underneath).
+class NullJournal:
+    """The journal's interface when the journal is off: every method does nothing.
 
-    The action concerned is not protected by the journal; the pack goes on
-    without it for that action.
+    A pack without a journal runs exactly as it would without this module:
+    nothing is written, :meth:`recover` finds nothing, and :meth:`taken` never
+    fails.
     """
 
+    enabled = False
+    path = None
+    file = None
+    write_failures = 0
 
-@dataclasses.dataclass(frozen=True)
-class Recovered:
-    """A record left by a dead process, adopted by this one.
+    def __repr__(self):
+        return "<NullJournal>"
 
-    :ivar action_id: the action id.
-    :ivar command: the command name.
-    :ivar input: the action's decoded JSON input.
-    :ivar result_url: where the result goes.
-    :ivar pack_id: the pack that took it.
-    :ivar taken_at: when it was taken (seconds since the epoch).
-    :ivar result: the encoded result body, or ``None`` when the handler had not
-        finished (the process died while it ran).
-    :ivar restarts: how many times a process holding this record has died
-        (1 the first time it is recovered).
-    :ivar file: the journal file it came from, for log lines.
-    """
+    def __len__(self):
+        return 0
 
-    action_id: str
-    command: str
-    input: object
-    result_url: str
-    pack_id: str
-    taken_at: float
-    result: bytes | None
-    restarts: int
-    file: str
+    def open(self):
+        pass
 
-    @property
-    def action(self):
-        """The record as the :class:`~flyte_gevent.models.Action` that was taken."""
-        return Action(self.action_id, self.command, self.input, self.result_url)
+    def recover(self):
+        return []
+
+    def taken(self, action):
+        pass
+
+    def result(self, action_id, body):
+        pass
+
+    def remove(self, action_id):
+        pass
+
+    def flush(self):
+        pass
+
+    def close(self):
+        return 0
 
 
 class Journal:
@@ -234,6 +157,8 @@ class Journal:
     a fork is unusable in the child (and its files stay owned by the parent).
     All methods are called from greenlets of the hub the journal was opened in.
     """
+
+    enabled = True
 
     def __init__(self, path, pack_id, *, sync="normal", linger=0.05):
         if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
@@ -278,14 +203,22 @@ class Journal:
     def open(self):
         """Create the directory if needed and this process's own journal file in it.
 
+        A closed journal may be opened again (a pack whose start failed, started
+        again): it starts afresh with a new file of its own, and adopts what it
+        left in the old one like the file of any dead owner.
+
         :raises ConfigError: the directory cannot be created or written, or
             does not support file locks.
         """
-        if self._own is not None or self._closed:
-            raise RuntimeError("a Journal is opened once")
+        if self._forked:
+            self._check_usable()
+        if self._own is not None and not self._closed:
+            raise RuntimeError("the journal is already open")
+        self._own, self._stores, self._records = None, [], {}
+        self._closing = self._closed = False
         writer = _Writer(self.linger)
         try:
-            self._own = writer.call(_Store.create, self.path, self.pack_id, self.sync)
+            self._own = writer.call(Store.create, self.path, self.pack_id, self.sync)
         except BaseException:
             writer.stop()
             raise
@@ -311,7 +244,7 @@ class Journal:
         if self._closing:
             raise RuntimeError("the journal is closed")
         held = {store.stem for store in self._stores}
-        adopted, foreign = self._writer.call(_adopt_dead, self.path, self.pack_id, self.sync, held)
+        adopted, foreign = self._writer.call(adopt_dead, self.path, self.pack_id, self.sync, held)
         for path, other in foreign:
             log.warning("journal file %s belongs to pack %r, not %r: left for that pack", path, other, self.pack_id)
         recovered = []
@@ -341,7 +274,8 @@ class Journal:
 
         Call it as soon as the take's answer is decoded, before the handler
         runs. *action* has ``id``, ``command``, ``input`` (JSON-compatible) and
-        ``result_url``.
+        ``result_url``; a malformed action's ``command`` may be ``None``
+        (recorded as ``""``).
 
         :raises JournalError: the record could not be written (the action is
             then not protected; the journal goes on working for the others).
@@ -352,14 +286,15 @@ class Journal:
             raise JournalError(f"action {action.id} not journaled: the journal is closed")
         if action.id in self._records:
             raise ValueError(f"action {action.id} is already in the journal")
-        for text in (action.id, action.command, action.result_url):
-            if not text.isascii() and not _storable(text):
+        command = action.command or ""
+        for text in (action.id, command, action.result_url):
+            if not text.isascii() and not storable(text):
                 # Refused here, alone: in the batch it would fail every action written with it.
                 raise JournalError(f"action {action.id} not journaled: {text!r} cannot be stored as UTF-8")
         own = self._own
         own.last_row += 1
         row_id = own.last_row
-        params = (row_id, action.id, action.command, _encode_input(action.input), action.result_url,
+        params = (row_id, action.id, command, encode_input(action.input), action.result_url,
                   self.pack_id, time.time())
         self._records[action.id] = (own, row_id)
         own.count += 1
@@ -437,7 +372,7 @@ class Journal:
         kept = len(self._records)
         stores, self._stores = self._stores, []
         try:
-            self._writer.call(_release_all, stores, self._own)
+            self._writer.call(release_all, stores, self._own)
         finally:
             self._writer.stop()
         log.debug("journal closed; %d records kept in %s", kept, self.path)
@@ -644,170 +579,6 @@ class _Wait:
         self.errors = None
 
 
-class _Store:
-    """One journal file with its lock.
-
-    The connection and the lock descriptor are only touched on the journal's
-    thread; ``count`` and ``last_row`` only in the hub.
-    """
-
-    def __init__(self, directory, stem, lock_fd):
-        self.stem = stem
-        self.db_path = os.path.join(directory, stem + ".db")
-        self.lock_path = os.path.join(directory, stem + ".lock")
-        self.lock_fd = lock_fd
-        self.conn = None
-        self.count = 0       # records held in memory
-        self.last_row = 0    # row ids of records this process inserts
-
-    @classmethod
-    def create(cls, directory, pack_id, sync):
-        """This process's own new file, locked (runs on the journal thread)."""
-        _prepare_directory(directory)
-        _remove_stale_temps(directory)
-        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%f")
-        stem = f"flyte-{stamp}-{secrets.token_hex(4)}"
-        temp = os.path.join(directory, f".{stem}.lock.tmp")
-        try:
-            fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise _config_error(directory, f"cannot create files in it: {exc.strerror}") from None
-        store = cls(directory, stem, fd)
-        try:
-            if not _lock(fd, directory):
-                raise _config_error(directory, f"{temp}, just created, is locked by another process")
-            os.write(fd, f"pid {os.getpid()} on {os.uname().nodename}, pack {pack_id}\n".encode())
-            # Locked before it gets the name others look for: no one ever sees it unlocked while we live.
-            os.rename(temp, store.lock_path)
-        except BaseException as exc:
-            _unlink(temp)
-            store.release(delete=False)
-            if isinstance(exc, OSError):
-                raise _config_error(directory, f"cannot create {store.lock_path}: {exc.strerror}") from None
-            raise
-        try:
-            store.conn = _connect(store.db_path, create=True)
-            _configure(store.conn, sync)
-            # The schema, its version and the owner in one transaction: a file is either empty or complete.
-            store.conn.executescript(f"BEGIN; {_SCHEMA} PRAGMA application_id = {_APPLICATION_ID}; "
-                                     f"PRAGMA user_version = {SCHEMA_VERSION};")
-            store.conn.executemany("INSERT INTO meta VALUES (?, ?)", [
-                ("pack_id", pack_id), ("pid", str(os.getpid())), ("host", os.uname().nodename),
-                ("created", datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))])
-            store.conn.execute("COMMIT")
-        except (OSError, sqlite3.Error) as exc:
-            store.release(delete=True)
-            raise _config_error(directory, f"cannot create journal file {store.db_path}: {exc}") from None
-        except BaseException:
-            store.release(delete=True)
-            raise
-        return store
-
-    def load(self, directory, pack_id, sync):
-        """Open an adopted file (journal thread): ``(records, meta)``.
-
-        *records* is a list of ``(Recovered, row id)``, or ``None`` when the file
-        belongs to another pack; *meta* is the owner's description (empty for a
-        file whose owner died before writing anything).
-        """
-        if not os.path.exists(self.db_path):
-            return [], {}  # its owner died while creating it, or its last adopter while deleting it
-        where = f"journal file {self.db_path}"
-        try:
-            self.conn = _connect(self.db_path, create=False)
-            # What the file is, before anything is written to it.
-            app_id = self.conn.execute("PRAGMA application_id").fetchone()[0]
-            version = self.conn.execute("PRAGMA user_version").fetchone()[0]
-            tables = self.conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-            if app_id == 0 and version == 0 and not tables:
-                return [], {}  # created, but its owner died before writing the schema
-            if app_id != _APPLICATION_ID:
-                raise _config_error(directory, f"{where} is an SQLite database of another program; "
-                                               f"move it out of the journal directory")
-            if version > SCHEMA_VERSION:
-                raise _config_error(directory, f"{where} has journal schema {version}, newer than this "
-                                               f"flyte_gevent's ({SCHEMA_VERSION}); run a newer flyte_gevent, "
-                                               f"or move the file out to start without its actions")
-            check = self.conn.execute("PRAGMA quick_check").fetchall()
-            if check != [("ok",)]:
-                raise _config_error(directory, f"{where} is damaged ({check[0][0]}); move it out of the journal "
-                                               f"directory to start without its actions")
-            meta = dict(self.conn.execute("SELECT key, value FROM meta"))
-            if meta.get("pack_id") != pack_id:
-                return None, meta
-            _configure(self.conn, sync)
-            self.conn.execute("BEGIN")
-            self.conn.execute("UPDATE actions SET restarts = restarts + 1")
-            self.conn.execute("COMMIT")
-            rows = self.conn.execute("SELECT id, action_id, command, input, result_url, pack_id, taken_at, "
-                                     "result, restarts FROM actions ORDER BY id").fetchall()
-        except sqlite3.DatabaseError as exc:
-            raise _config_error(directory, f"{where} cannot be read: {exc}; move it out of the journal "
-                                           f"directory to start without its actions") from None
-        records = []
-        for row_id, action_id, command, text, result_url, pack, taken_at, result, restarts in rows:
-            try:
-                value = json.loads(text)
-            except ValueError:
-                raise _config_error(directory, f"{where}: action {action_id} has an input that is not JSON; "
-                                               f"the file is damaged") from None
-            records.append((Recovered(action_id, command, value, result_url, pack, taken_at,
-                                      None if result is None else bytes(result), restarts, self.db_path),
-                            row_id))
-        return records, meta
-
-    def apply(self, inserts, updates, deletes):
-        """Write one batch in one transaction (runs on the journal thread)."""
-        statements = []
-        for start in range(0, len(inserts), _ROWS_PER_INSERT):
-            rows = inserts[start:start + _ROWS_PER_INSERT]
-            statements.append((_insert_sql(len(rows)), [value for row in rows for value in row]))
-        if updates:
-            statements.append((_UPDATE, updates))
-        for start in range(0, len(deletes), _ROWS_PER_DELETE):
-            rows = deletes[start:start + _ROWS_PER_DELETE]
-            # Sizes rounded up to a power of two (an id repeated in IN () changes nothing), so that
-            # a handful of statements stay prepared in the connection's cache.
-            size = 1 << (len(rows) - 1).bit_length()
-            statements.append((_delete_sql(size), rows + rows[-1:] * (size - len(rows))))
-        conn = self.conn
-        try:
-            if len(statements) == 1 and not (updates and len(updates) > 1):
-                # One statement is a transaction of its own; BEGIN and COMMIT would cost two more
-                # round trips through the GIL, which a busy hub makes slow.
-                sql, params = statements[0]
-                (conn.executemany if sql is _UPDATE else conn.execute)(sql, params)
-                return
-            conn.execute("BEGIN")
-            for sql, params in statements:
-                (conn.executemany if sql is _UPDATE else conn.execute)(sql, params)
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            if conn.in_transaction:
-                try:
-                    conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
-            raise JournalError(f"{self.db_path}: {exc}") from exc
-
-    def release(self, delete):
-        """Close the file and drop the lock; with *delete*, remove the file first (journal thread)."""
-        if self.conn is not None:
-            try:
-                self.conn.close()
-            except sqlite3.Error:
-                pass  # nothing left to write: every batch was committed or reported
-            self.conn = None
-        if delete:
-            # The database before the lock: a lock file alone means "nothing left here".
-            for suffix in ("", "-wal", "-shm", "-journal"):
-                _unlink(self.db_path + suffix)
-            _unlink(self.lock_path)
-        if self.lock_fd is not None:
-            os.close(self.lock_fd)
-            self.lock_fd = None
-
-
 # -- functions that run on the journal's thread ------------------------------------------------------
 
 def _write(ops):
@@ -853,162 +624,6 @@ def _write(ops):
     return errors, retired
 
 
-def _adopt_dead(directory, pack_id, sync, held):
-    """Lock and load every file of a dead owner (journal thread): ``(adopted, foreign)``.
-
-    *adopted* lists ``(store, rows, meta)`` for files of *pack_id*; *foreign*
-    lists ``(path, pack id)`` of files left alone because another pack owns them.
-    """
-    try:
-        names = os.listdir(directory)
-    except OSError as exc:
-        raise _config_error(directory, f"cannot list it: {exc.strerror}") from None
-    stems = sorted({m.group(1) for m in map(_FILE.match, names) if m} - held)
-    adopted, foreign = [], []
-    try:
-        for stem in stems:
-            fd = _claim(directory, stem)
-            if fd is None:
-                continue  # alive, or being adopted by another process right now
-            store = _Store(directory, stem, fd)
-            try:
-                rows, meta = store.load(directory, pack_id, sync)
-            except BaseException:
-                store.release(delete=False)
-                raise
-            if rows is None:
-                store.release(delete=False)
-                foreign.append((store.db_path, meta.get("pack_id")))
-                continue
-            adopted.append((store, rows, meta))
-    except BaseException:
-        # Nothing is adopted when one file is unusable: the operator looks first.
-        for store, _, _ in adopted:
-            store.release(delete=False)
-        raise
-    return adopted, foreign
-
-
-def _release_all(stores, own):
-    for store in stores:
-        store.release(delete=store is own and store.count == 0)
-
-
-def _claim(directory, stem):
-    """The locked descriptor of *stem*'s lock file if its owner is dead and no one else has it, else None."""
-    path = os.path.join(directory, stem + ".lock")
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    except FileNotFoundError:
-        # A database without its lock: never left by this module, but adoptable.
-        if not os.path.exists(os.path.join(directory, stem + ".db")):
-            return None
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        except FileExistsError:
-            return None  # another process is adopting it
-        except OSError as exc:
-            raise _config_error(directory, f"cannot create {path}: {exc.strerror}") from None
-    except OSError as exc:
-        raise _config_error(directory, f"cannot open {path}: {exc.strerror}") from None
-    try:
-        if not _lock(fd, directory):
-            os.close(fd)
-            return None
-        # The file may have been finished and removed between our open and our lock.
-        if not os.path.samestat(os.fstat(fd), os.stat(path)):
-            os.close(fd)
-            return None
-    except FileNotFoundError:
-        os.close(fd)
-        return None
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _lock(fd, directory):
-    """``flock`` *fd* exclusively without blocking; False when another process holds it."""
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    except OSError as exc:
-        raise _config_error(directory, f"file locks (flock) do not work there ({exc.strerror}); "
-                                       f"use a local filesystem") from None
-    return True
-
-
-def _connect(path, create):
-    uri = "file:" + urllib.parse.quote(path) + ("?mode=rwc" if create else "?mode=rw")
-    # Prepared statements kept: every multi-row INSERT size up to _ROWS_PER_INSERT, and more.
-    conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False, timeout=0,
-                           cached_statements=_ROWS_PER_INSERT + 64)
-    try:
-        # One connection per file, ever: exclusive locking keeps the WAL index in
-        # memory (no -shm file) and keeps other programs out while we hold it.
-        conn.execute("PRAGMA locking_mode = EXCLUSIVE")
-    except BaseException:
-        conn.close()
-        raise
-    return conn
-
-
-def _configure(conn, sync):
-    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-    if mode != "wal":
-        raise sqlite3.OperationalError(f"cannot use write-ahead logging (journal mode {mode!r})")
-    conn.execute(f"PRAGMA synchronous = {SYNC_MODES[sync]}")
-    conn.execute(f"PRAGMA journal_size_limit = {_WAL_LIMIT}")
-
-
-def _prepare_directory(directory):
-    try:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-    except FileExistsError:
-        raise _config_error(directory, "exists and is not a directory") from None
-    except OSError as exc:
-        raise _config_error(directory, f"cannot create it: {exc.strerror}") from None
-    if not os.path.isdir(directory):
-        raise _config_error(directory, "is not a directory")
-
-
-def _remove_stale_temps(directory):
-    # A temp lock is renamed within microseconds of its creation; one still here
-    # long after is left by a process that died in between.
-    now = time.time()
-    try:
-        names = [name for name in os.listdir(directory) if name.startswith(".flyte-") and name.endswith(".lock.tmp")]
-    except OSError:
-        return
-    for name in names:
-        path = os.path.join(directory, name)
-        try:
-            if now - os.stat(path).st_mtime > _STALE_TEMP:
-                os.unlink(path)
-        except OSError:
-            pass
-
-
-def _storable(text):
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _unlink(path):
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def _config_error(directory, problem):
-    return ConfigError(f"{SETTING} / journal={directory!r}: {problem}", SETTING)
-
 
 # -- fork safety -----------------------------------------------------------------------------------
 
@@ -1021,14 +636,7 @@ def _after_fork_in_child():
     for journal in list(_open_journals):
         journal._forked = True
         for store in journal._stores:
-            if store.lock_fd is not None:
-                # close(), never LOCK_UN: the lock belongs to the open file, shared with the parent.
-                os.close(store.lock_fd)
-                store.lock_fd = None
-            if store.conn is not None:
-                # Closing would let SQLite checkpoint the parent's file from here: keep it unclosed.
-                _kept_from_child.append(store.conn)
-                store.conn = None
+            store.forget_after_fork(_kept_from_child)
     _open_journals.clear()
 
 

@@ -267,6 +267,12 @@ SETTINGS = (
             "events send_event_nowait() can queue before it drops them", metavar="N"),
     Setting("result_deadline", ("FLYTE_GEVENT_RESULT_DEADLINE",), "--result-deadline", _positive_float, 600.0,
             "seconds a result post is retried before it is given up as lost", metavar="SECONDS"),
+    Setting("journal", ("FLYTE_GEVENT_JOURNAL",), "--journal", _text, None,
+            "directory of the crash journal: taken actions are written there, so a killed pack's actions are "
+            "completed by the next start (a local filesystem, one per pod); off when unset", metavar="DIR"),
+    Setting("journal_sync", ("FLYTE_GEVENT_JOURNAL_SYNC",), "--journal-sync", _choice("normal", "full"), "normal",
+            "normal: the journal survives a killed process; full: also a crash of the machine (an fsync per "
+            "batch of writes)", metavar="normal|full"),
     Setting("allow_unpatched", ("FLYTE_GEVENT_ALLOW_UNPATCHED",), None, _bool, False,
             "start even though gevent's monkey-patching was not applied (experts only)"),
     Setting("log_level", ("FLYTE_GEVENT_LOG_LEVEL",), "--log-level",

@@ -19,6 +19,8 @@ Series (no action ids as labels; unknown command names are folded into
 ``flyte_pack_events_sent_total``           spontaneous events delivered, by event
 ``flyte_pack_events_failed_total``         spontaneous events given up on, by event
 ``flyte_pack_events_dropped_total``        events dropped because the send buffer was full
+``flyte_pack_actions_recovered_total``     actions of dead processes completed from the journal, by outcome
+``flyte_pack_actions_unjournaled_total``   actions run without their journal record (its write failed)
 ``flyte_pack_registrations_total``         successful (re-)registrations
 ``flyte_pack_registered``                  1 while registered and not stopping
 ``flyte_pack_event_loop_blocked_total``    gevent monitor reports of a blocked hub
@@ -33,7 +35,7 @@ import weakref
 
 from . import __version__
 
-__all__ = ["Metrics", "NullMetrics", "make_metrics", "OUTCOMES"]
+__all__ = ["Metrics", "NullMetrics", "make_metrics", "OUTCOMES", "RECOVERED_OUTCOMES"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,13 @@ OUTCOMES = ("success", "fatal", "error", "invalid_input", "unknown_command", "ti
 """How an action can end: a non-FATAL event; a FATAL event the handler chose; the
 handler raised or returned garbage; input refused by its schema; a command the
 pack does not have; the per-action timeout; cut short by shutdown."""
+
+RECOVERED_OUTCOMES = ("result", "rerun", "fatal", "other_api")
+"""How an action adopted from the journal of a dead process is completed: its
+recorded result is delivered; its handler, cut short, is run again (a command
+declared ``rerun_after_crash``); it is completed as FATAL "pack restarted while
+this action was running"; or it is dropped because its result URL is not on
+the Flyte API this pack talks to."""
 
 
 class NullMetrics:
@@ -80,6 +89,12 @@ class NullMetrics:
     def registered(self, state):
         pass
 
+    def action_recovered(self, outcome):
+        pass
+
+    def action_unjournaled(self):
+        pass
+
 
 class Metrics(NullMetrics):
     """Prometheus collectors on a private (or given) registry.
@@ -109,9 +124,16 @@ class Metrics(NullMetrics):
         self._registrations = prom.Counter("flyte_pack_registrations", "Successful registrations.", registry=r)
         self._registered = prom.Gauge("flyte_pack_registered", "1 while registered and not stopping.", registry=r)
         self._blocked = prom.Counter("flyte_pack_event_loop_blocked", "gevent monitor: hub blocked.", registry=r)
+        self._recovered = prom.Counter("flyte_pack_actions_recovered",
+                                       "Actions of dead processes completed from the journal, by outcome.",
+                                       ["outcome"], registry=r)
+        self._unjournaled = prom.Counter("flyte_pack_actions_unjournaled",
+                                         "Actions run without their journal record (the write failed).", registry=r)
         prom.Info("flyte_pack", "Pack and library.", registry=r).info({"pack": pack_name, "version": __version__})
         self._app = prom.make_wsgi_app(registry=r)
         self._children = {}
+        for outcome in RECOVERED_OUTCOMES:  # a pack that never recovered anything shows zeros, not nothing
+            self._child(self._recovered, outcome)
         _subscribe_loop_monitor(self._blocked)
 
     def wsgi_app(self, environ, start_response):
@@ -155,6 +177,12 @@ class Metrics(NullMetrics):
         if state:
             self._registrations.inc()
         self._registered.set(1 if state else 0)
+
+    def action_recovered(self, outcome):
+        self._child(self._recovered, outcome).inc()
+
+    def action_unjournaled(self):
+        self._unjournaled.inc()
 
 
 class _ActionSeries:

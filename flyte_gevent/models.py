@@ -212,12 +212,18 @@ class Command:
     :param timeout: seconds after which a running handler is killed and the
         action completed as ``FATAL`` ("timed out after N s"); overrides the
         pack's default.
+    :param rerun_after_crash: with a journal (``Pack(journal=...)``), an action
+        whose handler was cut short by the death of the process running it is
+        run again by the next process to start, instead of being completed as
+        ``FATAL`` "pack restarted while this action was running". Declare it
+        only for handlers that may safely run twice on the same input. A re-run
+        cut short the same way is completed as ``FATAL``.
     :raises PackDefError: an argument is wrong (a name Flyte cannot put into its
         links, a handler that is not callable, ...); the message says which.
     """
 
     def __init__(self, name, handler, output_events=(), help_url=None, *,
-                 input_schema=None, failure_event=None, timeout=None):
+                 input_schema=None, failure_event=None, timeout=None, rerun_after_crash=False):
         self.name = name
         self.handler = handler
         self.output_events = tuple(_event_defs(output_events))
@@ -231,6 +237,7 @@ class Command:
             # The command can emit it, so it is registered among the command's events.
             self.output_events += (failure_event,)
         self.timeout = timeout
+        self.rerun_after_crash = rerun_after_crash
         problems = _command_problems(self)
         if problems:
             raise PackDefError("; ".join(problems))
@@ -259,6 +266,9 @@ def _command_problems(command):
     if timeout is not None and not (isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
                                     and 0 < timeout < math.inf):
         problems.append(f"command {name!r}: timeout must be a positive number of seconds, not {timeout!r}")
+    if not isinstance(command.rerun_after_crash, bool):
+        problems.append(f"command {name!r}: rerun_after_crash must be True or False, "
+                        f"not {command.rerun_after_crash!r}")
     return problems + _url_problems(f"command {name!r} help_url", command.help_url)
 
 

@@ -16,7 +16,10 @@ A :class:`Pack` wires these together and owns their greenlets:
   tasks and health checks declared on the definition, tasks given to
   :meth:`Pack.spawn` — run by :class:`flyte_gevent._hooks.Hooks`;
 * the **stopper**, the greenlet :meth:`Pack.stop` runs the shutdown in, so
-  that a stop asked for from any greenlet (a handler included) completes.
+  that a stop asked for from any greenlet (a handler included) completes;
+* with a journal (``journal=``, :mod:`flyte_gevent._journal`), the **journal**
+  greenlet, which completes the actions that dead processes left in it, and
+  every minute adopts the files of processes that died since.
 
 Start-up — :meth:`Pack.start` — starts the health server, registers (retrying),
 calls the ``on_start`` hooks, then starts the event sender, the poller and the
@@ -31,11 +34,13 @@ answer, closes the client's connections and returns. A second signal cuts both
 waits short. The pack is never deleted on the server: replicas share its id.
 """
 
+import collections
 import functools
 import logging
 import math
 import signal
 import time
+from urllib.parse import urlsplit
 
 import gevent
 import gevent.event
@@ -44,9 +49,10 @@ from gevent import monkey
 from gevent.pool import Group, Pool
 
 from . import config
-from ._actions import SHUTDOWN_MESSAGE, ActionRunner
+from ._actions import RERUN, RESTARTED, RESTARTED_MESSAGE, RESULT, SHUTDOWN_MESSAGE, ActionRunner
 from ._delivery import Delivery
 from ._hooks import Hooks, describe
+from ._journal import SYNC_MODES, Journal, NullJournal
 from ._poller import Poller
 from ._registration import Registrar
 from ._retry import Backoff, LogThrottle
@@ -66,6 +72,7 @@ _REGISTER_BACKOFF = (1.0, 30.0)
 _FORCED_FLUSH = 3.0          # seconds left to post results after a second signal
 _NOT_READY_AFTER_ERRORS = 5  # failed takes in a row before /readyz says 503
 _RUN_WAKEUP = 60.0           # run() wakes this often: its timer keeps gevent's loop alive
+_ADOPT_INTERVAL = 60.0       # seconds between looks for journal files of processes that died beside this one
 
 
 def _as_the_pack(method):
@@ -101,6 +108,12 @@ class Pack:
     :param metrics: ``None`` (Prometheus metrics when prometheus_client is
         installed), ``True``, ``False``, or a ``CollectorRegistry`` to use.
     :param allow_unpatched: start even though sockets are not monkey-patched.
+    :param journal: a directory for the crash journal, or ``None`` (off): every
+        taken action is written down there before its handler runs, and the
+        next start completes what a killed process left (README "Reliability").
+        Nothing touches the disk before :meth:`start`.
+    :param journal_sync: ``"normal"`` (the journal survives a killed process)
+        or ``"full"`` (also a crash of the machine, at an fsync per batch).
 
     Usage::
 
@@ -118,7 +131,8 @@ class Pack:
     def __init__(self, pack_def, client, health_checks=None, polling_interval=5.0, max_in_flight=100,
                  health_port=8090, *, health_host="0.0.0.0", max_takers=64, action_timeout=None,
                  grace_period=30.0, flush_timeout=10.0, result_deadline=600.0, event_deadline=60.0,
-                 event_buffer=1000, check_timeout=5.0, metrics=None, allow_unpatched=False):
+                 event_buffer=1000, check_timeout=5.0, metrics=None, allow_unpatched=False, journal=None,
+                 journal_sync="normal"):
         if not isinstance(pack_def, PackDef):
             raise TypeError(f"Pack needs a PackDef, not {type(pack_def).__name__}")
         if not isinstance(client, Client):
@@ -142,6 +156,12 @@ class Pack:
         self.allow_unpatched = allow_unpatched
         if health_port is not None and not (isinstance(health_port, int) and 0 <= health_port <= 65535):
             raise ConfigError(f"health_port={health_port!r}: expected a port number, 0, or None", "health_port")
+        if journal_sync not in SYNC_MODES:
+            raise ConfigError(f"FLYTE_GEVENT_JOURNAL_SYNC / journal_sync={journal_sync!r}: expected one of "
+                              f"{', '.join(SYNC_MODES)}", "FLYTE_GEVENT_JOURNAL_SYNC")
+        # Built here, opened by start(): after a fork (a gunicorn worker), never before.
+        self._journal = NullJournal() if journal is None else Journal(journal, pack_def.id, sync=journal_sync)
+        self._journal_open = False
 
         self._commands = {command.name: command for command in pack_def.commands}
         self._metrics = make_metrics(metrics, pack_def.name, self._commands)
@@ -160,7 +180,8 @@ class Pack:
         self._delivery = Delivery(client, self._registrar, self._metrics, result_deadline=self.result_deadline,
                                   sleep=self._sleep, cutoff=self._cutoff, on_recovered=self._api_answered)
         self._runner = ActionRunner(pack_def.name, self._commands, self._delivery, self._metrics,
-                                    action_timeout=self.action_timeout, on_change=self._progress.set)
+                                    journal=self._journal, action_timeout=self.action_timeout,
+                                    on_change=self._progress.set)
 
         self._actions = Pool(self.max_in_flight)
         self._services = Group()
@@ -267,10 +288,16 @@ class Pack:
         definition) is raised at once. A stop that begins meanwhile makes it
         return early, without starting anything more.
 
+        With a journal, it is opened first, and the files of dead processes in
+        it are adopted (a journal that cannot be used raises before any request
+        is made); once registered, their actions are completed before the first
+        take.
+
         :raises PackDefError: the pack definition is invalid.
         :raises NotPatchedError: sockets are not monkey-patched (see ``allow_unpatched``).
         :raises Exception: what an on_start hook raised; the pack is then stopped
             (its on_stop hooks ran) and cannot be started again.
+        :raises ConfigError: the journal cannot be used, or the health port is taken.
         """
         if self._stop_begun:
             raise RuntimeError("a stopped pack cannot be started again; create a new Pack")
@@ -283,8 +310,16 @@ class Pack:
                 "'from gevent import monkey; monkey.patch_all()' at the very top of your main module "
                 "(or pass allow_unpatched=True / set FLYTE_GEVENT_ALLOW_UNPATCHED=1 if you know why not)")
         self.client.size_pools(self.max_in_flight + 2)
-        if self._health_server is not None:
-            self._health_server.start()  # before registering, so liveness answers during an API outage
+        records = self._open_journal()  # before any request: a journal that cannot be used stops the start here
+        if self._stopping.is_set():
+            self._close_journal()  # stop() was called while the journal opened
+            return
+        try:
+            if self._health_server is not None:
+                self._health_server.start()  # before registering, so liveness answers during an API outage
+        except BaseException:
+            self._close_journal()
+            raise
         self._started = True
         self._start_failure = None
         try:
@@ -294,6 +329,7 @@ class Pack:
             self._start_failure = f"registration failed: {str(exc) or type(exc).__name__}"
             if self._health_server is not None:
                 self._health_server.stop()
+            self._close_journal()  # its records stay on disk, for the next start (or this one, tried again)
             raise
         if not registered or self._stopping.is_set():
             return  # stop() was called while registering
@@ -303,14 +339,13 @@ class Pack:
         sender = self._services.spawn(self._send_queued_events)
         sender.name = "event-sender"
         sender.link_exception(self._service_died)
-        if self._commands:
-            self._poller = Poller(self.client, self._registrar, self._runner.run, self._actions, self._metrics,
-                                  pack_name=self.pack_def.name, stopping=self._stopping,
-                                  polling_interval=self.polling_interval, max_takers=self.max_takers,
-                                  on_change=self._progress.set)
-            poller = self._services.spawn(self._poller.run)
-            poller.name = "poller"
-            poller.link_exception(self._service_died)
+        waiting = self._spawn_recovered(self._plan_recovery(records))
+        if not waiting:
+            self._start_taking()
+        if self._journal_open:
+            journal = self._services.spawn(self._run_journal, waiting)
+            journal.name = "journal"
+            journal.link_exception(self._service_died)
         self._hooks.start_tasks()
         self._running = True
         log.info("pack %r is registered as %r and %s", self.pack_def.name, self.pack_id,
@@ -540,6 +575,7 @@ class Pack:
             if unsent:
                 log.error("%d queued events not sent: the pack stopped before the Flyte API took them", unsent)
             self._finish_requests_in_flight()
+            self._close_journal()  # every action greenlet has ended: what is left stays for the next start
             if self._health_server is not None:
                 self._health_server.stop()
             self.client.close()
@@ -565,6 +601,137 @@ class Pack:
             log.error("%d actions still busy %g s after the flush deadline; abandoning them", len(self._actions),
                       2 * self.client.timeout)
             self._actions.kill(block=True, timeout=1)
+
+    def _start_taking(self):
+        """Start the poller (a pack with commands): from now on actions are taken while slots are free."""
+        if not self._commands or self._poller is not None or self._stopping.is_set():
+            return
+        self._poller = Poller(self.client, self._registrar, self._runner.run, self._actions, self._metrics,
+                              pack_name=self.pack_def.name, stopping=self._stopping,
+                              polling_interval=self.polling_interval, max_takers=self.max_takers,
+                              on_change=self._progress.set)
+        poller = self._services.spawn(self._poller.run)
+        poller.name = "poller"
+        poller.link_exception(self._service_died)
+
+    # -- the journal ----------------------------------------------------------------
+
+    def _open_journal(self):
+        """Open the journal (when there is one) and adopt the files of dead processes: their records.
+
+        :raises ConfigError: the journal cannot be used (it is closed again).
+        """
+        if not self._journal.enabled:
+            return []
+        self._journal.open()
+        try:
+            records = self._journal.recover()
+        except BaseException:
+            self._journal.close()
+            raise
+        # Only now: a stop() while the journal opened must not close it under recover(); start() closes it then.
+        self._journal_open = True
+        return records
+
+    def _close_journal(self):
+        """Close the journal if it is open; the records still in it stay on disk for the next start."""
+        if not self._journal_open:
+            return
+        self._journal_open = False
+        try:
+            kept = self._journal.close()
+        except Exception:  # noqa: BLE001 - the records are on disk whatever closing failed at
+            log.exception("closing the journal in %s failed", self._journal.path)
+            return
+        if kept:
+            log.info("journal closed: %d records kept in %s for the next start", kept, self._journal.path)
+        else:
+            log.info("journal closed: every action it recorded is completed")
+
+    def _plan_recovery(self, records):
+        """How to complete each record adopted from the journal: ``[(record, how)]``; logged and counted.
+
+        A record whose result URL is not on the origin of this pack's
+        registration links was written against another Flyte API: it is never
+        posted there (it holds the action's result), but reported and dropped.
+        """
+        if not records:
+            return []
+        take_url = self._registrar.current.take_url
+        plan, counts = [], collections.Counter()
+        for record in records:
+            command = self._commands.get(record.command)
+            if not _same_origin(record.result_url, take_url):
+                how = "other_api"
+                log.error("journal record of action %s (command %r, from %s) is not for this pack's Flyte API: its "
+                          "result goes to %s, this pack talks to %s. It is not posted, and is dropped; complete the "
+                          "action there by hand if it still matters", record.action_id, record.command, record.file,
+                          _origin_text(record.result_url), _origin_text(take_url))
+                self._metrics.result_lost()
+                self._journal.remove(record.action_id)
+            elif record.result is not None:
+                how = RESULT
+            elif command is not None and command.rerun_after_crash and record.restarts == 1:
+                how = RERUN
+            else:
+                how = RESTARTED
+            counts[how] += 1
+            self._metrics.action_recovered(how)
+            log.debug("recovering action %s (command %r, taken %s, restarts %d) from %s: %s", record.action_id,
+                      record.command, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.taken_at)),
+                      record.restarts, record.file,
+                      {RESULT: "delivering its result", RERUN: "running it again",
+                       RESTARTED: f"completing it as FATAL {RESTARTED_MESSAGE!r}",
+                       "other_api": "dropped (another Flyte API)"}[how])
+            if how != "other_api":
+                plan.append((record, how))
+        log.info("recovered %d actions from the journal: %d with a result to deliver, %d to run again, %d cut short "
+                 "(completed as FATAL %r)%s", len(records), counts[RESULT], counts[RERUN], counts[RESTARTED],
+                 RESTARTED_MESSAGE, f", {counts['other_api']} for another Flyte API (dropped)"
+                 if counts["other_api"] else "")
+        return plan
+
+    def _spawn_recovered(self, plan):
+        """Spawn recovered actions into the action pool while it has free slots; the rest of *plan*."""
+        for index, (record, how) in enumerate(plan):
+            if not self._actions.free_count() or self._stopping.is_set():
+                return plan[index:]
+            greenlet = self._actions.spawn(self._runner.run_recovered, record, how)
+            greenlet.name = f"action:{record.action_id}"
+            # Linked after the pool's own link, so it runs once the slot is free: the poller only hears
+            # of the slots its own takes free.
+            greenlet.rawlink(self._recovered_slot_freed)
+        return []
+
+    def _recovered_slot_freed(self, greenlet):
+        self._progress.set()
+        if self._poller is not None:
+            self._poller.notify()
+
+    def _run_journal(self, waiting):
+        """The journal greenlet: recovered actions that did not fit in the pool, then periodic adoption.
+
+        Takes start once every recovered action has a slot. Every
+        ``_ADOPT_INTERVAL`` seconds the files of processes that died since
+        (a sibling gunicorn worker that is not replaced, say) are adopted and
+        their actions completed the same way. Records not started when the
+        pack stops stay in the journal.
+        """
+        bind_pack(self.pack_def.name)
+        throttle = LogThrottle(log)
+        while not self._stopping.is_set():
+            while waiting and not self._stopping.is_set():
+                self._actions.wait_available()
+                waiting = self._spawn_recovered(waiting)
+            self._start_taking()
+            self._sleep(_ADOPT_INTERVAL)
+            if self._stopping.is_set():
+                return
+            try:
+                waiting = self._spawn_recovered(self._plan_recovery(self._journal.recover()))
+            except Exception as exc:  # noqa: BLE001 - a file that cannot be adopted now must not stop the pack
+                throttle.log(logging.ERROR, str(exc), "adopting journal files of dead processes failed (the pack "
+                             "goes on; they are tried again in %g s): %s", _ADOPT_INTERVAL, exc)
 
     @_as_the_pack
     def _on_signal(self, signum):
@@ -662,3 +829,23 @@ class Pack:
             finally:
                 self._events.task_done()
                 self._progress.set()
+
+
+def _origin(url):
+    try:
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        return scheme, (parts.hostname or "").lower(), parts.port or {"http": 80, "https": 443}.get(scheme)
+    except ValueError:
+        return None
+
+
+def _same_origin(url, other):
+    """Whether *url* has the scheme, host and port of *other* (default ports filled in)."""
+    origin = _origin(url)
+    return origin is not None and origin == _origin(other)
+
+
+def _origin_text(url):
+    origin = _origin(url)
+    return f"{origin[0]}://{origin[1]}:{origin[2]}" if origin else repr(url)

@@ -20,7 +20,8 @@ import pytest
 from gevent import monkey
 from gevent.pool import Pool
 
-from flyte_gevent._journal import SCHEMA_VERSION, Journal, JournalError
+from flyte_gevent._journal import Journal, JournalError
+from flyte_gevent._journal_files import SCHEMA_VERSION
 from flyte_gevent.errors import ConfigError
 from flyte_gevent.models import Action
 from helpers import wait_until
@@ -153,6 +154,40 @@ def test_text_sqlite_cannot_store_fails_only_its_own_action(journals):
     records = journals().recover()
     assert [r.action_id for r in records] == [f"action-{n}" for n in range(1, 6)]
     assert records[0].input == odd
+
+
+def test_journal_files_are_private_to_the_pack_user_even_in_a_shared_directory(journals, tmp_path):
+    directory = tmp_path / "shared"
+    directory.mkdir(mode=0o777)
+    os.chmod(directory, 0o777)  # an emptyDir is world-writable
+    journal = journals(directory)
+    journal.taken(action(1, payload={"secret": "input"}))
+    journal.flush()
+    for name in journal_files(directory):
+        mode = os.stat(directory / name).st_mode & 0o777
+        assert mode & 0o077 == 0, f"{name} is mode {mode:o}"
+
+
+def test_a_malformed_action_without_a_command_is_recorded_with_an_empty_one(journals):
+    journal = journals()
+    journal.taken(Action("action-1", None, {"odd": True}, "http://flyte:8080/actions/action-1/result"))
+    journal.close()
+    (record,) = journals().recover()
+    assert (record.action_id, record.command, record.input) == ("action-1", "", {"odd": True})
+
+
+def test_a_closed_journal_opens_again_and_adopts_what_it_left(journals):
+    journal = journals()
+    journal.taken(action(1))
+    assert journal.close() == 1
+    journal.open()  # a pack whose start failed, started again
+    assert [r.action_id for r in journal.recover()] == ["action-1"]
+    journal.remove("action-1")
+    journal.taken(action(2))
+    assert journal.close() == 1
+    assert [r.action_id for r in journals().recover()] == ["action-2"]
+    with pytest.raises(RuntimeError, match="already open"):
+        journals().open()
 
 
 def test_taking_an_action_already_in_the_journal_is_refused(journals):
