@@ -72,6 +72,6 @@ class _KeptResult:
     def __init__(self):
         self.body = None
 
-    def deliver_result(self, action, body, event_name):
+    def deliver_result(self, action, body, event_name, recovered=False):
         self.body = body
-        return Delivered(ACCEPTED, event_name, 0, None, None)
+        return Delivered(ACCEPTED, event_name, 0, None, None, True)
