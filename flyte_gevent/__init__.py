@@ -21,6 +21,7 @@ module can still monkey-patch first.
 
 import importlib
 import logging
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
@@ -33,6 +34,7 @@ _EXPORTS = {
     "PackDef": ".models",
     "Action": ".models",
     "FATAL": ".models",
+    "JSON": ".models",
     "fatal_event": ".models",
     "Pack": ".pack",
     "current_action": ".log",
@@ -52,19 +54,71 @@ _EXPORTS = {
     "DeliveryError": ".errors",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+if TYPE_CHECKING:
+    # What type checkers see instead of the lazy loading below; tests/test_imports.py checks that these
+    # imports, _EXPORTS and __all__ name the same things.
+    from .client import Client
+    from .errors import (
+        ConfigError,
+        DeliveryError,
+        FlyteAuthError,
+        FlyteConnectionError,
+        FlyteError,
+        FlyteHTTPError,
+        FlyteProtocolError,
+        FlyteTimeout,
+        NotPatchedError,
+        NotRegisteredError,
+        PackDefError,
+        PackNotFoundError,
+    )
+    from .health import Health, flyte_api_health_check
+    from .log import current_action
+    from .models import FATAL, JSON, Action, Command, Event, EventDef, PackDef, fatal_event
+    from .pack import Pack
+
+__all__ = [
+    "FATAL",
+    "JSON",
+    "Action",
+    "Client",
+    "Command",
+    "ConfigError",
+    "DeliveryError",
+    "Event",
+    "EventDef",
+    "FlyteAuthError",
+    "FlyteConnectionError",
+    "FlyteError",
+    "FlyteHTTPError",
+    "FlyteProtocolError",
+    "FlyteTimeout",
+    "Health",
+    "NotPatchedError",
+    "NotRegisteredError",
+    "Pack",
+    "PackDef",
+    "PackDefError",
+    "PackNotFoundError",
+    "__version__",
+    "current_action",
+    "fatal_event",
+    "flyte_api_health_check",
+]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
+if not TYPE_CHECKING:
+    # Hidden from type checkers, which would otherwise type any misspelt name as whatever this returns.
 
-def __getattr__(name):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
+    def __getattr__(name):
+        module = _EXPORTS.get(name)
+        if module is None:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(module, __name__), name)
+        globals()[name] = value
+        return value
 
 
-def __dir__():
+def __dir__() -> list[str]:
     return __all__

@@ -4,6 +4,8 @@ Each check that depends on import order or on patching runs in a fresh Python
 process, since this test process was patched by conftest.py before anything else.
 """
 
+import ast
+import importlib
 import json
 import socket
 import subprocess
@@ -68,6 +70,24 @@ def test_every_public_name_resolves():
     assert sorted(dir(flyte_gevent)) == sorted(flyte_gevent.__all__)
     with pytest.raises(AttributeError, match="module 'flyte_gevent' has no attribute 'Nope'"):
         flyte_gevent.Nope  # noqa: B018
+
+
+def test_the_type_checkers_imports_the_lazy_exports_and_all_name_the_same_things():
+    """What mypy and pyright see (the ``if TYPE_CHECKING:`` imports) is what the package exports at run time."""
+    with open(flyte_gevent.__file__) as f:
+        tree = ast.parse(f.read())
+    (block,) = [node for node in tree.body if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING"]
+    imported = {}
+    for statement in block.body:
+        assert isinstance(statement, ast.ImportFrom) and statement.level == 1, ast.unparse(statement)
+        for alias in statement.names:
+            assert alias.asname is None, ast.unparse(statement)
+            imported[alias.name] = "." + statement.module
+
+    assert imported == flyte_gevent._EXPORTS
+    assert sorted(flyte_gevent.__all__) == sorted([*imported, "__version__"])
+    for name, module in imported.items():
+        assert getattr(importlib.import_module(module, "flyte_gevent"), name) is getattr(flyte_gevent, name), name
 
 
 def test_error_classes_are_importable_from_the_package():

@@ -8,6 +8,7 @@ every supported Python. These tests read what is installed, so they hold for an 
 import filecmp
 import importlib
 import importlib.metadata
+import importlib.resources
 import os
 import re
 
@@ -62,3 +63,9 @@ def test_the_supported_versions_agree_in_the_classifiers_python_requires_makefil
     assert classified == tested == ["3.11", "3.12", "3.13"]
     assert metadata["Requires-Python"] == f">={tested[0]}"
     assert "**Supported versions:** CPython 3.11, 3.12 and 3.13" in readme
+
+
+def test_the_package_says_it_is_typed():
+    """PEP 561: the installed package holds py.typed, so type checkers read its annotations; the classifier says so."""
+    assert importlib.resources.files("flyte_gevent").joinpath("py.typed").is_file()
+    assert "Typing :: Typed" in importlib.metadata.metadata("flyte-gevent").get_all("Classifier")
