@@ -12,6 +12,8 @@ Two families:
 """
 
 import re
+from typing import Any, overload
+from collections.abc import Iterable
 from urllib.parse import urlsplit, urlunsplit
 
 __all__ = [
@@ -39,7 +41,7 @@ class ConfigError(ValueError):
     :param name: the setting (usually the environment variable) at fault.
     """
 
-    def __init__(self, message, name=None):
+    def __init__(self, message: str, name: str | None = None) -> None:
         super().__init__(message)
         self.name = name
 
@@ -52,7 +54,13 @@ class NotPatchedError(RuntimeError):
     """gevent's monkey-patching was not applied before the pack started."""
 
 
-def redact_url(url):
+@overload
+def redact_url(url: str) -> str: ...
+@overload
+def redact_url(url: None) -> None: ...
+
+
+def redact_url(url: str | None) -> str | None:
     """Return *url* without user:password credentials, for messages and logs."""
     if not url or "@" not in url:
         return url
@@ -72,7 +80,7 @@ def redact_url(url):
 _URL_AUTHORITY = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s/?#]*")
 
 
-def redact_urls(text):
+def redact_urls(text: str) -> str:
     """*text* with user:password credentials cut out of every URL in it (``http://***@db/``).
 
     For free text that may quote a URL: an exception's message, say, which
@@ -83,14 +91,14 @@ def redact_urls(text):
     return _URL_AUTHORITY.sub(lambda match: _without_userinfo(match.group(0)), text)
 
 
-def _without_userinfo(url):
+def _without_userinfo(url: str) -> str:
     scheme, _, authority = url.partition("://")
     if "@" not in authority:
         return url
     return f"{scheme}://***@{authority.rpartition('@')[2]}"
 
 
-def scrub(text, secrets):
+def scrub(text: str, secrets: Iterable[str | None]) -> str:
     """*text* with every non-empty string in *secrets* replaced by ``<redacted>``.
 
     For text that a lower layer (an HTTP library, a token provider, a server's
@@ -116,7 +124,8 @@ class FlyteError(Exception):
         is not known.
     """
 
-    def __init__(self, message, *, method=None, url=None, status=None, body=None, request_sent=None):
+    def __init__(self, message: str, *, method: str | None = None, url: str | None = None, status: int | None = None,
+                 body: str | bytes | None = None, request_sent: bool | None = None) -> None:
         self.request_sent = request_sent
         self.method = method
         self.url = redact_url(url)
@@ -127,7 +136,7 @@ class FlyteError(Exception):
         self.reason = message
         super().__init__(self._format())
 
-    def _format(self):
+    def _format(self) -> str:
         where = f"{self.method} {self.url}: " if self.method and self.url else ""
         text = f"{where}{self.reason}"
         if self.body:
@@ -174,7 +183,7 @@ class DeliveryError(FlyteError):
     :ivar last_error: the error of the last attempt.
     """
 
-    def __init__(self, message, last_error=None, **kwargs):
+    def __init__(self, message: str, last_error: BaseException | None = None, **kwargs: Any) -> None:
         self.last_error = last_error
         if last_error is not None:
             for key in ("method", "url", "status"):

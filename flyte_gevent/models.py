@@ -15,13 +15,52 @@ import logging
 import math
 import re
 import string
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeAlias, TypedDict, TypeVar, Unpack, overload
 
 from marshmallow import Schema, ValidationError
 from marshmallow import validate as validators
 
 from .errors import PackDefError
 
-__all__ = ["EventDef", "Event", "Command", "PackDef", "Action", "FATAL", "fatal_event", "pack_id"]
+if TYPE_CHECKING:
+    from .health import Health
+    from .pack import Pack
+
+__all__ = ["FATAL", "JSON", "Action", "Command", "Event", "EventDef", "EventDefs", "Handler", "HealthCheck", "Hook",
+           "PackDef", "SchemaArg", "fatal_event", "pack_id"]
+
+JSON: TypeAlias = dict[str, "JSON"] | list["JSON"] | str | int | float | bool | None
+"""A decoded JSON value: what an action's input is, and what a payload is when it is not a dataclass."""
+
+if TYPE_CHECKING:
+    # A bare ``Event`` means ``Event[Any]`` to a checker, even a strict one. A TypeVar default needs
+    # typing_extensions before Python 3.13, so the default exists only where checkers look.
+    from typing_extensions import TypeVar as _TypeVarWithDefault
+
+    P = _TypeVarWithDefault("P", default=Any)
+else:
+    P = TypeVar("P")
+
+Handler: TypeAlias = "Callable[[Any], Event[Any]]"
+"""A command's handler: called with the action's input (decoded JSON, or what the input schema loaded)."""
+
+Hook: TypeAlias = "Callable[[Pack], object]"
+"""An :meth:`PackDef.on_start` or :meth:`PackDef.on_stop` hook, or a :meth:`PackDef.background` task."""
+
+HealthCheck: TypeAlias = "Callable[[Pack], tuple[str, Health]]"
+"""A :meth:`PackDef.health_check`: called with the pack, returns a name and a :class:`~flyte_gevent.Health`."""
+
+EventDefs: TypeAlias = "EventDef | str | Iterable[EventDef | str]"
+"""Event definitions as commands and pack definitions take them: a list of them or of names, or a single one."""
+
+SchemaArg: TypeAlias = "Schema | type[Schema] | None"
+"""A marshmallow schema as commands and event definitions take it: an instance, a class, or none."""
+
+_H = TypeVar("_H", bound=Handler)
+_K = TypeVar("_K", bound=Hook)
+_C = TypeVar("_C", bound=HealthCheck)
+_T = TypeVar("_T")
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +77,12 @@ _IN_QUERY = "a query string unescaped (ASCII letters, digits and -._~)"
 _RESERVED_REL = re.compile(r"up|self|/actionResult$|/takeAction$|/event$")
 
 
-def is_path_safe(text):
+def is_path_safe(text: object) -> bool:
     """Whether *text* is non-empty and survives unescaped in a URL path (pack names, label keys and values)."""
     return isinstance(text, str) and bool(text) and not _unsafe(text, _PATH_SAFE)
 
 
-def path_problem(*texts):
+def path_problem(*texts: str) -> str | None:
     """Why *texts* cannot go unescaped into a link path, or ``None`` when they can.
 
     The answer names the offending characters:
@@ -54,16 +93,17 @@ def path_problem(*texts):
     return _outside(bad, _IN_LINKS) if bad else None
 
 
-def _unsafe(text, safe):
+def _unsafe(text: str, safe: Iterable[str]) -> str:
     """The characters of *text* outside *safe*, each once in order of appearance, as ``"' ', 'ü'"``."""
     return ", ".join(repr(c) for c in dict.fromkeys(text) if c not in safe)
 
 
-def _outside(bad, where):
+def _outside(bad: str, where: str) -> str:
     return f"holds {bad}, outside the characters Flyte can put into {where}"
 
 
-def _text_problem(what, text, safe, where, allow_empty=False):
+def _text_problem(what: str, text: object, safe: Iterable[str], where: str,
+                  allow_empty: bool = False) -> str | None:
     """Why *text* cannot be *what* (a name Flyte puts into a URL unescaped), or ``None``."""
     if not isinstance(text, str):
         return f"{what} must be a string, not {type(text).__name__}"
@@ -73,9 +113,11 @@ def _text_problem(what, text, safe, where, allow_empty=False):
     return f"{what} {_outside(bad, where)}" if bad else None
 
 
-def _url_problems(what, url):
+def _url_problems(what: str, url: object) -> list[str]:
     if url is None:
         return []
+    if not isinstance(url, str):  # the validator would raise TypeError, with the same outcome
+        return [f"{what} {url!r} is not an http(s) URL"]
     try:
         validators.URL(require_tld=False, schemes={"http", "https"})(url)
     except (ValidationError, TypeError):
@@ -83,21 +125,21 @@ def _url_problems(what, url):
     return []
 
 
-def _as_schema(schema):
+def _as_schema(schema: object) -> object:
     """A marshmallow Schema class becomes an instance; anything else is returned as it is (and refused)."""
     if isinstance(schema, type) and issubclass(schema, Schema):
         return schema()
     return schema
 
 
-def _schema_problems(what, schema):
+def _schema_problems(what: str, schema: object) -> list[str]:
     if schema is None or isinstance(schema, Schema):
         return []
     kind = schema.__name__ if isinstance(schema, type) else type(schema).__name__
     return [f"{what} must be a marshmallow Schema (class or instance), not {kind}"]
 
 
-def _as_list(value, single):
+def _as_list(value: object, single: type) -> list[Any]:
     """*value* as a list: ``None`` is empty, and a lone *single* instance or str is a list of one.
 
     A str is iterable, so ``output_events="Done"`` would otherwise be the events D, o, n and e.
@@ -126,9 +168,10 @@ class EventDef:
 
     name: str
     help_url: str | None = None
-    payload_schema: object = dataclasses.field(default=None, compare=False, repr=False)
+    # A class given here is an instance once made.
+    payload_schema: Schema | type[Schema] | None = dataclasses.field(default=None, compare=False, repr=False)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         schema = _as_schema(self.payload_schema)
         problems = _event_def_problems(self) + _schema_problems(f"event {self.name!r}: payload_schema", schema)
         if problems:
@@ -136,14 +179,14 @@ class EventDef:
         object.__setattr__(self, "payload_schema", schema)
 
 
-def _event_def_problems(event_def):
+def _event_def_problems(event_def: EventDef) -> list[str]:
     if not isinstance(event_def.name, str):
         return [f"event name {event_def.name!r} must be a string, not {type(event_def.name).__name__}"]
     problems = [] if event_def.name else ["an event definition has an empty name"]
     return problems + _url_problems(f"event {event_def.name!r} help_url", event_def.help_url)
 
 
-def _event_defs(value):
+def _event_defs(value: object) -> list[EventDef]:
     return [EventDef(e) if isinstance(e, str) else e for e in _as_list(value, EventDef)]
 
 
@@ -151,7 +194,7 @@ FATAL = EventDef("FATAL")
 """The event that marks an action as failed on the Flyte server."""
 
 
-class Event:
+class Event(Generic[P]):
     """An event to send: a result of a command, or a spontaneous event.
 
     :param event_def: an :class:`EventDef` (or a bare event name).
@@ -167,8 +210,17 @@ class Event:
     """
 
     __slots__ = ("event_def", "payload")
+    __hash__: ClassVar[None]  # type: ignore[assignment]  # equal events may hold unhashable payloads
 
-    def __init__(self, event_def, payload=None):
+    event_def: EventDef
+    payload: P
+
+    @overload
+    def __init__(self: "Event[None]", event_def: EventDef | str) -> None: ...
+    @overload
+    def __init__(self, event_def: EventDef | str, payload: P) -> None: ...
+
+    def __init__(self, event_def: EventDef | str, payload: Any = None) -> None:
         if isinstance(event_def, str):
             event_def = EventDef(event_def)
         elif not isinstance(event_def, EventDef):
@@ -177,19 +229,20 @@ class Event:
         self.payload = payload
 
     @property
-    def name(self):
+    def name(self) -> str:
+        """The event's name (its definition's)."""
         return self.event_def.name
 
-    def __eq__(self, other):
+    def __eq__(self, other: object) -> bool:
         if not isinstance(other, Event):
             return NotImplemented
         return self.name == other.name and self.payload == other.payload
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"Event({self.name!r}, {self.payload!r})"
 
 
-def fatal_event(payload):
+def fatal_event(payload: P) -> Event[P]:
     """An event that completes an action as failed (``FATAL``) with *payload*."""
     return Event(FATAL, payload)
 
@@ -222,13 +275,14 @@ class Command:
         links, a handler that is not callable, ...); the message says which.
     """
 
-    def __init__(self, name, handler, output_events=(), help_url=None, *,
-                 input_schema=None, failure_event=None, timeout=None, rerun_after_crash=False):
+    def __init__(self, name: str, handler: Handler, output_events: EventDefs = (), help_url: str | None = None, *,
+                 input_schema: SchemaArg = None, failure_event: EventDef | str | None = None,
+                 timeout: float | None = None, rerun_after_crash: bool = False) -> None:
         self.name = name
         self.handler = handler
-        self.output_events = tuple(_event_defs(output_events))
+        self.output_events: tuple[EventDef, ...] = tuple(_event_defs(output_events))
         self.help_url = help_url
-        self.input_schema = _as_schema(input_schema)
+        self.input_schema: Schema | None = _as_schema(input_schema)  # type: ignore[assignment]  # checked below
         if isinstance(failure_event, str):
             failure_event = EventDef(failure_event)
         self.failure_event = failure_event
@@ -242,11 +296,20 @@ class Command:
         if problems:
             raise PackDefError("; ".join(problems))
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"Command({self.name!r})"
 
 
-def _command_problems(command):
+class CommandOptions(TypedDict, total=False):
+    """The keyword-only options of :class:`Command`, as :meth:`PackDef.command` passes them on."""
+
+    input_schema: SchemaArg
+    failure_event: EventDef | str | None
+    timeout: float | None
+    rerun_after_crash: bool
+
+
+def _command_problems(command: Command) -> list[str]:
     name = command.name
     problems = [p for p in [_text_problem(f"command name {name!r}", name, _QUERY_SAFE, _IN_QUERY)] if p]
     if not callable(command.handler):
@@ -272,7 +335,7 @@ def _command_problems(command):
     return problems + _url_problems(f"command {name!r} help_url", command.help_url)
 
 
-def pack_id(name, labels=None):
+def pack_id(name: str, labels: Mapping[str, str] | None = None) -> str:
     """The id the Flyte server gives a pack (``pack/pack.go`` ``generateId``).
 
     The name, then ``.key.value`` for each label in byte-wise sorted key order.
@@ -280,7 +343,8 @@ def pack_id(name, labels=None):
     ``pack_id("a", {"b": "c.d"}) == pack_id("a", {"b.c": "d"})``.
     """
     parts = [name]
-    for key in sorted(labels or {}, key=lambda k: k.encode()):
+    labels = labels or {}
+    for key in sorted(labels, key=lambda k: k.encode()):
         parts.append(f".{key}.{labels[key]}")
     return "".join(parts)
 
@@ -327,29 +391,32 @@ class PackDef:
                 gevent.sleep(300)
     """
 
-    def __init__(self, name, help_url=None, commands=(), event_defs=(), labels=None, links=None):
+    def __init__(self, name: str, help_url: str | None = None, commands: Command | Iterable[Command] = (),
+                 event_defs: EventDefs = (), labels: Mapping[str, str] | None = None,
+                 links: Mapping[str, str] | None = None) -> None:
         self.name = name
         self.help_url = help_url
-        self.commands = _as_list(commands, Command)
-        self.event_defs = _event_defs(event_defs)
+        self.commands: list[Command] = _as_list(commands, Command)
+        self.event_defs: list[EventDef] = _event_defs(event_defs)
         # Anything but a mapping is kept as it is, for _problems() to refuse.
-        self.labels = dict(labels) if isinstance(labels, collections.abc.Mapping) else {} if labels is None else labels
-        self.links = dict(links) if isinstance(links, collections.abc.Mapping) else {} if links is None else links
-        self.start_hooks = []
-        self.stop_hooks = []
-        self.background_tasks = []
-        self.health_checks = []
+        self.labels: dict[str, str] = _as_dict(labels)
+        self.links: dict[str, str] = _as_dict(links)
+        self.start_hooks: list[Hook] = []
+        self.stop_hooks: list[Hook] = []
+        self.background_tasks: list[Hook] = []
+        self.health_checks: list[HealthCheck] = []
         self._raise_problems()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"PackDef({self.name!r}, labels={self.labels!r}, commands={[c.name for c in self.commands]!r})"
 
     @property
-    def id(self):
+    def id(self) -> str:
         """The pack id the Flyte server will assign (see :func:`pack_id`)."""
         return pack_id(self.name, self.labels)
 
-    def command(self, name, output_events=(), help_url=None, **options):
+    def command(self, name: str, output_events: EventDefs = (), help_url: str | None = None,
+                **options: Unpack[CommandOptions]) -> Callable[[_H], _H]:
         """Decorator form of :class:`Command`; registers the function as the handler of *name*.
 
         :raises PackDefError: when applied, if an argument is wrong or the pack
@@ -361,7 +428,7 @@ class PackDef:
                                f"@pack_def.command(\"{getattr(name, '__name__', 'name')}\", output_events=[...]), "
                                "not @pack_def.command")
 
-        def decorate(handler):
+        def decorate(handler: _H) -> _H:
             command = Command(name, handler, output_events, help_url, **options)
             if any(isinstance(c, Command) and c.name == command.name for c in self.commands):
                 raise PackDefError(_invalid(self.name, [_defined_twice(command.name)]))
@@ -369,7 +436,12 @@ class PackDef:
             return handler
         return decorate
 
-    def on_start(self, function=None):
+    @overload
+    def on_start(self, function: _K) -> _K: ...
+    @overload
+    def on_start(self, function: None = None) -> Callable[[_K], _K]: ...
+
+    def on_start(self, function: _K | None = None) -> _K | Callable[[_K], _K]:
         """Decorator: call ``function(pack)`` when the pack has registered, before it takes its first action.
 
         Hooks run one after the other in declaration order, before the
@@ -381,7 +453,12 @@ class PackDef:
         """
         return self._declare("on_start", self.start_hooks, function)
 
-    def on_stop(self, function=None):
+    @overload
+    def on_stop(self, function: _K) -> _K: ...
+    @overload
+    def on_stop(self, function: None = None) -> Callable[[_K], _K]: ...
+
+    def on_stop(self, function: _K | None = None) -> _K | Callable[[_K], _K]:
         """Decorator: call ``function(pack)`` when the pack stops, once its running handlers have finished.
 
         Runs whenever the :meth:`on_start` hooks were called (a failed start
@@ -392,7 +469,12 @@ class PackDef:
         """
         return self._declare("on_stop", self.stop_hooks, function)
 
-    def background(self, function=None):
+    @overload
+    def background(self, function: _K) -> _K: ...
+    @overload
+    def background(self, function: None = None) -> Callable[[_K], _K]: ...
+
+    def background(self, function: _K | None = None) -> _K | Callable[[_K], _K]:
         """Decorator: run ``function(pack)`` in a greenlet the pack owns, from its start until its stop begins.
 
         For loops that send spontaneous events or keep something fresh. It
@@ -405,7 +487,12 @@ class PackDef:
         """
         return self._declare("background", self.background_tasks, function)
 
-    def health_check(self, function=None):
+    @overload
+    def health_check(self, function: _C) -> _C: ...
+    @overload
+    def health_check(self, function: None = None) -> Callable[[_C], _C]: ...
+
+    def health_check(self, function: _C | None = None) -> _C | Callable[[_C], _C]:
         """Decorator: add ``function(pack) -> (name, Health)`` to the pack's health checks.
 
         It joins the checks given as ``Pack(health_checks=...)`` in the health
@@ -416,16 +503,18 @@ class PackDef:
         """
         return self._declare("health_check", self.health_checks, function)
 
-    def _declare(self, kind, hooks, function):
+    def _declare(self, kind: str, hooks: list[Any], function: _T | None) -> _T | Callable[[_T], _T]:
         if function is None:  # used with parentheses: @pack_def.on_start()
-            return lambda function: self._declare(kind, hooks, function)
+            def decorate(function: _T) -> _T:
+                return self._declare(kind, hooks, function)  # type: ignore[return-value]  # not None: _T
+            return decorate
         problems = _hook_problems(kind, [*hooks, function])
         if problems:
             raise PackDefError(_invalid(self.name, problems))
         hooks.append(function)
         return function
 
-    def with_labels(self, labels):
+    def with_labels(self, labels: Mapping[str, str]) -> "PackDef":
         """A copy of this definition with *labels* merged over its own, hooks included.
 
         :raises PackDefError: *labels* is not a dict of strings Flyte can put into links.
@@ -438,13 +527,13 @@ class PackDef:
             setattr(copy, attribute, list(getattr(self, attribute)))
         return copy
 
-    def all_event_defs(self):
+    def all_event_defs(self) -> list[EventDef]:
         """Event definitions to register: the pack's own, then each command's, once per name.
 
         The order is the declaration order, so the registration body is the same
         on every run. When two definitions share a name, the pack-level one wins.
         """
-        seen = {}
+        seen: dict[str, EventDef] = {}
         for event_def in self.event_defs:
             seen.setdefault(event_def.name, event_def)
         for command in self.commands:
@@ -452,7 +541,7 @@ class PackDef:
                 seen.setdefault(event_def.name, event_def)
         return list(seen.values())
 
-    def validate(self):
+    def validate(self) -> None:
         """Raise :class:`PackDefError` listing every problem; log a warning for id collisions.
 
         The definition was checked when it was made; this checks it again as it
@@ -467,13 +556,13 @@ class PackDef:
             log.warning("pack %r: dots in the name or labels %s can make two packs share an id (%r)",
                         self.name, dotted, self.id)
 
-    def _raise_problems(self):
+    def _raise_problems(self) -> None:
         problems = self._problems()
         if problems:
             raise PackDefError(_invalid(self.name, problems))
 
-    def _problems(self):
-        problems = [_text_problem(f"pack name {self.name!r}", self.name, _PATH_SAFE, _IN_LINKS)]
+    def _problems(self) -> list[str]:
+        problems: list[str | None] = [_text_problem(f"pack name {self.name!r}", self.name, _PATH_SAFE, _IN_LINKS)]
         if not isinstance(self.labels, collections.abc.Mapping):
             problems.append(_not_a_dict("labels", self.labels))
         else:
@@ -481,12 +570,13 @@ class PackDef:
                 problems.append(_text_problem(f"label key {key!r}", key, _PATH_SAFE, _IN_LINKS))
                 problems.append(_text_problem(f"label {key}={value!r}: the value", value, _PATH_SAFE, _IN_LINKS,
                                               allow_empty=True))
-        seen, twice = set(), set()
+        seen: set[str] = set()
+        twice: set[str] = set()
         for command in self.commands:
             if not isinstance(command, Command):
                 problems.append(f"commands must be Command objects, got {type(command).__name__}")
                 continue
-            problems += _command_problems(command)
+            problems.extend(_command_problems(command))
             if isinstance(command.name, str):
                 if command.name in seen and command.name not in twice:
                     problems.append(_defined_twice(command.name))
@@ -496,8 +586,8 @@ class PackDef:
             if not isinstance(event_def, EventDef):
                 problems.append(f"event_defs must be EventDef objects or event names, got {type(event_def).__name__}")
         for kind, attribute in _HOOK_LISTS.items():
-            problems += _hook_problems(kind, getattr(self, attribute))
-        problems += _url_problems("help_url", self.help_url)
+            problems.extend(_hook_problems(kind, getattr(self, attribute)))
+        problems.extend(_url_problems("help_url", self.help_url))
         if not isinstance(self.links, collections.abc.Mapping):
             problems.append(_not_a_dict("links", self.links))
         else:
@@ -508,7 +598,7 @@ class PackDef:
                     problems.append(
                         f"link rel {rel!r} is refused by the Flyte server (it matches "
                         f"'{_RESERVED_REL.pattern}', which catches any rel containing 'up' or 'self')")
-                problems += _url_problems(f"link {rel!r}", href)
+                problems.extend(_url_problems(f"link {rel!r}", href))
         return [p for p in problems if p]
 
 
@@ -517,11 +607,12 @@ _HOOK_LISTS = {"on_start": "start_hooks", "on_stop": "stop_hooks", "background":
                "health_check": "health_checks"}
 
 
-def _hook_problems(kind, hooks):
+def _hook_problems(kind: str, hooks: object) -> list[str]:
     """What is wrong with the *kind* hooks *hooks*: any that is not callable, any listed twice."""
     if not isinstance(hooks, list):
         return [f"{_HOOK_LISTS[kind]} must be a list, not {type(hooks).__name__}"]
-    problems, seen = [], set()
+    problems: list[str] = []
+    seen: set[int] = set()
     for hook in hooks:
         if not callable(hook):
             problems.append(f"{kind}: {hook!r} is not callable")
@@ -531,20 +622,27 @@ def _hook_problems(kind, hooks):
     return problems
 
 
-def hook_name(hook):
+def hook_name(hook: object) -> str:
     """The name a hook is logged and reported under: its ``__name__``, else its type's."""
     return getattr(hook, "__name__", None) or type(hook).__name__
 
 
-def _invalid(name, problems):
+def _as_dict(value: Any) -> Any:
+    """A mapping as a new dict, ``None`` as an empty one; anything else as it is, for the checks to refuse."""
+    if isinstance(value, collections.abc.Mapping):
+        return dict(value)
+    return {} if value is None else value
+
+
+def _invalid(name: object, problems: Iterable[str]) -> str:
     return f"invalid pack definition {name!r}: " + "; ".join(problems)
 
 
-def _defined_twice(name):
+def _defined_twice(name: str) -> str:
     return f"command {name!r} is defined twice"
 
 
-def _not_a_dict(what, value):
+def _not_a_dict(what: str, value: object) -> str:
     return f"{what} must be a dict, not {type(value).__name__}"
 
 
@@ -560,5 +658,5 @@ class Action:
 
     id: str
     command: str
-    input: object
+    input: JSON
     result_url: str
