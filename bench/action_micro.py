@@ -70,7 +70,7 @@ def cpu_steps():
 
     def schema_encode():
         dumped = body_schema.dump({"event": event.name, "payload": event.payload,
-                                   "created_at": datetime.datetime.now(datetime.timezone.utc)})
+                                   "created_at": datetime.datetime.now(datetime.UTC)})
         return json.dumps(dumped, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
     pool = HTTPPool(10)

@@ -55,7 +55,6 @@ import gc  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
 import shutil  # noqa: E402
-import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
@@ -351,7 +350,7 @@ DESIGNS = {
 
 
 def main():
-    global ARGS
+    global ARGS  # noqa: PLW0603 - the parsed flags, read by the workloads
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny runs (proves the script works; numbers mean little)")
     parser.add_argument("--repeat", type=int, default=3,
@@ -367,7 +366,8 @@ def main():
     counts = {("serial", "normal"): 3000, ("serial", "full"): 300, ("steady", "normal"): 3000,
               ("steady", "full"): 3000, ("burst", "normal"): 3000, ("burst", "full"): 2000}
     repeat = 1 if ARGS.quick else ARGS.repeat
-    print(f"# journal micro-benchmark: Python {sys.version.split()[0]}, SQLite {_journal_files.sqlite3.sqlite_version}, "
+    print(f"# journal micro-benchmark: Python {sys.version.split()[0]}, "
+          f"SQLite {_journal_files.sqlite3.sqlite_version}, "
           f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}, files in {ARGS.dir or tempfile.gettempdir()}"
           f"{', GC disabled' if ARGS.no_gc else ''}")
     print()
@@ -381,7 +381,7 @@ def main():
             for name, design in DESIGNS.items():
                 if name == "journal/l0" and workload != "steady":
                     continue  # linger matters where writes of several actions can share a batch
-                row = least_disturbed_run(lambda d: design(d, sync), workload, count, repeat)
+                row = least_disturbed_run(lambda d, design=design, sync=sync: design(d, sync), workload, count, repeat)
                 print(f"| {workload} | {sync} | {name} | {row['cpu_us'] - base['cpu_us']:.1f} | "
                       f"{row['gap_ms']:.2f} ({base['gap_ms']:.2f}) | {row['gc_ms']:.2f} | {row['sqlite_ms']:.2f} | "
                       f"{row['p50_us']:.0f} | "

@@ -116,7 +116,7 @@ def backlog_run(binary, backlogs, takes):
             queued = backlog
             cpu_before, started = server_cpu(server.pid), time.monotonic()
             for _ in range(takes):
-                status, body = taker.take()
+                status, _body = taker.take()
                 assert status == 200, status
             cpu, elapsed = server_cpu(server.pid) - cpu_before, time.monotonic() - started
             queued -= takes

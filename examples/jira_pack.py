@@ -17,10 +17,10 @@ from gevent import monkey
 if __name__ == "__main__":
     monkey.patch_all()
 
-import itertools  # noqa: E402
-import sys  # noqa: E402
+import itertools
+import sys
 
-from flyte_gevent import Command, ConfigError, Event, EventDef, Pack, PackDef  # noqa: E402
+from flyte_gevent import Command, ConfigError, Event, EventDef, Pack, PackDef
 
 created = EventDef("IssueCreated")
 

@@ -45,16 +45,16 @@ from gevent import monkey
 if __name__ == "__main__":
     monkey.patch_all()
 
-import os  # noqa: E402
-import re  # noqa: E402
-import signal  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
+import os
+import re
+import signal
+import sys
+import time
 
-from gevent import subprocess  # noqa: E402
-from gevent.pool import Group  # noqa: E402
+from gevent import subprocess
+from gevent.pool import Group
 
-from flyte_gevent import Command, ConfigError, Event, EventDef, Pack, PackDef, fatal_event  # noqa: E402
+from flyte_gevent import Command, ConfigError, Event, EventDef, Pack, PackDef, fatal_event
 
 HELP_URL = "https://github.com/ExpediaGroup/flyte-shell/blob/master/README.md"
 TIMEOUT_EXIT_CODE = 124

@@ -20,14 +20,14 @@ from gevent import monkey
 if __name__ == "__main__":
     monkey.patch_all()
 
-import datetime  # noqa: E402
-import os  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
+import datetime
+import os
+import sys
+import time
 
-import gevent  # noqa: E402
+import gevent
 
-from flyte_gevent import ConfigError, Event, EventDef, Pack, PackDef  # noqa: E402
+from flyte_gevent import ConfigError, Event, EventDef, Pack, PackDef
 
 HELP_URL = "https://github.com/ExpediaGroup/flyte-ticker/blob/master/README.md"
 
@@ -38,7 +38,7 @@ pack_def = PackDef(name="Ticker", help_url=HELP_URL, event_defs=[tick])
 
 def now_text():
     """The current time in UTC, RFC 3339 with microseconds and ``Z`` (flows match on the hour text)."""
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def tick_forever(pack, interval=60.0):

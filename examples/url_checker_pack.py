@@ -35,18 +35,18 @@ from gevent import monkey
 if __name__ == "__main__":
     monkey.patch_all()
 
-import logging  # noqa: E402
-import os  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from urllib.parse import urlsplit  # noqa: E402
+import logging
+import os
+import sys
+import time
+from urllib.parse import urlsplit
 
-import gevent  # noqa: E402
-import requests  # noqa: E402
-from marshmallow import Schema, fields, validate  # noqa: E402
+import gevent
+import requests
+from marshmallow import Schema, fields, validate
 
-from flyte_gevent import ConfigError, Event, EventDef, Health, Pack, PackDef  # noqa: E402
-from flyte_gevent.errors import redact_url, redact_urls  # noqa: E402
+from flyte_gevent import ConfigError, Event, EventDef, Health, Pack, PackDef
+from flyte_gevent.errors import redact_url, redact_urls
 
 log = logging.getLogger("url_checker")
 

@@ -41,7 +41,7 @@ from .log import bind_action
 from .models import FATAL, Event, fatal_event
 from .schemas import encode_event, flatten_errors
 
-__all__ = ["ActionRunner", "SHUTDOWN_MESSAGE", "RESTARTED_MESSAGE", "RESULT", "RERUN", "RESTARTED"]
+__all__ = ["RERUN", "RESTARTED", "RESTARTED_MESSAGE", "RESULT", "SHUTDOWN_MESSAGE", "ActionRunner"]
 
 log = logging.getLogger("flyte_gevent.actions")
 
@@ -195,7 +195,7 @@ class ActionRunner:
         """The one place an action's result is fixed: ``(event name, body to post, outcome)``; the journal keeps it."""
         try:
             name, body = event.name, encode_event(event)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any payload that cannot be encoded completes the action as FATAL
             problem = ("; ".join(flatten_errors(exc.messages)) if isinstance(exc, ValidationError)
                        else f"{type(exc).__name__}: {exc}")
             fatal = fatal_event(f"result payload of event '{event.name}' cannot be serialized: {problem}")
@@ -289,11 +289,11 @@ class ActionRunner:
                                f"expected an Event"), "error"
         if result.name == FATAL.name:
             return result, "fatal"
-        if command.output_events and result.event_def.name not in self._declared(command):
-            if (command.name, result.name) not in self._undeclared:
-                self._undeclared.add((command.name, result.name))
-                log.warning("command %r returned event %r, which is not among its output_events",
-                            command.name, result.name)
+        if (command.output_events and result.event_def.name not in self._declared(command)
+                and (command.name, result.name) not in self._undeclared):
+            self._undeclared.add((command.name, result.name))
+            log.warning("command %r returned event %r, which is not among its output_events",
+                        command.name, result.name)
         return result, "success"
 
     def _declared(self, command):

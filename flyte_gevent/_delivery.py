@@ -45,7 +45,7 @@ from .errors import DeliveryError, FlyteError
 from .models import FATAL, fatal_event
 from .schemas import encode_event
 
-__all__ = ["Delivery", "Delivered", "ACCEPTED", "REFUSED", "LOST"]
+__all__ = ["ACCEPTED", "LOST", "REFUSED", "Delivered", "Delivery"]
 
 log = logging.getLogger("flyte_gevent.delivery")
 

@@ -463,8 +463,7 @@ def _href(base, template, *replacements):
     path = template
     for parameter, value in replacements:
         path = path.replace(parameter, value, 1)
-        if path.endswith("/"):
-            path = path[:-1]
+        path = path.removesuffix("/")
     return base + path[1:]
 
 
@@ -475,7 +474,7 @@ def _joined_href(base, *elements):
         path = posixpath.normpath(path)
         if path.startswith("//"):  # Go's Clean keeps one leading slash where POSIX keeps two
             path = "/" + path.lstrip("/")
-    return base + (path[1:] if path.startswith("/") else path)
+    return base + path.removeprefix("/")
 
 
 def _link_view(href, rel):
@@ -758,7 +757,7 @@ class FakeFlyteApp:
         if decoded is None:
             return _empty(400)
         value, pack = decoded
-        for href, rel in pack["links"] or ():
+        for _href, rel in pack["links"] or ():
             if _RESERVED_REL.search(rel):
                 api._violation(f"register: 400 because the pack link rel {rel!r} matches the server's reserved-rel "
                                f"regex up|self|/actionResult$|/takeAction$|/event$ (unanchored)")

@@ -362,7 +362,7 @@ class FlyteServer:
             with open(log_path, "wb") as log:
                 process = subprocess.Popen([binary, "-host", host, "-port", "0", "-portfile", portfile],
                                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                           env=environ, preexec_fn=_die_with_parent())
+                                           env=environ, preexec_fn=_die_with_parent())  # noqa: PLW1509 - see _die_with_parent
         except OSError as error:
             shutil.rmtree(workdir, ignore_errors=True)
             raise FlyteServerError(f"cannot start the Flyte server {binary!r}: {error}") from None
@@ -655,7 +655,7 @@ class FlyteServer:
         this helper did not create; AssertionError naming the late actions and their states on timeout."""
         action_ids = list(action_ids)
         for aid in action_ids:
-            self._where[aid]  # noqa: B018 - KeyError early for an unknown id
+            self._where[aid]  # KeyError early for an unknown id
         done: dict[str, ServerAction] = {}
         began = time.time()
 
@@ -678,7 +678,7 @@ class FlyteServer:
     def wait_for_action(self, action_id: str, state: str | tuple, timeout: float = 5.0) -> ServerAction:
         """Wait until an action this helper created is in *state* (or one of a tuple of states), e.g. PENDING
         once a pack took it; return it. KeyError for an unknown id, AssertionError naming its state on timeout."""
-        self._where[action_id]  # noqa: B018 - KeyError early for an unknown id
+        self._where[action_id]  # KeyError early for an unknown id
         states = (state,) if isinstance(state, str) else tuple(state)
         began = time.time()
 

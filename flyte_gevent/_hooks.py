@@ -127,7 +127,7 @@ class Hooks:
         bind_pack(self._pack_name)
         try:
             return function(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - logged here, once, instead of by the hub
+        except Exception as exc:  # logged here, once, instead of by the hub
             log.error("pack task %r failed: %s", name, describe(exc), exc_info=(type(exc), exc, exc.__traceback__))
             return None
 
@@ -139,7 +139,7 @@ class Hooks:
             began = time.monotonic()
             try:
                 task(self._pack)
-            except Exception as exc:  # noqa: BLE001 - a task's failure is logged and the task run again
+            except Exception as exc:  # a task's failure is logged and the task run again
                 if time.monotonic() - began >= TASK_STEADY_RUN:
                     backoff.reset()
                 delay = backoff.next()
@@ -183,7 +183,7 @@ class Hooks:
                     log.error("on_stop hook %r failed: %s", name, describe(exc))
                 else:
                     log.error("on_stop hook %r was still running after %.1f s; interrupted it", name, seconds)
-            except Exception as exc:  # noqa: BLE001 - one hook's failure must not keep the others from running
+            except Exception as exc:  # one hook's failure must not keep the others from running
                 log.error("on_stop hook %r failed: %s", name, describe(exc),
                           exc_info=(type(exc), exc, exc.__traceback__))
 

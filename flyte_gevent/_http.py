@@ -59,8 +59,15 @@ import httptools
 from gevent import monkey
 from gevent.lock import BoundedSemaphore
 
-__all__ = ["Response", "Headers", "HTTPPool", "RequestNotSent", "ResponseTooLarge", "BadResponse",
-           "DEFAULT_MAX_RESPONSE_SIZE"]
+__all__ = [
+    "DEFAULT_MAX_RESPONSE_SIZE",
+    "BadResponse",
+    "HTTPPool",
+    "Headers",
+    "RequestNotSent",
+    "Response",
+    "ResponseTooLarge",
+]
 
 # The blocking original even when gevent patched select: the idle check must not
 # wait, and poll() has no limit on descriptor numbers (select() fails above 1023).
@@ -130,7 +137,7 @@ class Headers:
 class Response:
     """Status, headers and the whole body of one final response."""
 
-    __slots__ = ("status", "headers", "body")
+    __slots__ = ("body", "headers", "status")
 
     def __init__(self, status, headers, body):
         self.status = status
@@ -141,7 +148,7 @@ class Response:
 class _Reader:
     """The parser's callbacks: collects one final response, skipping interim ``1xx`` ones."""
 
-    __slots__ = ("parser", "status", "headers", "chunks", "in_body", "complete", "keep_alive")
+    __slots__ = ("chunks", "complete", "headers", "in_body", "keep_alive", "parser", "status")
 
     def reset(self):
         self.status = None
@@ -193,7 +200,7 @@ class _Reader:
 class _Connection:
     """One socket to an origin and the response parser that lives as long as it does."""
 
-    __slots__ = ("sock", "tls", "reader", "parser", "released_at", "_idle_check")
+    __slots__ = ("_idle_check", "parser", "reader", "released_at", "sock", "tls")
 
     def __init__(self, sock, tls):
         self.sock = sock
@@ -228,7 +235,7 @@ class _Connection:
 
 
 class _Origin:
-    __slots__ = ("scheme", "host", "port", "idle", "slots")
+    __slots__ = ("host", "idle", "port", "scheme", "slots")
 
     def __init__(self, scheme, host, port, max_connections):
         self.scheme = scheme

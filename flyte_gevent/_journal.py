@@ -83,11 +83,21 @@ import gevent.event
 from gevent import monkey
 from gevent.pool import Group
 
-from ._journal_files import (SCHEMA_VERSION, SETTING, SYNC_MODES, JournalError, Recovered, Store, adopt_dead,
-                             encode_input, release_all, storable)
+from ._journal_files import (
+    SCHEMA_VERSION,
+    SETTING,
+    SYNC_MODES,
+    JournalError,
+    Recovered,
+    Store,
+    adopt_dead,
+    encode_input,
+    release_all,
+    storable,
+)
 from .errors import ConfigError
 
-__all__ = ["Journal", "NullJournal", "Recovered", "JournalError", "SYNC_MODES", "SCHEMA_VERSION"]
+__all__ = ["SCHEMA_VERSION", "SYNC_MODES", "Journal", "JournalError", "NullJournal", "Recovered"]
 
 log = logging.getLogger("flyte_gevent.journal")
 
@@ -260,8 +270,9 @@ class Journal:
                 self._records[record.action_id] = (store, row_id)
                 recovered.append(record)
             if meta:
-                log.log(logging.INFO if rows else logging.DEBUG, "adopted journal file %s of a dead process (pid %s on %s, created %s): %d records, "
-                         "%d with results", store.db_path, meta.get("pid"), meta.get("host"), meta.get("created"),
+                log.log(logging.INFO if rows else logging.DEBUG,
+                        "adopted journal file %s of a dead process (pid %s on %s, created %s): %d records, "
+                        "%d with results", store.db_path, meta.get("pid"), meta.get("host"), meta.get("created"),
                          len(rows), sum(1 for record, _ in rows if record.result is not None))
             if store.count:
                 self._stores.append(store)
@@ -572,7 +583,7 @@ class _Writer:
 
 
 class _Wait:
-    __slots__ = ("event", "errors")
+    __slots__ = ("errors", "event")
 
     def __init__(self):
         self.event = gevent.event.Event()

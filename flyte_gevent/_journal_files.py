@@ -52,8 +52,21 @@ import urllib.parse
 from .errors import ConfigError
 from .models import Action
 
-__all__ = ["Store", "Recovered", "JournalError", "adopt_dead", "release_all", "storable", "encode_input",
-           "insert_sql", "delete_sql", "UPDATE_SQL", "SCHEMA_VERSION", "SYNC_MODES", "SETTING"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "SETTING",
+    "SYNC_MODES",
+    "UPDATE_SQL",
+    "JournalError",
+    "Recovered",
+    "Store",
+    "adopt_dead",
+    "delete_sql",
+    "encode_input",
+    "insert_sql",
+    "release_all",
+    "storable",
+]
 
 log = logging.getLogger("flyte_gevent.journal")
 
@@ -91,13 +104,13 @@ UPDATE_SQL = "UPDATE actions SET result = ? WHERE id = ?"
 encode_input = json.JSONEncoder(separators=(",", ":")).encode
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def insert_sql(rows):
     return ("INSERT INTO actions (id, action_id, command, input, result_url, pack_id, taken_at) VALUES "
             + ",".join(["(?,?,?,?,?,?,?)"] * rows))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def delete_sql(rows):
     return "DELETE FROM actions WHERE id IN (" + ",".join("?" * rows) + ")"
 
@@ -171,7 +184,7 @@ class Store:
         """This process's own new file, locked (runs on the journal thread)."""
         _prepare_directory(directory)
         _remove_stale_temps(directory)
-        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S%f")
         stem = f"flyte-{stamp}-{secrets.token_hex(4)}"
         temp = os.path.join(directory, f".{stem}.lock.tmp")
         try:
@@ -202,7 +215,7 @@ class Store:
                                      f"PRAGMA user_version = {SCHEMA_VERSION};")
             store.conn.executemany("INSERT INTO meta VALUES (?, ?)", [
                 ("pack_id", pack_id), ("pid", str(os.getpid())), ("host", os.uname().nodename),
-                ("created", datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))])
+                ("created", datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))])
             store.conn.execute("COMMIT")
         except (OSError, sqlite3.Error) as exc:
             store.release(delete=True)

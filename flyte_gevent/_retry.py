@@ -4,7 +4,7 @@ import logging
 import random
 import time
 
-__all__ = ["Backoff", "LogThrottle", "RETRYABLE_STATUSES", "worth_retrying", "retry_log_level"]
+__all__ = ["RETRYABLE_STATUSES", "Backoff", "LogThrottle", "retry_log_level", "worth_retrying"]
 
 # Statuses worth sending a request again for: overload and gateway trouble.
 RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})

@@ -23,7 +23,7 @@ import sys
 from . import config
 from .errors import ConfigError, PackDefError, redact_url
 
-__all__ = ["load_target", "build_pack", "pack_definition", "resolve_settings", "Settings", "DEFAULT_ATTRIBUTES"]
+__all__ = ["DEFAULT_ATTRIBUTES", "Settings", "build_pack", "load_target", "pack_definition", "resolve_settings"]
 
 log = logging.getLogger(__name__)
 

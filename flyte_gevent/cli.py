@@ -22,12 +22,18 @@ import os  # noqa: E402
 import sys  # noqa: E402
 
 from . import __version__, _fake_control, config  # noqa: E402
-from ._target import PACK_SETTINGS, Settings, build_pack, load_target, pack_definition  # noqa: E402
-from ._target import resolve_settings  # noqa: E402
+from ._target import (  # noqa: E402
+    PACK_SETTINGS,
+    Settings,
+    build_pack,
+    load_target,
+    pack_definition,
+    resolve_settings,
+)
 from .errors import ConfigError, FlyteError, redact_url  # noqa: E402
 from .models import hook_name  # noqa: E402
 
-__all__ = ["main", "load_target", "build_pack"]
+__all__ = ["build_pack", "load_target", "main"]
 
 log = logging.getLogger("flyte_gevent.cli")
 
@@ -152,7 +158,7 @@ def main(argv=None):
         return EX_CONFIG
     except KeyboardInterrupt:
         return EX_OK
-    except Exception as exc:  # noqa: BLE001 - the last line of defence prints one line, not a traceback
+    except Exception as exc:  # the last line of defence prints one line, not a traceback
         log.debug("unexpected error", exc_info=True)
         print(f"Error: unexpected {type(exc).__name__}: {exc}", file=sys.stderr)
         return EX_SOFTWARE

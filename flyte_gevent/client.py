@@ -58,7 +58,7 @@ from .schemas import (
     registration_body,
 )
 
-__all__ = ["Client", "Registration", "MalformedActionError"]
+__all__ = ["Client", "MalformedActionError", "Registration"]
 
 log = logging.getLogger(__name__)
 
@@ -160,15 +160,12 @@ class _Token:
         """Fetch the token again; failures are logged (never with a token) and keep the old one."""
         source = "token provider" if self._provider else f"token file {self._file!r}"
         try:
-            if self._provider:
-                value = check_token(self._provider())
-            else:
-                value = read_token_file(self._file)
+            value = check_token(self._provider()) if self._provider else read_token_file(self._file)
         except ValueError as exc:
             log.error("could not reload the Flyte API token: the %s: %s; keeping the previous token", source,
                       self.scrub(str(exc)))
             return
-        except Exception as exc:  # a broken provider must not take the pack down
+        except Exception as exc:  # noqa: BLE001 - a broken provider must not take the pack down
             log.error("could not reload the Flyte API token: %s: %s", type(exc).__name__, self.scrub(str(exc)))
             return
         self._set(value)

@@ -20,8 +20,17 @@ from urllib.parse import urlsplit
 from .errors import ConfigError, redact_url
 from .models import path_problem
 
-__all__ = ["Setting", "SETTINGS", "from_environ", "parse_labels", "check_seconds", "check_count", "check_token",
-           "read_token_file", "MIN_POLLING_INTERVAL"]
+__all__ = [
+    "MIN_POLLING_INTERVAL",
+    "SETTINGS",
+    "Setting",
+    "check_count",
+    "check_seconds",
+    "check_token",
+    "from_environ",
+    "parse_labels",
+    "read_token_file",
+]
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +132,7 @@ def _float_seconds(text, allow_zero):
         value = float(text)
     except ValueError:
         raise ValueError("expected a number of seconds") from None
-    if not (0 <= value if allow_zero else 0 < value) or value == float("inf"):
+    if not (value >= 0 if allow_zero else value > 0) or value == float("inf"):
         raise ValueError("expected zero or a positive number of seconds" if allow_zero
                          else "expected a positive number of seconds")
     return value

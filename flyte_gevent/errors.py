@@ -12,23 +12,23 @@ Two families:
 """
 
 import re
-from typing import Any, overload
 from collections.abc import Iterable
+from typing import Any, overload
 from urllib.parse import urlsplit, urlunsplit
 
 __all__ = [
     "ConfigError",
-    "PackDefError",
-    "NotPatchedError",
-    "FlyteError",
-    "FlyteConnectionError",
-    "FlyteTimeout",
-    "FlyteHTTPError",
-    "FlyteAuthError",
-    "PackNotFoundError",
-    "FlyteProtocolError",
-    "NotRegisteredError",
     "DeliveryError",
+    "FlyteAuthError",
+    "FlyteConnectionError",
+    "FlyteError",
+    "FlyteHTTPError",
+    "FlyteProtocolError",
+    "FlyteTimeout",
+    "NotPatchedError",
+    "NotRegisteredError",
+    "PackDefError",
+    "PackNotFoundError",
 ]
 
 _BODY_EXCERPT = 200

@@ -78,8 +78,15 @@ from ._target import build_pack, load_target
 from .errors import ConfigError
 from .log import pack_context
 
-__all__ = ["post_worker_init", "worker_exit", "current_pack", "mount_health", "load_pack", "shutdown_budget",
-           "PACK_VARIABLE"]
+__all__ = [
+    "PACK_VARIABLE",
+    "current_pack",
+    "load_pack",
+    "mount_health",
+    "post_worker_init",
+    "shutdown_budget",
+    "worker_exit",
+]
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +164,7 @@ def post_worker_init(worker):
 
     :raises ConfigError: not a gevent worker, or the pack cannot be resolved or is invalid.
     """
-    global _worker
+    global _worker  # noqa: PLW0603 - one pack per worker process, which gunicorn's hooks share
     from gevent import monkey
 
     if not monkey.is_module_patched("socket"):
@@ -175,7 +182,7 @@ def post_worker_init(worker):
 
 def worker_exit(server, worker):
     """gunicorn hook: drain this worker's pack (stop taking, finish or FATAL running actions, flush)."""
-    global _worker
+    global _worker  # noqa: PLW0603 - see post_worker_init
     state = _worker
     if state is None or state.pid != os.getpid():
         return  # no pack here: the master calls this hook too, for workers that vanished

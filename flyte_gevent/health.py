@@ -93,7 +93,7 @@ def _check_name(check):
 def _run_check(check):
     try:
         result = check()
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - a failing check reports unhealthy, naming its exception
         return _check_name(check), Health(False, f"{type(exc).__name__}: {exc}")
     if (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], str)
             and isinstance(result[1], Health)):

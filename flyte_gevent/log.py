@@ -17,7 +17,7 @@ import json
 import logging
 import sys
 
-__all__ = ["current_action", "ActionContextFilter", "JsonFormatter", "configure", "configure_from_environ"]
+__all__ = ["ActionContextFilter", "JsonFormatter", "configure", "configure_from_environ", "current_action"]
 
 _action = contextvars.ContextVar("flyte_gevent_action", default=None)
 _pack = contextvars.ContextVar("flyte_gevent_pack", default=None)
@@ -76,7 +76,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record):
         entry = {
-            "ts": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
+            "ts": datetime.datetime.fromtimestamp(record.created, datetime.UTC)
             .isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             "level": record.levelname,
             "logger": record.name,

@@ -35,7 +35,7 @@ import weakref
 
 from . import __version__
 
-__all__ = ["Metrics", "NullMetrics", "make_metrics", "OUTCOMES", "RECOVERED_OUTCOMES"]
+__all__ = ["OUTCOMES", "RECOVERED_OUTCOMES", "Metrics", "NullMetrics", "make_metrics"]
 
 log = logging.getLogger(__name__)
 

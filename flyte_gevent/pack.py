@@ -640,7 +640,7 @@ class Pack:
         self._journal_open = False
         try:
             kept = self._journal.close()
-        except Exception:  # noqa: BLE001 - the records are on disk whatever closing failed at
+        except Exception:  # the records are on disk whatever closing failed at
             log.exception("closing the journal in %s failed", self._journal.path)
             return
         if kept:

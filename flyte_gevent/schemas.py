@@ -26,26 +26,26 @@ from marshmallow import EXCLUDE, Schema, ValidationError, fields, missing, post_
 from .models import Action
 
 __all__ = [
+    "REL_EVENTS",
+    "REL_HEALTH",
+    "REL_PACKS",
+    "REL_RESULT",
+    "REL_TAKE",
+    "RFC3339UTC",
+    "ActionSchema",
+    "EventBodySchema",
+    "JSONValue",
     "Link",
     "LinkSchema",
     "LinksDocumentSchema",
     "PackRegistrationSchema",
     "PackResponseSchema",
-    "ActionSchema",
-    "EventBodySchema",
-    "JSONValue",
-    "RFC3339UTC",
-    "find_link",
     "action_id_from_url",
-    "flatten_errors",
     "encode_event",
+    "find_link",
+    "flatten_errors",
     "load_action",
     "registration_body",
-    "REL_PACKS",
-    "REL_HEALTH",
-    "REL_TAKE",
-    "REL_EVENTS",
-    "REL_RESULT",
 ]
 
 Link = collections.namedtuple("Link", "href rel")
@@ -60,7 +60,7 @@ REL_RESULT = "actionResult"
 
 # Flyte decodes JSON numbers into float64: integers beyond this lose precision.
 _MAX_SAFE_INT = 2**53
-_UTC = datetime.timezone.utc
+_UTC = datetime.UTC
 
 
 def find_link(links, name):
@@ -75,7 +75,7 @@ def find_link(links, name):
         rel = link.rel
         if not rel:
             continue
-        if rel == name or rel.endswith("/" + name) or rel.endswith("#" + name):
+        if rel == name or rel.endswith(("/" + name, "#" + name)):
             return link.href
     return None
 
@@ -236,7 +236,7 @@ class PackRegistrationSchema(_RegistrationPart):
     events = fields.Function(
         lambda pack_def: EventDefRegistrationSchema(many=True).dump(pack_def.all_event_defs()) or None)
     commands = fields.Function(lambda pack_def: CommandRegistrationSchema(many=True).dump(pack_def.commands) or None)
-    links = fields.Function(lambda pack_def: _pack_links(pack_def))
+    links = fields.Function(lambda pack_def: _pack_links(pack_def))  # noqa: PLW0108 - defined below the class
 
 
 def _pack_links(pack_def):

@@ -45,7 +45,7 @@ import logging
 import os
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import gevent
@@ -54,11 +54,22 @@ import gevent.pool
 
 from . import _fake_server
 from ._fake_server import ROUTES, as_flow_input, as_go_value, go_json_dumps, go_json_encode, pack_id
-from ._flyte_server import (ActionResult, FlowInstance, FlyteServer, FlyteServerError, PackSighting, ReceivedEvent,
-                            ServerAction, ServerPack, TriggerPack, explain_new)
+from ._flyte_server import (
+    ActionResult,
+    FlowInstance,
+    FlyteServer,
+    FlyteServerError,
+    PackSighting,
+    ReceivedEvent,
+    ServerAction,
+    ServerPack,
+    TriggerPack,
+    explain_new,
+)
 from ._run_handler import run_handler  # a handler's result without HTTP, for unit tests
 
 __all__ = [
+    "PROXY_PAGE",
     "ROUTES",
     "ActionRecord",
     "ActionResult",
@@ -66,7 +77,6 @@ __all__ = [
     "FlowInstance",
     "FlyteServer",
     "FlyteServerError",
-    "PROXY_PAGE",
     "PackRecord",
     "ReceivedEvent",
     "RecordedRequest",
@@ -593,16 +603,16 @@ class FakeFlyteApi:
     def _touch(self, pack):
         now = time.time_ns()
         pack._last_seen_ns = now
-        pack.last_seen = datetime.fromtimestamp(now / 1e9, timezone.utc)
+        pack.last_seen = datetime.fromtimestamp(now / 1e9, UTC)
 
     def _upsert_pack(self, pid, view, body):
         """Store a registration under *pid*; the last writer wins."""
         labels = dict(view["labels"] or {})
         now = time.time_ns()
         pack = self.packs.get(pid)
-        fields = dict(name=view["name"], labels=labels, body=body, _view=view,
-                      _label_set=frozenset(labels.items()), _last_seen_ns=now,
-                      last_seen=datetime.fromtimestamp(now / 1e9, timezone.utc))
+        fields = {"name": view["name"], "labels": labels, "body": body, "_view": view,
+                  "_label_set": frozenset(labels.items()), "_last_seen_ns": now,
+                  "last_seen": datetime.fromtimestamp(now / 1e9, UTC)}
         if pack is None:
             pack = self.packs[pid] = PackRecord(id=pid, registrations=1, **fields)
         else:

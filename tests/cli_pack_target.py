@@ -5,8 +5,7 @@ do. The CLI refuses it (its flags could not apply to a Pack built in advance),
 and when ``FLYTE_API`` is not set the import itself fails, which the CLI names.
 """
 
-from flyte_gevent import Pack
-
 from cli_targets import _make_pack_def
+from flyte_gevent import Pack
 
 pack = Pack.from_env(_make_pack_def("CliReady"), health_port=None, polling_interval=0.5)

@@ -20,13 +20,13 @@ from gevent import monkey
 if __name__ == "__main__":
     monkey.patch_all()
 
-import logging  # noqa: E402
-import os  # noqa: E402
-import sys  # noqa: E402
+import logging
+import os
+import sys
 
-import gevent  # noqa: E402
+import gevent
 
-from flyte_gevent import Command, Event, EventDef, PackDef  # noqa: E402
+from flyte_gevent import Command, Event, EventDef, PackDef
 
 PACK_NAME = "Reliability"
 

@@ -30,7 +30,7 @@ import time
 import gevent
 from gevent.server import StreamServer
 
-__all__ = ["RawServer", "Request", "Channel", "reply", "CLOSE", "RESET", "RESET_BEFORE_BODY"]
+__all__ = ["CLOSE", "RESET", "RESET_BEFORE_BODY", "Channel", "RawServer", "Request", "reply"]
 
 CLOSE = "close"
 RESET = "reset"

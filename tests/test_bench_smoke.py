@@ -75,7 +75,7 @@ def test_quick_bench_completes_every_scenario_for_every_client_and_writes_the_ta
 
 
 def test_bench_refuses_a_go_peer_that_is_not_an_executable_file(tmp_path, subprocess_env):
-    status, stdout, stderr = _run_bench(["--go-peer", str(tmp_path / "missing"), "--quick"], subprocess_env,
+    status, _stdout, stderr = _run_bench(["--go-peer", str(tmp_path / "missing"), "--quick"], subprocess_env,
                                         timeout=20)
     assert status == 2
     assert f"--go-peer: {tmp_path / 'missing'} is not an executable file" in stderr
@@ -123,7 +123,7 @@ class LoopbackApi:
         body = json.dumps({"name": name, "labels": labels or {}, "commands": [{"name": "Noop", "events": ["Done"]}],
                            "events": [{"name": "Done"}]}).encode()
         sock.sendall(post("/v1/packs", body, host=f"127.0.0.1:{self.port}"))
-        status, headers, document = read_response(reader)
+        status, _headers, document = read_response(reader)
         assert status == 201, status
         return json.loads(document)
 
@@ -205,7 +205,7 @@ def test_loopback_api_reads_chunked_bodies_and_answers_expect_100_continue(loopb
         body = b'{"name": "Chunked"}'
         chunks = b"5;ext=1\r\n" + body[:5] + b"\r\n%x\r\n" % (len(body) - 5) + body[5:] + b"\r\n0\r\nX-T: 1\r\n\r\n"
         sock.sendall(b"POST /v1/packs HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks)
-        status, headers, document = read_response(reader)
+        status, _headers, document = read_response(reader)
         assert status == 201 and json.loads(document)["id"] == "Chunked"
 
         body = b'{"name": "Continued"}'
@@ -213,7 +213,7 @@ def test_loopback_api_reads_chunked_bodies_and_answers_expect_100_continue(loopb
                      % len(body))
         assert read_response(reader)[0] == 100
         sock.sendall(body)
-        status, headers, document = read_response(reader)
+        status, _headers, document = read_response(reader)
         assert status == 201 and json.loads(document)["id"] == "Continued"
 
 
@@ -251,7 +251,7 @@ def test_loopback_api_takes_and_completes_actions_like_the_flyte_server(loopback
         results = []
         for expected in ({"n": 1}, "two"):
             sock.sendall(post(path, b"null", host=host))
-            status, headers, body = read_response(reader)
+            status, _headers, body = read_response(reader)
             assert status == 200
             action = json.loads(body)
             assert (action["command"], action["input"]) == ("Noop", expected)

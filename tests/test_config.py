@@ -9,8 +9,7 @@ import dataclasses
 
 import pytest
 
-from flyte_gevent import Command, ConfigError, Event, EventDef, Pack, PackDef
-from flyte_gevent import config
+from flyte_gevent import Command, ConfigError, Event, EventDef, Pack, PackDef, config
 from flyte_gevent.config import from_environ, parse_labels
 
 API = "http://flyte:8080"

@@ -85,8 +85,8 @@ def test_output_events_of_another_type_are_refused_naming_the_command(events, ki
     (lambda: Command("Run", handler, failure_event=3),
      "command 'Run': failure_event must be an EventDef or an event name, not int"),
     (lambda: Command("Run", handler, failure_event=EventDef("RunRefused", payload_schema=UrlSchema)),
-     "command 'Run': failure_event 'RunRefused' must not have a payload_schema (its payload is the text listing "
-     "the input's problems)"),
+     ("command 'Run': failure_event 'RunRefused' must not have a payload_schema (its payload is the text listing "
+      "the input's problems)")),
     (lambda: Command("Run", handler, timeout=0), "command 'Run': timeout must be a positive number of seconds, not 0"),
     (lambda: Command("Run", handler, timeout="5"),
      "command 'Run': timeout must be a positive number of seconds, not '5'"),
@@ -130,8 +130,8 @@ def test_event_def_turns_a_schema_class_into_one_instance():
     (lambda: PackDef("P", labels={"env": "dev test"}),
      f"label env='dev test': the value holds ' ', {PATH_CHARACTERS}"),
     (lambda: PackDef("P", labels={"ünï": "cødé"}),
-     f"label key 'ünï' holds 'ü', 'ï', {PATH_CHARACTERS}; label ünï='cødé': the value holds 'ø', 'é', "
-     f"{PATH_CHARACTERS}"),
+     (f"label key 'ünï' holds 'ü', 'ï', {PATH_CHARACTERS}; label ünï='cødé': the value holds 'ø', 'é', "
+      f"{PATH_CHARACTERS}")),
     (lambda: PackDef("P", labels="env=dev"), "labels must be a dict, not str"),
     (lambda: PackDef("P", links=["https://example.com/docs"]), "links must be a dict, not list"),
     (lambda: PackDef("P", commands=[Command("Run", handler), Command("Run", handler)]),
@@ -141,8 +141,8 @@ def test_event_def_turns_a_schema_class_into_one_instance():
     (lambda: PackDef("P", event_defs=[3]), "event_defs must be EventDef objects or event names, got int"),
     (lambda: PackDef("P", help_url="not a url"), "help_url 'not a url' is not an http(s) URL"),
     (lambda: PackDef("P", links={"setup": "https://example.com/x"}),
-     "link rel 'setup' is refused by the Flyte server (it matches 'up|self|/actionResult$|/takeAction$|/event$', "
-     "which catches any rel containing 'up' or 'self')"),
+     ("link rel 'setup' is refused by the Flyte server (it matches 'up|self|/actionResult$|/takeAction$|/event$', "
+      "which catches any rel containing 'up' or 'self')")),
 ])
 def test_pack_def_refuses_bad_arguments_where_it_is_made(make, problem):
     message = refused(make)

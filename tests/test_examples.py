@@ -7,6 +7,7 @@ their files with importlib; they only monkey-patch when run as __main__.
 
 import datetime
 import importlib.util
+import itertools
 import os
 import signal
 import subprocess
@@ -230,14 +231,14 @@ def test_shell_pack_main_runs_from_the_environment_and_stops_on_sigterm(flyte_ap
         assert (result.event, result.payload) == (
             "Output", {"stdout": "started\n", "stderr": "timeout after 0.3 s", "exit_code": 124})
     finally:
-        returncode, stdout, stderr = stop_process(process)
+        returncode, _stdout, stderr = stop_process(process)
     assert returncode == 0, stderr
 
 
 def test_shell_pack_main_without_api_url_exits_with_go_message(python, subprocess_env):
     process = pack_process(python, subprocess_env, "shell_pack.py")
     try:
-        stdout, stderr = process.communicate(timeout=15)
+        _stdout, stderr = process.communicate(timeout=15)
     finally:
         if process.poll() is None:
             process.kill()
@@ -264,7 +265,7 @@ def test_ticker_registers_without_commands_never_takes_and_sends_utc_ticks(flyte
     assert not body.get("commands") and "labels" not in body
     assert flyte_api.requests_for("take") == []
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     times = []
     for event in ticks:
         assert (event.pack_id, list(event.payload)) == ("Ticker", ["time"])
@@ -274,7 +275,7 @@ def test_ticker_registers_without_commands_never_takes_and_sends_utc_ticks(flyte
         assert moment.utcoffset() == datetime.timedelta(0)
         assert abs((now - moment).total_seconds()) < 5
         times.append(moment)
-    gaps = [(b - a).total_seconds() for a, b in zip(times, times[1:])]
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(times)]
     assert all(0 < gap < 1.0 for gap in gaps), gaps  # one tick per interval, in order
 
 
@@ -286,7 +287,7 @@ def test_ticker_process_applies_labels_and_exits_0_on_sigterm(flyte_api, python,
         [tick] = flyte_api.wait_for_events(1, name="Tick", timeout=15)
         assert tick.pack_id == "Ticker.env.test"
     finally:
-        returncode, stdout, stderr = stop_process(process)
+        returncode, _stdout, stderr = stop_process(process)
     assert returncode == 0, stderr
     assert flyte_api.requests_for("take") == []
 

@@ -420,7 +420,7 @@ def test_pack_and_received_at_keys_are_violations(api, http):
 
 def test_a_deleted_pack_gets_404_until_it_registers_again(api, http):
     register(http, api)
-    aid, href = taken_action(http, api)
+    _aid, href = taken_action(http, api)
     api.delete_pack("Echo.env.dev")
     assert take(http, api).status_code == 404
     assert http.post(href, json={"event": "E"}).status_code == 404
@@ -629,7 +629,7 @@ def test_waits_time_out_with_a_clear_message(api, http):
     aid = api.enqueue("Echo", "Echo")
     with pytest.raises(AssertionError, match=f"{aid} \\('Echo' for 'Echo'\\) is NEW"):
         api.wait_for_result(aid, timeout=0.05)
-    with pytest.raises(AssertionError, match="1 actions still open .* is NEW"):
+    with pytest.raises(AssertionError, match=r"1 actions still open .* is NEW"):
         api.wait_until_idle(timeout=0.05)
     with pytest.raises(AssertionError, match="'Echo' was not registered"):
         api.wait_for_pack("Echo", timeout=0.05)

@@ -308,7 +308,7 @@ def readme_walkthrough():
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as readme:
         text = readme.read()
     start = text.index("Run one against the fake API")
-    return re.search(r"```sh\n(.*?)```", text[start:], re.S).group(1)
+    return re.search(r"```sh\n(.*?)```", text[start:], re.DOTALL).group(1)
 
 
 def test_the_readme_walkthrough_runs_as_written(subprocess_env):

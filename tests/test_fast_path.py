@@ -27,8 +27,8 @@ from flyte_gevent.metrics import Metrics
 from flyte_gevent.schemas import (
     ActionSchema,
     EventBodySchema,
-    LinksDocumentSchema,
     LinkSchema,
+    LinksDocumentSchema,
     PackResponseSchema,
     _compile_dump,
     _compile_load,
@@ -39,7 +39,7 @@ from flyte_gevent.schemas import (
     load_action,
 )
 
-UTC = datetime.timezone.utc
+UTC = datetime.UTC
 HREF = "http://flyte:8080/v1/packs/Echo.env.dev/actions/65a1b2c3d4e5f60718293a4b/result"
 REL = "http://flyte:8080/swagger#/actionResult"
 LINK = {"href": HREF, "rel": REL}

@@ -5,6 +5,7 @@ loopback (or a stand-in server for answers the fake never gives), then checks wh
 was logged and counted. The item numbers are those of issue 8.
 """
 
+import itertools
 import json
 import logging
 import os
@@ -69,7 +70,7 @@ class SlowLogHandler(logging.Handler):
         super().__init__(logging.DEBUG)
         self.seconds, self.contains, self.emitted = seconds, contains, 0
 
-    def createLock(self):
+    def createLock(self):  # noqa: N802 - overrides logging.Handler.createLock
         self.lock = None
 
     def emit(self, record):
@@ -377,7 +378,7 @@ def test_takes_answered_404_back_off_fail_readiness_and_reregister_at_a_limited_
     flyte_api.fail("take", 404, times=None)  # a proxy sending take to the wrong place, say
     gevent.sleep(1.5)
     takes = [r.at for r in flyte_api.requests_for("take")]
-    gaps = [b - a for a, b in zip(takes, takes[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(takes)]
     assert min(gaps) >= 0.45, f"takes not backing off: {gaps}"
     assert len(flyte_api.requests_for("register")) <= 2
     assert len(records(caplog, logging.WARNING, "registered it again")) <= 1, "one line per re-registration"
@@ -461,7 +462,7 @@ def test_a_malformed_take_answer_is_a_throttled_take_error_naming_an_action_only
     else:
         assert stranded == [], "no action was taken: the body shows none"
         assert len(records(caplog, logging.WARNING, "take")) == 1
-    gaps = [b - a for a, b in zip(takes, takes[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(takes)]
     assert min(gaps) >= 0.45, f"takes not backing off: {gaps}"
 
 

@@ -14,7 +14,7 @@ import requests
 
 import flyte_gevent._hooks as hooks_module
 import flyte_gevent.pack as pack_module
-from flyte_gevent import Client, Command, Event, EventDef, Health, Pack, PackDef, PackDefError
+from flyte_gevent import Client, Command, Event, EventDef, FlyteError, Health, Pack, PackDef, PackDefError
 from helpers import wait_until
 
 done = EventDef("Done")
@@ -102,8 +102,8 @@ def test_a_failing_on_start_hook_fails_start_stops_the_pack_and_runs_the_stop_ho
         pack.start(timeout=5)
     assert calls == ["first", "close"]
     assert pack.live() == (False, "stopped")
-    assert pack.ready() == (False, "on_start hook 'connect' failed: ConnectionError: database at db:5432 refused "
-                                   "the connection")
+    assert pack.ready() == (False, ("on_start hook 'connect' failed: ConnectionError: database at db:5432 refused "
+                                    "the connection"))
     assert flyte_api.requests_for("take") == []
     with pytest.raises(RuntimeError, match="cannot be started again"):
         pack.start()
@@ -245,7 +245,7 @@ def test_a_background_task_that_raises_is_logged_with_its_traceback_and_restarte
 def test_a_background_task_that_returns_is_finished_and_not_run_again(flyte_api, make_pack, quick_restarts):
     pack_def = PackDef("OneShot")
     runs = []
-    pack_def.background(lambda pack: runs.append(pack))
+    pack_def.background(lambda pack: runs.append(pack))  # noqa: PLW0108 - a hook of its own, not list.append
     pack = make_pack(pack_def, start=True)
     gevent.sleep(0.3)
     assert runs == [pack]
@@ -372,7 +372,7 @@ def test_a_task_spawned_before_a_start_that_fails_never_runs(flyte_api, make_pac
     pack = make_pack(PackDef("NeverRuns"))
     ran = []
     task = pack.spawn(ran.append, "ran")
-    with pytest.raises(Exception):
+    with pytest.raises(FlyteError):
         pack.start(timeout=2)
     pack.stop()
     assert task.dead and ran == []

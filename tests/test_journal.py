@@ -260,7 +260,7 @@ def test_a_failed_write_raises_journal_error_and_the_journal_goes_on(journals, c
     pages = journal._writer.call(lambda: own.conn.execute("PRAGMA page_count").fetchone()[0])
     journal._writer.call(lambda: own.conn.execute(f"PRAGMA max_page_count = {pages}"))
     with caplog.at_level(logging.ERROR, logger="flyte_gevent.journal"):
-        with pytest.raises(JournalError, match="action-big not journaled: .*full"):
+        with pytest.raises(JournalError, match=r"action-big not journaled: .*full"):
             journal.taken(action("big", payload="x" * 100_000))
         wait_until(lambda: "journal write failed" in caplog.text, what="the failure to be logged")
     assert len(journal) == 1

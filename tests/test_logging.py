@@ -206,7 +206,8 @@ def _readme_quick_start_pack():
     with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")) as f:
         readme = f.read()
     quick_start = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
-    (code,) = [block for block in re.findall(r"```python\n(.*?)```", quick_start, re.S) if "Pack.from_env" in block]
+    (code,) = [block for block in re.findall(r"```python\n(.*?)```", quick_start, re.DOTALL)
+               if "Pack.from_env" in block]
     return code
 
 

@@ -5,6 +5,7 @@ events, label routing, timeouts, and the lifecycle (start/run/stop).
 """
 
 import datetime
+import itertools
 import logging
 import sys
 import time
@@ -206,8 +207,8 @@ def test_idle_poller_waits_the_polling_interval_between_empty_takes(flyte_api, m
     pack.stop()
 
     times = take_times(flyte_api, "Worker")
-    gaps = [b - a for a, b in zip(times, times[1:])]
-    assert set(r.status for r in flyte_api.requests_for("take")) == {204}
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert {r.status for r in flyte_api.requests_for("take")} == {204}
     assert 2 <= len(times) <= 4, times
     assert min(gaps) >= 0.48, gaps
 
@@ -218,7 +219,7 @@ def test_failed_take_waits_before_trying_again_and_the_poller_recovers(flyte_api
     pack.start()
     gevent.sleep(1.0)
     failed = take_times(flyte_api, "Worker")
-    gaps = [b - a for a, b in zip(failed, failed[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(failed)]
     assert 2 <= len(failed) <= 3, failed
     assert min(gaps) >= 0.48, gaps
 
@@ -341,7 +342,7 @@ def test_send_event_delivers_with_created_at_and_no_pack_key(flyte_api, make_pac
     assert event.created_at.endswith("Z")
     created = datetime.datetime.fromisoformat(event.created_at)
     assert created.utcoffset() == datetime.timedelta(0)
-    assert abs((datetime.datetime.now(datetime.timezone.utc) - created).total_seconds()) < 5
+    assert abs((datetime.datetime.now(datetime.UTC) - created).total_seconds()) < 5
     assert not flyte_api.violations
 
 
@@ -360,7 +361,7 @@ def test_send_event_with_unserializable_payload_raises_value_error_naming_where(
     with pytest.raises(ValueError) as caught:
         pack.send_event(Event(tick, {"a": {"b": {1, 2}}}))
     assert "payload.a.b" in str(caught.value) and "set" in str(caught.value)
-    with pytest.raises(ValueError, match="payload.ratio"):
+    with pytest.raises(ValueError, match=r"payload\.ratio"):
         pack.send_event_nowait(Event(tick, {"ratio": float("inf")}))
     assert flyte_api.requests_for("event") == []
 
@@ -487,7 +488,8 @@ def test_a_malformed_taken_action_is_completed_as_fatal_not_stranded():
         method, path = environ["REQUEST_METHOD"], environ["PATH_INFO"]
         status, body = "404 Not Found", b""
         if (method, path) == ("GET", "/v1"):
-            status, body = "200 OK", {"links": [{"href": f"{base}/v1/packs", "rel": f"{base}/swagger#!/pack/listPacks"}]}
+            status, body = "200 OK", {"links": [{"href": f"{base}/v1/packs",
+                                                 "rel": f"{base}/swagger#!/pack/listPacks"}]}
         elif (method, path) == ("POST", "/v1/packs"):
             status, body = "201 Created", {"id": "Worker", "links": [
                 {"href": f"{base}/v1/packs/Worker/actions/take", "rel": f"{base}/swagger#!/action/takeAction"},
@@ -528,10 +530,10 @@ def test_a_malformed_taken_action_is_completed_as_fatal_not_stranded():
     ("cannot reach http://user:secret@db/orders", "ConnectionError: cannot reach http://***@db/orders"),
     ("'postgres://app:pa55@db.internal:5432/x' refused",
      "ConnectionError: 'postgres://***@db.internal:5432/x' refused"),
-    ("two: https://a:b@one.example and ftp://c@two.example/f", "ConnectionError: two: https://***@one.example and "
-                                                              "ftp://***@two.example/f"),
-    ("mail admin@example.com about http://example.com/a@b", "ConnectionError: mail admin@example.com about "
-                                                           "http://example.com/a@b"),
+    ("two: https://a:b@one.example and ftp://c@two.example/f", ("ConnectionError: two: https://***@one.example and "
+                                                               "ftp://***@two.example/f")),
+    ("mail admin@example.com about http://example.com/a@b", ("ConnectionError: mail admin@example.com about "
+                                                            "http://example.com/a@b")),
 ])
 def test_credentials_in_urls_of_a_handlers_exception_are_redacted_from_the_fatal_payload(flyte_api, make_pack,
                                                                                          message, expected):
@@ -570,8 +572,8 @@ def test_an_undeclared_spontaneous_event_is_warned_about_once_per_name(flyte_api
     flyte_api.wait_for_events(6)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == [
-        "pack 'Ticker' sent event 'Tock', which it does not declare (event_defs or a command's output_events); "
-        "Flyte accepts it, but its registration does not list it",
-        "pack 'Ticker' sent event 'Tack', which it does not declare (event_defs or a command's output_events); "
-        "Flyte accepts it, but its registration does not list it",
+        ("pack 'Ticker' sent event 'Tock', which it does not declare (event_defs or a command's output_events); "
+         "Flyte accepts it, but its registration does not list it"),
+        ("pack 'Ticker' sent event 'Tack', which it does not declare (event_defs or a command's output_events); "
+         "Flyte accepts it, but its registration does not list it"),
     ]

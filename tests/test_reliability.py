@@ -10,6 +10,7 @@ two at most.
 """
 
 import contextlib
+import itertools
 import logging
 import time
 
@@ -310,7 +311,7 @@ def test_takes_back_off_during_an_outage_and_log_one_warning(flyte_api, caplog):
         flyte_api.fail("take", 503, times=None)
         gevent.sleep(3.5)
         takes = [r.at for r in flyte_api.requests_for("take")]
-        gaps = [b - a for a, b in zip(takes, takes[1:])]
+        gaps = [b - a for a, b in itertools.pairwise(takes)]
         # Delays start at the polling interval (0.5 s) and grow, jittered: 0.5, 0.5-1, 0.5-2, ...
         # A fixed 0.5 s spacing would make 7 or more takes; the jittered growth itself is
         # checked without timing in test_backoff_grows_with_jitter_and_is_capped.

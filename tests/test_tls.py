@@ -208,7 +208,7 @@ def test_behind_a_proxy_every_request_trusts_the_same_cas(api, pki, monkeypatch)
 
 def test_an_unreadable_ca_file_is_a_config_error(tmp_path):
     missing = str(tmp_path / "missing.pem")
-    with pytest.raises(ConfigError, match="ca_file=.*missing.pem.*cannot load CA certificates") as caught:
+    with pytest.raises(ConfigError, match=r"ca_file=.*missing\.pem.*cannot load CA certificates") as caught:
         Client("https://flyte.example", ca_file=missing)
     assert caught.value.name == "ca_file"
     garbage = tmp_path / "garbage.pem"

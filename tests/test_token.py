@@ -30,7 +30,6 @@ from flyte_gevent import (
     config,
 )
 from flyte_gevent.errors import scrub
-
 from rawserver import RawServer, reply
 from test_tls import pki  # noqa: F401 - a fixture, used by name
 

@@ -12,10 +12,16 @@ import time
 import gevent
 import pytest
 
-from flyte_gevent import Client, ConfigError, FlyteConnectionError, FlyteHTTPError, FlyteProtocolError, FlyteTimeout
-from flyte_gevent import config
+from flyte_gevent import (
+    Client,
+    ConfigError,
+    FlyteConnectionError,
+    FlyteHTTPError,
+    FlyteProtocolError,
+    FlyteTimeout,
+    config,
+)
 from flyte_gevent._http import HTTPPool, RequestNotSent
-
 from rawserver import CLOSE, RESET, RESET_BEFORE_BODY, RawServer, reply
 
 AID = "5f0c1d2e3a4b5c6d7e8f9012"
@@ -95,7 +101,7 @@ def test_a_trickling_body_cannot_stretch_the_deadline():
 
     with RawServer(step) as server:
         started = time.monotonic()
-        with pytest.raises(FlyteTimeout, match="no answer within 0.5 s") as caught:
+        with pytest.raises(FlyteTimeout, match=r"no answer within 0\.5 s") as caught:
             take(server, timeout=0.5)
         elapsed = time.monotonic() - started
     assert 0.45 < elapsed < 1.0
@@ -389,6 +395,6 @@ def test_an_api_url_with_a_query_string_is_refused(url):
     with pytest.raises(ConfigError, match="a query string or fragment is not supported") as caught:
         Client(url)
     assert caught.value.name == "url"
-    with pytest.raises(ConfigError, match="FLYTE_API=.*a query string or fragment is not supported") as caught:
+    with pytest.raises(ConfigError, match=r"FLYTE_API=.*a query string or fragment is not supported") as caught:
         config.from_environ({"FLYTE_API": url}, names={"api"})
     assert caught.value.name == "FLYTE_API"

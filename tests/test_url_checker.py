@@ -73,8 +73,8 @@ def test_check_url_reports_a_url_that_does_not_answer_without_its_credentials():
 @pytest.mark.parametrize("input, problem", [
     ({"url": "ftp://example.com/"}, "url: Not a valid URL."),
     ({}, "url: Missing data for required field."),
-    ({"url": "http://example.com/", "timeout_s": 0}, "timeout_s: Must be greater than 0 and less than or equal "
-                                                     "to 60."),
+    ({"url": "http://example.com/", "timeout_s": 0}, ("timeout_s: Must be greater than 0 and less than or equal "
+                                                      "to 60.")),
 ])
 def test_check_url_refuses_bad_input_naming_the_field(input, problem):
     result = run_handler(url_checker.pack_def, "checkUrl", input)

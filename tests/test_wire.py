@@ -17,7 +17,7 @@ import re
 import pytest
 from marshmallow import Schema, ValidationError, fields, post_dump, validate
 
-from flyte_gevent import Command, ConfigError, Event, EventDef, PackDef, fatal_event
+from flyte_gevent import Command, Event, EventDef, PackDef, fatal_event
 from flyte_gevent._fake_server import _is_go_time, decode_pack
 from flyte_gevent._fake_server import pack_id as server_pack_id
 from flyte_gevent.errors import PackDefError
@@ -41,7 +41,7 @@ from flyte_gevent.schemas import (
     registration_body,
 )
 
-UTC = datetime.timezone.utc
+UTC = datetime.UTC
 RFC3339_UTC = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z")
 
 

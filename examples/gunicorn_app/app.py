@@ -15,9 +15,9 @@ Run it with ``gunicorn -c gunicorn_conf.py app:application`` (see README.md).
 import json
 import os
 
-from flyte_gevent.gunicorn import current_pack, mount_health
-
 import greeter_pack
+
+from flyte_gevent.gunicorn import current_pack, mount_health
 
 
 def _json(start_response, document, status="200 OK"):

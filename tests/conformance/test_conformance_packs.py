@@ -41,7 +41,7 @@ def echo_def(name, tag="echo", labels=None):
 def recent(created_at):
     """True for an RFC 3339 time within a minute of now: what both servers report as an event's createdAt."""
     when = datetime.datetime.fromisoformat(created_at.replace("Z", "+00:00"))
-    return abs((datetime.datetime.now(datetime.timezone.utc) - when).total_seconds()) < 60
+    return abs((datetime.datetime.now(datetime.UTC) - when).total_seconds()) < 60
 
 
 def test_a_pack_registers_takes_and_completes_actions(server, make_pack, unique):
