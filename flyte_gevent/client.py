@@ -18,6 +18,8 @@ import http.client
 import json
 import logging
 import ssl
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple, cast
 from urllib.parse import urlsplit
 
 import gevent
@@ -28,6 +30,7 @@ from marshmallow import ValidationError
 from requests.adapters import HTTPAdapter
 
 from . import __version__
+from . import _http
 from ._http import DEFAULT_MAX_RESPONSE_SIZE, BadResponse, HTTPPool, RequestNotSent, ResponseTooLarge
 from .config import API_URL_QUERY_PROBLEM, check_count, check_seconds, check_token, read_token_file
 from .errors import (
@@ -42,7 +45,7 @@ from .errors import (
     redact_url,
     scrub,
 )
-from .models import Action, pack_id
+from .models import Action, PackDef, pack_id
 from .schemas import (
     REL_EVENTS,
     REL_HEALTH,
@@ -64,9 +67,29 @@ log = logging.getLogger(__name__)
 
 USER_AGENT = f"flyte-gevent/{__version__}"
 
-Discovery = collections.namedtuple("Discovery", "packs_url health_url links")
-Registration = collections.namedtuple("Registration", "pack_id take_url events_url pack_url")
-Registration.__doc__ = "Where a registered pack takes actions and sends events."
+Token = str | Callable[[], str | None]
+"""A bearer token as :class:`Client` takes it: the token itself, or a callable that returns it."""
+
+
+class Discovery(NamedTuple):
+    """What ``GET /v1`` lists: where packs register, the health URL (if any), and every link."""
+
+    packs_url: str
+    health_url: str | None
+    links: list[dict[str, str]]
+
+
+class Registration(NamedTuple):
+    """Where a registered pack takes actions and sends events."""
+
+    pack_id: str
+    take_url: str
+    events_url: str
+    pack_url: str | None
+
+
+Headers = Mapping[str, str] | _http.Headers
+Answer = tuple[int, Headers, bytes]
 
 _LINKS_DOCUMENT = LinksDocumentSchema()
 _PACK_RESPONSE = PackResponseSchema()
@@ -86,7 +109,8 @@ class MalformedActionError(FlyteProtocolError):
         FATAL), otherwise ``None``.
     """
 
-    def __init__(self, message, action=None, taken=None, **kwargs):
+    def __init__(self, message: str, action: Action | None = None, taken: bool | None = None,
+                 **kwargs: Any) -> None:
         self.action = action
         self.taken = action is not None if taken is None else bool(taken)
         super().__init__(message, **kwargs)
@@ -109,11 +133,11 @@ class _Token:
 
     _REMEMBERED = 4  # past values kept for scrubbing: requests still in flight may have carried them
 
-    def __init__(self, jwt=None, jwt_file=None):
+    def __init__(self, jwt: Token | None = None, jwt_file: str | None = None) -> None:
         self._provider = jwt if callable(jwt) else None
         self._file = jwt_file
-        self._value = None
-        self._secrets = collections.deque(maxlen=self._REMEMBERED)
+        self._value: str | None = None
+        self._secrets: collections.deque[str] = collections.deque(maxlen=self._REMEMBERED)
         self._lock = Semaphore()
         self.generation = 0
         self.reloadable = bool(self._provider or self._file)
@@ -131,11 +155,11 @@ class _Token:
         elif self._provider is not None:
             self._reload()
 
-    def current(self):
+    def current(self) -> tuple[int, str | None]:
         """``(generation, header value or None)`` to send a request with."""
         return self.generation, (f"Bearer {self._value}" if self._value else None)
 
-    def refresh(self, generation):
+    def refresh(self, generation: int) -> str | None:
         """After a 401 for a request sent with *generation*: the header value to resend it with.
 
         Reloads only if no other request has done so since that request was
@@ -147,20 +171,20 @@ class _Token:
                 self.generation += 1
             return self.current()[1]
 
-    def scrub(self, text):
+    def scrub(self, text: str) -> str:
         """*text* without any value this token has held."""
         return scrub(text, self._secrets)
 
-    def _set(self, value):
+    def _set(self, value: str | None) -> None:
         self._value = value
         if value and value not in self._secrets:
             self._secrets.append(value)
 
-    def _reload(self):
+    def _reload(self) -> None:
         """Fetch the token again; failures are logged (never with a token) and keep the old one."""
         source = "token provider" if self._provider else f"token file {self._file!r}"
         try:
-            value = check_token(self._provider()) if self._provider else read_token_file(self._file)
+            value = check_token(self._provider()) if self._provider else read_token_file(self._file or "")
         except ValueError as exc:
             log.error("could not reload the Flyte API token: the %s: %s; keeping the previous token", source,
                       self.scrub(str(exc)))
@@ -186,14 +210,14 @@ class _Trust:
     a bad bundle is a :class:`~flyte_gevent.ConfigError` when the client is built.
     """
 
-    def __init__(self, ca_file=None, insecure=False):
+    def __init__(self, ca_file: str | None = None, insecure: bool = False) -> None:
         self.ca_file = ca_file
         self.insecure = insecure
-        self._context = None
+        self._context: ssl.SSLContext | None = None
         if ca_file is not None:
             self.context()
 
-    def context(self):
+    def context(self) -> ssl.SSLContext:
         """The :class:`ssl.SSLContext` for every ``https`` connection of the client."""
         if self._context is None:
             try:
@@ -216,21 +240,23 @@ class _TrustAdapter(HTTPAdapter):
     :meth:`cert_verify` keeps urllib3 from loading another bundle into it.
     """
 
-    def __init__(self, trust, **kwargs):
+    def __init__(self, trust: _Trust, **kwargs: Any) -> None:
         self._trust = trust
         super().__init__(**kwargs)
 
-    def build_connection_pool_key_attributes(self, request, verify, cert=None):
+    def build_connection_pool_key_attributes(
+            self, request: requests.PreparedRequest, verify: object,
+            cert: str | tuple[str, str] | None = None) -> tuple[Any, Any]:
         host_params, pool_kwargs = super().build_connection_pool_key_attributes(request, True, cert)
         if host_params["scheme"] == "https":
             context = self._trust.context()
             pool_kwargs.pop("ca_certs", None)
             pool_kwargs.pop("ca_cert_dir", None)
             pool_kwargs["ssl_context"] = context
-            pool_kwargs["cert_reqs"] = context.verify_mode
+            pool_kwargs["cert_reqs"] = context.verify_mode  # type: ignore[typeddict-item]  # urllib3 takes either
         return host_params, pool_kwargs
 
-    def cert_verify(self, conn, url, verify, cert):
+    def cert_verify(self, conn: Any, url: str, verify: object, cert: object) -> None:
         if url.lower().startswith("https"):
             conn.cert_reqs = self._trust.context().verify_mode
         conn.ca_certs = None
@@ -268,8 +294,9 @@ class Client:
         pack = Pack(pack_def, client)
     """
 
-    def __init__(self, url, timeout=10.0, insecure=False, jwt=None, *, jwt_file=None, ca_file=None,
-                 pool_size=10, max_connections=100, max_response_size=DEFAULT_MAX_RESPONSE_SIZE):
+    def __init__(self, url: str, timeout: float = 10.0, insecure: bool = False, jwt: Token | None = None, *,
+                 jwt_file: str | None = None, ca_file: str | None = None, pool_size: int = 10,
+                 max_connections: int = 100, max_response_size: int = DEFAULT_MAX_RESPONSE_SIZE) -> None:
         self.url = _check_url(url)
         self.timeout = check_seconds("timeout", timeout)
         check_count("max_connections", max_connections)
@@ -278,9 +305,9 @@ class Client:
         self.ca_file = ca_file
         self._trust = _Trust(ca_file, self.insecure)
         self._token = _Token(jwt, jwt_file)
-        self._origin = _origin(self.url)
+        self._origin = cast("tuple[str, str, int | None]", _origin(self.url))  # the URL was checked
         self._origin_prefix = f"{self._origin[0]}://{urlsplit(self.url).netloc.rpartition('@')[2]}/"
-        self._health_url = None
+        self._health_url: str | None = None
         self._pool_size = pool_size
 
         self._session = requests.Session()
@@ -289,17 +316,17 @@ class Client:
 
         # Proxies configured in the environment apply to requests; the lean
         # transport does not speak to proxies, so it steps aside.
-        self._lean = None
+        self._lean: HTTPPool | None = None
         if not requests.utils.get_environ_proxies(self.url):
             self._lean = HTTPPool(self.timeout, self._trust.context, maxsize=pool_size,
                                   max_connections=max_connections, max_response_size=self.max_response_size)
         if self.insecure:
             log.warning("TLS certificate verification is disabled for %s", redact_url(self.url))
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"Client({redact_url(self.url)!r}, timeout={self.timeout})"
 
-    def size_pools(self, concurrency):
+    def size_pools(self, concurrency: int) -> None:
         """Keep at least *concurrency* + 2 connections, so no request waits for a socket or churns one."""
         size = max(concurrency + 2, 10)
         if size <= self._pool_size:
@@ -309,7 +336,7 @@ class Client:
         if self._lean is not None:
             self._lean.maxsize = size
 
-    def close(self):
+    def close(self) -> None:
         """Close all keep-alive connections."""
         self._session.close()
         if self._lean is not None:
@@ -317,7 +344,7 @@ class Client:
 
     # -- the protocol -----------------------------------------------------
 
-    def discover(self):
+    def discover(self) -> Discovery:
         """``GET /v1`` and pick out the packs and health links (fetched fresh on every call)."""
         url = self.url.rstrip("/") + "/v1"
         status, _, body = self._send("GET", url, via_requests=True)
@@ -331,7 +358,7 @@ class Client:
         self._health_url = find_link(document["links"], REL_HEALTH)
         return Discovery(packs_url, self._health_url, document["links"])
 
-    def register(self, pack_def):
+    def register(self, pack_def: PackDef) -> Registration:
         """Register *pack_def* (an idempotent upsert) and return where to take actions and send events.
 
         Links come from the 201 body; a server whose body has none (servers
@@ -347,7 +374,8 @@ class Client:
             reason = ("the Flyte API refused the pack definition (400)" if status == 400
                       else "registration expected 201")
             raise _http_error("POST", packs_url, status, body, reason, pack_url=False)
-        pack = self._load(_PACK_RESPONSE, body, "POST", packs_url, "registration response") if body else {}
+        pack: dict[str, Any] = (self._load(_PACK_RESPONSE, body, "POST", packs_url, "registration response")
+                                if body else {})
         links = pack.get("links") or []
         take_url, events_url = find_link(links, REL_TAKE), find_link(links, REL_EVENTS)
         location = headers.get("Location")
@@ -367,7 +395,7 @@ class Client:
         return Registration(pack.get("id") or pack_id(pack_def.name, pack_def.labels), take_url, events_url,
                             location or find_link(links, "self"))
 
-    def take(self, take_url):
+    def take(self, take_url: str) -> Action | None:
         """Take the next action: an :class:`~flyte_gevent.models.Action`, or ``None`` when there is none (204).
 
         :raises PackNotFoundError: 404, the pack is not registered (deleted).
@@ -384,15 +412,15 @@ class Client:
         except (ValueError, ValidationError) as exc:
             raise _malformed_action(exc, body, take_url) from None
 
-    def post_result(self, result_url, body):
+    def post_result(self, result_url: str, body: bytes) -> None:
         """Post an encoded result (see :func:`~flyte_gevent.schemas.encode_event`); 202 or an error."""
         self._post_expect_202(result_url, body)
 
-    def post_event(self, events_url, body):
+    def post_event(self, events_url: str, body: bytes) -> None:
         """Post an encoded spontaneous event; 202 or an error."""
         self._post_expect_202(events_url, body)
 
-    def check_health(self):
+    def check_health(self) -> tuple[bool, str]:
         """Ask the Flyte API's health URL: ``(True, message)`` on 200, ``(False, message)`` otherwise."""
         try:
             url = self._health_url or self.discover().health_url
@@ -409,13 +437,13 @@ class Client:
 
     # -- plumbing ---------------------------------------------------------
 
-    def _post_expect_202(self, url, body):
+    def _post_expect_202(self, url: str, body: bytes) -> None:
         # The server answers 202; a proxy or a later server may answer 200 or 204, which is as final.
         status, _, response_body = self._send("POST", url, body)
         if not 200 <= status < 300:
             raise _http_error("POST", url, status, response_body, "expected 202")
 
-    def _send(self, method, url, body=None, via_requests=False):
+    def _send(self, method: str, url: str, body: bytes | None = None, via_requests: bool = False) -> Answer:
         token = self._token
         if not token.configured:
             return self._send_once(method, url, body, via_requests, None)
@@ -429,7 +457,8 @@ class Client:
             data = token.scrub(data.decode("latin-1")).encode("latin-1")
         return status, headers, data
 
-    def _send_once(self, method, url, body, via_requests, authorization):
+    def _send_once(self, method: str, url: str, body: bytes | None, via_requests: bool,
+                   authorization: str | None) -> Answer:
         try:
             if via_requests or self._lean is None:
                 return self._send_with_requests(method, url, body, authorization)
@@ -455,7 +484,7 @@ class Client:
             raise FlyteConnectionError(self._cause(exc), method=method, url=url,
                                        request_sent=False if _not_connected(exc) else None) from None
 
-    def _send_with_requests(self, method, url, body, authorization):
+    def _send_with_requests(self, method: str, url: str, body: bytes | None, authorization: str | None) -> Answer:
         headers = {"Accept": "application/json"}
         if body is not None:
             headers["Content-Type"] = "application/json"
@@ -470,7 +499,7 @@ class Client:
             response = self._session.request(method, url, data=body, headers=headers, timeout=self.timeout,
                                              allow_redirects=False, stream=True)
             with response:
-                size, chunks = 0, []
+                size, chunks = 0, list[bytes]()
                 for chunk in response.iter_content(65536):
                     size += len(chunk)
                     if size > self.max_response_size:
@@ -485,7 +514,7 @@ class Client:
         finally:
             deadline.close()
 
-    def _check_origin(self, method, url):
+    def _check_origin(self, method: str, url: str) -> None:
         """Refuse to send the token anywhere but the API's origin (scheme, host and port of its URL)."""
         if not self._token.configured or url.startswith(self._origin_prefix) or _origin(url) == self._origin:
             return
@@ -496,10 +525,10 @@ class Client:
                                  f"only sent there, so the request was not made{hint}",
                                  method=method, url=url, request_sent=False)
 
-    def _cause(self, exc):
+    def _cause(self, exc: BaseException) -> str:
         return self._token.scrub(_cause(exc))
 
-    def _load(self, schema, body, method, url, what):
+    def _load(self, schema: Any, body: bytes, method: str, url: str, what: str) -> Any:
         try:
             return schema.load(json.loads(body))
         except ValueError as exc:
@@ -510,7 +539,7 @@ class Client:
                                      method=method, url=url, body=self._token.scrub(body.decode("latin-1"))) \
                 from None
 
-    def _mount_adapters(self, size):
+    def _mount_adapters(self, size: int) -> None:
         adapter = _TrustAdapter(self._trust, pool_connections=2, pool_maxsize=size)
         self._session.mount("http://", adapter)
         self._session.mount("https://", adapter)
@@ -520,7 +549,7 @@ class _Deadline(Exception):
     """The whole-request deadline of a request made with requests passed (raised by a gevent.Timeout)."""
 
 
-def _origin(url):
+def _origin(url: str) -> tuple[str, str, int | None] | None:
     """``(scheme, host, port)`` of *url*, with the default port filled in; ``None`` if it has none."""
     try:
         parts = urlsplit(url)
@@ -530,7 +559,7 @@ def _origin(url):
         return None
 
 
-def _check_url(url):
+def _check_url(url: str) -> str:
     try:
         parts = urlsplit(url) if isinstance(url, str) else None
         if parts is not None:
@@ -544,7 +573,7 @@ def _check_url(url):
     return url
 
 
-def _cause(exc):
+def _cause(exc: BaseException) -> str:
     # requests nests the useful text a few exceptions deep; keep it short.
     text = str(exc) or type(exc).__name__
     if isinstance(exc, requests.RequestException) and exc.args and isinstance(exc.args[0], Exception):
@@ -553,13 +582,14 @@ def _cause(exc):
     return f"{type(exc).__name__}: {text}" if text != type(exc).__name__ else text
 
 
-def _not_connected(exc):
+def _not_connected(exc: BaseException) -> bool:
     # requests wraps urllib3's MaxRetryError, whose reason says whether a connection was made at all.
     reason = getattr(exc.args[0], "reason", None) if isinstance(exc, requests.ConnectionError) and exc.args else None
     return isinstance(reason, urllib3.exceptions.NewConnectionError)
 
 
-def _http_error(method, url, status, body, expectation, pack_url=True):
+def _http_error(method: str, url: str, status: int, body: bytes, expectation: str,
+                pack_url: bool = True) -> FlyteHTTPError:
     """The FlyteError for an unexpected status; a 404 means "pack deleted" only on a pack's own URLs."""
     text = f"{expectation}, got {status} {http.client.responses.get(status, '')}".rstrip()
     if status == 401:
@@ -571,7 +601,7 @@ def _http_error(method, url, status, body, expectation, pack_url=True):
     return FlyteHTTPError(text, method=method, url=url, status=status, body=body)
 
 
-def _malformed_action(exc, body, take_url):
+def _malformed_action(exc: Exception, body: bytes, take_url: str) -> MalformedActionError:
     problems = flatten_errors(exc.messages) if isinstance(exc, ValidationError) else [f"not JSON ({exc})"]
     try:
         data = json.loads(body)
@@ -587,12 +617,13 @@ def _malformed_action(exc, body, take_url):
     action = None
     if result_url is not None:
         command = data.get("command") if isinstance(data.get("command"), str) else None
-        action = Action(action_id_from_url(result_url), command, data.get("input"), result_url)
+        # A malformed action may lack its command: only its result URL is used, to complete it as FATAL.
+        action = Action(action_id_from_url(result_url), command, data.get("input"), result_url)  # type: ignore[arg-type]
     return MalformedActionError("take answered 200 with a malformed action: " + "; ".join(problems),
                                 action=action, taken=True, method="POST", url=take_url, body=body)
 
 
-def _result_link(links):
+def _result_link(links: object) -> str | None:
     try:
         return find_link(_LINKS_DOCUMENT.load({"links": links})["links"], REL_RESULT)
     except ValidationError:

@@ -15,6 +15,8 @@ a secret).
 import dataclasses
 import logging
 import os
+from collections.abc import Callable, Collection, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 from .errors import ConfigError, redact_url
@@ -37,7 +39,7 @@ log = logging.getLogger(__name__)
 MIN_POLLING_INTERVAL = 0.5
 
 
-def parse_labels(text):
+def parse_labels(text: str) -> dict[str, str]:
     """Parse ``key=value,key2 = value2`` the way the Go client does.
 
     Items are split on ``,``; each on its first ``=``; keys and values are
@@ -46,7 +48,7 @@ def parse_labels(text):
     one holding characters Flyte cannot put into links unescaped (the message
     names them).
     """
-    labels = {}
+    labels: dict[str, str] = {}
     if not text.strip():
         return labels
     for number, item in enumerate(text.split(","), 1):
@@ -62,7 +64,7 @@ def parse_labels(text):
     return labels
 
 
-def _url(text):
+def _url(text: str) -> str:
     parts = urlsplit(text.strip())
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("expected an http:// or https:// URL with a host")
@@ -81,7 +83,7 @@ API_URL_QUERY_PROBLEM = ("a query string or fragment is not supported: the Flyte
                          "it, so only discovery would carry it; give the API root, e.g. http://gateway/flyte-api")
 
 
-def check_token(value):
+def check_token(value: object) -> str | None:
     """*value* without surrounding whitespace, or ``None`` when nothing is left.
 
     :raises ValueError: the token holds a character an HTTP header cannot carry
@@ -103,7 +105,7 @@ def check_token(value):
     return value or None
 
 
-def read_token_file(path):
+def read_token_file(path: str) -> str:
     """The token held in the file at *path* (see :func:`check_token`).
 
     :raises ValueError: the file cannot be read, is empty, or holds an unusable token.
@@ -121,13 +123,13 @@ def read_token_file(path):
     return token
 
 
-def _token_file(text):
+def _token_file(text: str) -> str:
     path = text.strip()
     read_token_file(path)  # a missing or unusable file is a configuration error at start, not a 401 later
     return path
 
 
-def _float_seconds(text, allow_zero):
+def _float_seconds(text: str, allow_zero: bool) -> float:
     try:
         value = float(text)
     except ValueError:
@@ -138,21 +140,21 @@ def _float_seconds(text, allow_zero):
     return value
 
 
-def _positive_float(text):
+def _positive_float(text: str) -> float:
     return _float_seconds(text, allow_zero=False)
 
 
-def _non_negative_float(text):
+def _non_negative_float(text: str) -> float:
     return _float_seconds(text, allow_zero=True)
 
 
-def _optional_positive_float(text):
+def _optional_positive_float(text: str) -> float | None:
     if text.strip().lower() in ("", "none", "off", "0"):
         return None
     return _positive_float(text)
 
 
-def _positive_int(text):
+def _positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -162,7 +164,7 @@ def _positive_int(text):
     return value
 
 
-def _port(text):
+def _port(text: str) -> int | None:
     if text.strip().lower() in ("off", "none", "disabled"):
         return None
     try:
@@ -174,7 +176,7 @@ def _port(text):
     return value
 
 
-def _bool(text):
+def _bool(text: str) -> bool:
     value = text.strip().lower()
     if value in ("1", "true", "yes", "on"):
         return True
@@ -183,7 +185,7 @@ def _bool(text):
     raise ValueError("expected true or false")
 
 
-def _polling_interval(text):
+def _polling_interval(text: str) -> float:
     value = _positive_float(text)
     if value < MIN_POLLING_INTERVAL:
         log.warning("polling interval %g s is below the %g s floor; using %g s",
@@ -192,8 +194,8 @@ def _polling_interval(text):
     return value
 
 
-def _choice(*choices):
-    def parse(text):
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
         value = text.strip().lower()
         if value not in choices:
             raise ValueError(f"expected one of {', '.join(choices)}")
@@ -201,7 +203,7 @@ def _choice(*choices):
     return parse
 
 
-def _text(text):
+def _text(text: str) -> str:
     return text.strip()
 
 
@@ -220,9 +222,9 @@ class Setting:
     """
 
     name: str
-    env: tuple
+    env: tuple[str, ...]
     flag: str | None
-    parse: object
+    parse: Callable[[str], Any]
     default: object
     help: str
     secret: bool = False
@@ -295,7 +297,7 @@ SETTINGS = (
 _BY_NAME = {setting.name: setting for setting in SETTINGS}
 
 
-def read(setting, text, source):
+def read(setting: Setting, text: str, source: str) -> Any:
     """Parse *text* for *setting*; *source* names where it came from in the error."""
     try:
         return setting.parse(text)
@@ -304,7 +306,8 @@ def read(setting, text, source):
         raise ConfigError(f"{source}={shown}: {exc}", source) from None
 
 
-def from_environ(environ=None, names=None, overrides=None):
+def from_environ(environ: Mapping[str, str] | None = None, names: Collection[str] | None = None,
+                 overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Read settings from *environ* (``os.environ``): ``{name: value}`` for every setting in *names*.
 
     :param overrides: values that win over the environment (already parsed), e.g. CLI flags.
@@ -313,7 +316,7 @@ def from_environ(environ=None, names=None, overrides=None):
     """
     environ = os.environ if environ is None else environ
     overrides = overrides or {}
-    values = {}
+    values: dict[str, Any] = {}
     for setting in SETTINGS:
         if names is not None and setting.name not in names:
             continue
@@ -332,7 +335,7 @@ def from_environ(environ=None, names=None, overrides=None):
     return values
 
 
-def check_seconds(name, value, allow_zero=False):
+def check_seconds(name: str, value: object, allow_zero: bool = False) -> float:
     """*value* as float seconds, for settings given as Python arguments; ``ConfigError`` naming *name* if bad."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value < 0 or \
             (value == 0 and not allow_zero) or value == float("inf"):
@@ -341,13 +344,13 @@ def check_seconds(name, value, allow_zero=False):
     return float(value)
 
 
-def check_count(name, value):
+def check_count(name: str, value: object) -> int:
     """*value* if it is a whole number of at least 1; ``ConfigError`` naming *name* otherwise."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{name}={value!r}: expected a whole number of at least 1", name)
     return value
 
 
-def setting(name):
+def setting(name: str) -> Setting:
     """The :class:`Setting` called *name*."""
     return _BY_NAME[name]

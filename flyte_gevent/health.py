@@ -35,13 +35,20 @@ import json
 import logging
 import socket
 import time
+from collections.abc import Callable, Iterable
 from http import HTTPStatus
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, cast
+from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
 import gevent
 from gevent.pool import Pool
 from gevent.pywsgi import WSGIHandler, WSGIServer
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .client import Client
 
 __all__ = ["Health", "HealthApp", "HealthServer", "default_check", "flyte_api_health_check", "mount"]
 
@@ -68,29 +75,48 @@ class Health:
     status: object = None
 
 
-def default_check():
+Check = Callable[[], tuple[str, Health]]
+"""A Go-style health check: called with nothing, returns a name and a :class:`Health`."""
+
+
+class PackState(Protocol):
+    """What :class:`HealthApp` asks the pack: whether it is alive and ready, each with a reason."""
+
+    def live(self) -> tuple[bool, str]: ...
+
+    def ready(self) -> tuple[bool, str]: ...
+
+
+class MetricsApp(Protocol):
+    """What :class:`HealthApp` serves ``/metrics`` from (see :mod:`flyte_gevent.metrics`)."""
+
+    @property
+    def wsgi_app(self) -> WSGIApplication: ...
+
+
+def default_check() -> tuple[str, Health]:
     """The check a pack gets when it is given none (same name and text as Go's)."""
     return "DefaultCheck", Health(True, "Pack is running.")
 
 
-def flyte_api_health_check(client):
+def flyte_api_health_check(client: "Client") -> Check:
     """A check that asks the Flyte API's health URL and is unhealthy when that fails.
 
     Unlike the Go client's (always healthy), it reports what it finds. Do not use
     it for liveness: an API outage would then restart every pack.
     """
-    def FlyteApi():  # noqa: N802 - the name is the key in the health JSON
+    def FlyteApi() -> tuple[str, Health]:  # noqa: N802 - the name is the key in the health JSON
         healthy, message = client.check_health()
         return "FlyteApi", Health(healthy, message)
 
     return FlyteApi
 
 
-def _check_name(check):
+def _check_name(check: object) -> str:
     return getattr(check, "__name__", None) or type(check).__name__
 
 
-def _run_check(check):
+def _run_check(check: Check) -> tuple[str, Health]:
     try:
         result = check()
     except Exception as exc:  # noqa: BLE001 - a failing check reports unhealthy, naming its exception
@@ -111,23 +137,25 @@ class HealthApp:
     :param metrics: an object with a ``wsgi_app`` (see :mod:`flyte_gevent.metrics`).
     """
 
-    def __init__(self, state, checks=None, check_timeout=5.0, metrics=None):
+    def __init__(self, state: PackState, checks: Iterable[Check] | None = None, check_timeout: float = 5.0,
+                 metrics: MetricsApp | None = None) -> None:
         self.state = state
-        self.checks = list(checks) if checks else [default_check]
+        self.checks: list[Check] = list(checks) if checks else [default_check]
         self.check_timeout = check_timeout
         self.metrics = metrics
         #: Greenlets running a check right now (a pack lets a check call its ``stop()`` without waiting on itself).
-        self.check_greenlets = set()
-        self._run = None  # the greenlet of the run in progress, which concurrent requests share
-        self._warned_names = set()
-        seen = set()
+        self.check_greenlets: set[gevent.Greenlet[Any, Any]] = set()
+        # The greenlet of the run in progress, which concurrent requests share.
+        self._run: gevent.Greenlet[[], tuple[bool, dict[str, Any]]] | None = None
+        self._warned_names: set[str] = set()
+        seen: set[int] = set()
         for check in self.checks:
             if id(check) in seen:
                 raise ConfigError(f"health_checks: the health check {_check_name(check)!r} is listed twice",
                                   "health_checks")
             seen.add(id(check))
 
-    def __call__(self, environ, start_response):
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO") or "/"
         if path == "/livez":
             return self._probe(start_response, *self.state.live())
@@ -138,7 +166,7 @@ class HealthApp:
         status, document = self.run_checks()
         return _json(start_response, "200 OK" if status else "500 Internal Server Error", document)
 
-    def run_checks(self):
+    def run_checks(self) -> tuple[bool, dict[str, Any]]:
         """Run every check concurrently; ``(all_healthy, {name: {"healthy", "status"}})``.
 
         Requests that arrive while a run is in progress share its answer instead
@@ -152,7 +180,7 @@ class HealthApp:
             self._run.name = "health-checks"
         return self._run.get()
 
-    def _run_once(self):
+    def _run_once(self) -> tuple[bool, dict[str, Any]]:
         greenlets = [gevent.spawn(_run_check, check) for check in self.checks]
         self.check_greenlets.update(greenlets)
         try:
@@ -161,10 +189,10 @@ class HealthApp:
             # Checks past their timeout are not left running.
             gevent.killall([greenlet for greenlet in greenlets if not greenlet.dead], block=False)
             self.check_greenlets.difference_update(greenlets)
-        results = {}
+        results: dict[str, dict[str, Any]] = {}
         for check, greenlet in zip(self.checks, greenlets):
             if greenlet.successful():
-                name, health = greenlet.value
+                name, health = cast("tuple[str, Health]", greenlet.value)
             else:
                 name = _check_name(check)
                 health = Health(False, f"health check timed out after {self.check_timeout:g} s")
@@ -172,7 +200,7 @@ class HealthApp:
         healthy = all(entry["healthy"] for entry in results.values())
         return healthy, dict(sorted(results.items()))
 
-    def _unique(self, name, results):
+    def _unique(self, name: str, results: dict[str, Any]) -> str:
         """*name*, or ``name#2``, ``name#3``... when an earlier check of this run took it.
 
         Names are only known once checks have run, so a clash cannot be refused
@@ -193,19 +221,19 @@ class HealthApp:
         return key
 
     @staticmethod
-    def _probe(start_response, ok, reason):
+    def _probe(start_response: StartResponse, ok: bool, reason: str) -> list[bytes]:
         return _json(start_response, "200 OK" if ok else "503 Service Unavailable",
                      {"status": "ok" if ok else "unavailable", "reason": reason})
 
 
-def _json(start_response, status, document):
+def _json(start_response: StartResponse, status: str, document: object) -> list[bytes]:
     body = json.dumps(document, default=str).encode()
     start_response(status, [("Content-Type", "application/json; charset=utf-8"),
                             ("Content-Length", str(len(body)))])
     return [body]
 
 
-def mount(app, health_app, prefix="/flyte"):
+def mount(app: WSGIApplication, health_app: WSGIApplication, prefix: str = "/flyte") -> WSGIApplication:
     """Serve *health_app* under *prefix* inside the WSGI *app* (no second port).
 
     Usage::
@@ -215,7 +243,7 @@ def mount(app, health_app, prefix="/flyte"):
     """
     prefix = "/" + prefix.strip("/")
 
-    def dispatch(environ, start_response):
+    def dispatch(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO") or ""
         if path == prefix or path.startswith(prefix + "/"):
             environ = dict(environ)
@@ -252,22 +280,23 @@ class HealthServer:
     :param port: 0 binds a free port; read :attr:`port` after :meth:`start`.
     """
 
-    def __init__(self, app, host="0.0.0.0", port=8090, *, request_timeout=REQUEST_TIMEOUT,
-                 max_connections=MAX_CONNECTIONS, max_request_head=MAX_REQUEST_HEAD):
+    def __init__(self, app: WSGIApplication, host: str = "0.0.0.0", port: int = 8090, *,
+                 request_timeout: float = REQUEST_TIMEOUT, max_connections: int = MAX_CONNECTIONS,
+                 max_request_head: int = MAX_REQUEST_HEAD) -> None:
         self.app = app
         self.host = host
         self.request_timeout = request_timeout
         self.max_connections = max_connections
         self.max_request_head = max_request_head
         self._requested_port = port
-        self._server = None
+        self._server: _Server | None = None
 
     @property
-    def port(self):
+    def port(self) -> int | None:
         """The bound port (``None`` before start)."""
         return self._server.server_port if self._server is not None else None
 
-    def start(self):
+    def start(self) -> None:
         """Start listening.
 
         :raises ConfigError: the port is taken or not allowed, or the host is not
@@ -285,7 +314,7 @@ class HealthServer:
         self._server = server
         log.info("health server listening on %s:%s", self.host, self.port)
 
-    def stop(self, timeout=0.2):
+    def stop(self, timeout: float = 0.2) -> None:
         """Stop listening; requests still being answered get *timeout* seconds.
 
         Kept short because probes and scrapers hold idle keep-alive connections
@@ -300,7 +329,7 @@ _PORT_SETTING = "FLYTE_HEALTH_PORT, --health-port or health_port"
 _HOST_SETTING = "FLYTE_GEVENT_HEALTH_HOST, --health-host or health_host"
 
 
-def _bind_error(exc, host, port):
+def _bind_error(exc: OSError, host: str, port: int) -> Exception:
     """The ConfigError for a health port that cannot be bound, or *exc* itself when it is not a setting's fault."""
     if exc.errno == errno.EADDRINUSE:
         return ConfigError(f"health port {port} on {host} is already in use: set {_PORT_SETTING} to a free port "
@@ -327,12 +356,12 @@ class _Connections:
     bounds.
     """
 
-    def __init__(self, limit):
+    def __init__(self, limit: int) -> None:
         self.limit = limit
-        self._open = {}     # handler -> its socket
-        self._waiting = {}  # handler -> None, longest waiting first (dicts keep insertion order)
+        self._open: dict[_Handler, socket.socket] = {}  # handler -> its socket
+        self._waiting: dict[_Handler, None] = {}  # handler -> None, longest waiting first (dicts keep insertion order)
 
-    def opened(self, handler, sock):
+    def opened(self, handler: "_Handler", sock: socket.socket) -> None:
         self._open[handler] = sock
         while len(self._open) > self.limit and self._waiting:
             oldest = next(iter(self._waiting))
@@ -345,15 +374,15 @@ class _Connections:
                 pass
         self._waiting[handler] = None
 
-    def waiting(self, handler):
+    def waiting(self, handler: "_Handler") -> None:
         if handler in self._open:
             self._waiting.pop(handler, None)
             self._waiting[handler] = None  # to the back of the line
 
-    def answering(self, handler):
+    def answering(self, handler: "_Handler") -> None:
         self._waiting.pop(handler, None)
 
-    def closed(self, handler):
+    def closed(self, handler: "_Handler") -> None:
         self._open.pop(handler, None)
         self._waiting.pop(handler, None)
 
@@ -375,26 +404,26 @@ class _RequestReader:
     reads stop at the budget (``_HeadTooLarge`` once it is spent).
     """
 
-    def __init__(self, rfile):
+    def __init__(self, rfile: BinaryIO) -> None:
         self._rfile = rfile
-        self._deadline = None
-        self._head_left = None  # None once the head is complete
+        self._deadline: float | None = None
+        self._head_left: int | None = None  # None once the head is complete
 
     @property
-    def closed(self):
+    def closed(self) -> bool:
         return self._rfile.closed
 
-    def close(self):
+    def close(self) -> None:
         self._rfile.close()
 
-    def begin_request(self, timeout, head_limit):
+    def begin_request(self, timeout: float, head_limit: int) -> None:
         self._deadline = time.monotonic() + timeout
         self._head_left = head_limit
 
-    def end_head(self):
+    def end_head(self) -> None:
         self._head_left = None
 
-    def readline(self, size=-1):
+    def readline(self, size: int | None = -1) -> bytes:
         if self._head_left is None:
             return self._before_deadline(self._rfile.readline, size)
         if self._head_left <= 0:
@@ -404,10 +433,10 @@ class _RequestReader:
         self._head_left -= len(line)
         return line
 
-    def read(self, size=-1):
+    def read(self, size: int | None = -1) -> bytes:
         return self._before_deadline(self._rfile.read, size)
 
-    def _before_deadline(self, read, size):
+    def _before_deadline(self, read: Callable[[Any], bytes], size: int | None) -> bytes:
         if self._deadline is None:
             return read(size)
         # Bytes already buffered are returned at once even past the deadline; only waiting is cut short.
@@ -416,7 +445,7 @@ class _RequestReader:
             return read(size)
 
 
-def _error_response(status):
+def _error_response(status: HTTPStatus) -> bytes:
     reason = status.phrase
     return (f"HTTP/1.1 {status.value} {reason}\r\nConnection: close\r\nContent-Type: text/plain\r\n"
             f"Content-Length: {len(reason)}\r\n\r\n{reason}").encode("latin-1")
@@ -429,24 +458,26 @@ _CLIENT_ERRORS = {status: (str(status.value), _error_response(status)) for statu
 class _Handler(WSGIHandler):
     """pywsgi's handler with the health server's bounds (see :class:`HealthServer`)."""
 
-    def __init__(self, sock, address, server):
+    server: "_Server"
+
+    def __init__(self, sock: socket.socket, address: Any, server: "_Server") -> None:
         super().__init__(sock, address, server)
-        self.rfile = _RequestReader(self.rfile)
+        self.rfile: _RequestReader = _RequestReader(self.rfile)  # type: ignore[assignment, arg-type]  # a file to pywsgi
         sock.settimeout(server.request_timeout)  # bounds each send to a client that does not read
 
-    def handle(self):
+    def handle(self) -> None:
         try:
             super().handle()
         except OSError as exc:
             # pywsgi sends its error answers (400, 408, 414...) unguarded: a client gone by then is no server error.
             log.debug("health server: connection to %s failed: %s", self.client_address, exc)
 
-    def read_requestline(self):
+    def read_requestline(self) -> str:
         self.server.connections.waiting(self)
         self.rfile.begin_request(self.server.request_timeout, self.server.max_request_head)
         return super().read_requestline()
 
-    def read_request(self, raw_requestline):
+    def read_request(self, raw_requestline: str) -> Any:
         parsed = super().read_request(raw_requestline)
         self.rfile.end_head()
         self.server.connections.answering(self)
@@ -456,7 +487,7 @@ class _Handler(WSGIHandler):
             self.close_connection = True
         return parsed
 
-    def _handle_client_error(self, ex):
+    def _handle_client_error(self, ex: BaseException) -> tuple[str, bytes] | None:
         # pywsgi's hook for a request it cannot use: answer it and close, without the traceback pywsgi
         # prints for errors that are not ValueErrors (http.client's "got more than 100 headers").
         log.debug("health server: refused a request from %s: %s", self.client_address,
@@ -469,8 +500,8 @@ class _Handler(WSGIHandler):
             return _CLIENT_ERRORS[HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE]
         return _CLIENT_ERRORS[HTTPStatus.BAD_REQUEST]
 
-    def handle_error(self, t, v, tb):
-        if issubclass(t, (TimeoutError, ConnectionError)):
+    def handle_error(self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None) -> None:
+        if t is not None and issubclass(t, (TimeoutError, ConnectionError)):
             # The client stopped reading or went away (a send timed out, a reset): its loss, not a server bug,
             # so no traceback, and the connection is done.
             log.debug("health server: connection to %s failed: %s", self.client_address, v)
@@ -478,21 +509,22 @@ class _Handler(WSGIHandler):
             return
         super().handle_error(t, v, tb)
 
-    def log_error(self, msg, *args):
+    def log_error(self, msg: str, *args: object) -> None:
         log.debug("health server: %s", msg % args if args else msg)
 
 
 class _Server(WSGIServer):
     """A ``WSGIServer`` that keeps track of its connections (see :class:`_Connections`)."""
 
-    def __init__(self, listener, application, *, request_timeout, connections, max_request_head, **kwargs):
+    def __init__(self, listener: tuple[str, int], application: WSGIApplication, *, request_timeout: float,
+                 connections: _Connections, max_request_head: int, **kwargs: Any) -> None:
         super().__init__(listener, application, **kwargs)
         self.request_timeout = request_timeout
         self.connections = connections
         self.max_request_head = max_request_head
 
-    def handle(self, sock, address):
-        handler = self.handler_class(sock, address, self)
+    def handle(self, sock: socket.socket, address: Any) -> None:
+        handler = cast(_Handler, self.handler_class(sock, address, self))
         self.connections.opened(handler, sock)
         try:
             handler.handle()

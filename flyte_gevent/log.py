@@ -16,31 +16,36 @@ import datetime
 import json
 import logging
 import sys
+from collections.abc import Iterator, Mapping
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .models import Action
 
 __all__ = ["ActionContextFilter", "JsonFormatter", "configure", "configure_from_environ", "current_action"]
 
-_action = contextvars.ContextVar("flyte_gevent_action", default=None)
-_pack = contextvars.ContextVar("flyte_gevent_pack", default=None)
+_action: contextvars.ContextVar["Action | None"] = contextvars.ContextVar("flyte_gevent_action", default=None)
+_pack: contextvars.ContextVar[str | None] = contextvars.ContextVar("flyte_gevent_pack", default=None)
 
 
-def current_action():
+def current_action() -> "Action | None":
     """The :class:`~flyte_gevent.models.Action` being handled by this greenlet, or ``None``."""
     return _action.get()
 
 
-def bind_action(action, pack_name):
+def bind_action(action: "Action", pack_name: str | None) -> None:
     """Mark this greenlet as running *action*; called by the pack runtime at the start of an action."""
     _action.set(action)
     _pack.set(pack_name)
 
 
-def bind_pack(pack_name):
+def bind_pack(pack_name: str | None) -> None:
     """Mark this greenlet as working for *pack_name* (poller, event sender)."""
     _pack.set(pack_name)
 
 
 @contextlib.contextmanager
-def pack_context(pack_name):
+def pack_context(pack_name: str | None) -> Iterator[None]:
     """Within the block, records carry *pack_name*; afterwards the greenlet's own value is back.
 
     For a pack's lifecycle (start, stop, signals), which runs in its caller's
@@ -63,7 +68,7 @@ class ActionContextFilter(logging.Filter):
         handler.setFormatter(logging.Formatter("%(levelname)s %(action_id)s %(message)s"))
     """
 
-    def filter(self, record):
+    def filter(self, record: logging.LogRecord) -> bool:
         action = _action.get()
         record.action_id = action.id if action is not None else None
         record.command = action.command if action is not None else None
@@ -74,7 +79,7 @@ class ActionContextFilter(logging.Filter):
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: ts, level, logger, msg, pack, action_id, command, exc_info."""
 
-    def format(self, record):
+    def format(self, record: logging.LogRecord) -> str:
         entry = {
             "ts": datetime.datetime.fromtimestamp(record.created, datetime.UTC)
             .isoformat(timespec="milliseconds").replace("+00:00", "Z"),
@@ -94,16 +99,16 @@ _TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s%(context)s: %(message)s"
 
 
 class _TextFormatter(logging.Formatter):
-    def format(self, record):
+    def format(self, record: logging.LogRecord) -> str:
         parts = []
         if getattr(record, "action_id", None):
-            parts.append(f"action={record.action_id}")
-            parts.append(f"command={record.command}")
+            parts.append(f"action={record.action_id}")  # type: ignore[attr-defined]  # set by the filter
+            parts.append(f"command={record.command}")  # type: ignore[attr-defined]
         record.context = " [" + " ".join(parts) + "]" if parts else ""
         return super().format(record)
 
 
-def configure(level="INFO", fmt="text", stream=None):
+def configure(level: str | int = "INFO", fmt: str = "text", stream: IO[str] | None = None) -> None:
     """Send all logging to *stream* (stderr) in ``text`` or ``json`` format with action context.
 
     Meant for entry points; a library embedding a pack configures its own logging
@@ -121,7 +126,8 @@ def configure(level="INFO", fmt="text", stream=None):
     root.setLevel(level.upper() if isinstance(level, str) else level)
 
 
-def configure_from_environ(overrides=None, environ=None):
+def configure_from_environ(overrides: Mapping[str, Any] | None = None,
+                           environ: Mapping[str, str] | None = None) -> tuple[str, str]:
     """:func:`configure` at ``FLYTE_GEVENT_LOG_LEVEL`` in ``FLYTE_GEVENT_LOG_FORMAT`` (info, text); ``(level, format)``.
 
     The default of ``flyte-gevent run`` (whose flags are *overrides*) and of

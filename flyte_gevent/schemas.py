@@ -15,15 +15,16 @@ plain case and hand everything else to the schema itself (see the section on
 fast paths below).
 """
 
-import collections
 import dataclasses
 import datetime
 import json
 import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, cast
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, missing, post_dump, post_load
 
-from .models import Action
+from .models import JSON, Action, Event, PackDef
 
 __all__ = [
     "REL_EVENTS",
@@ -48,7 +49,14 @@ __all__ = [
     "registration_body",
 ]
 
-Link = collections.namedtuple("Link", "href rel")
+
+
+class Link(NamedTuple):
+    """A link of a Flyte document: where it points, and what it is (``None`` when the server omitted it)."""
+
+    href: str
+    rel: str | None
+
 
 # Rels are absolute swagger URLs whose host part varies with proxies, so links
 # are matched by the resource name after the fragment marker.
@@ -63,7 +71,7 @@ _MAX_SAFE_INT = 2**53
 _UTC = datetime.UTC
 
 
-def find_link(links, name):
+def find_link(links: Sequence[Link], name: str) -> str | None:
     """The href of the link whose rel names *name*, or ``None``.
 
     A rel matches when it is *name* itself or ends with ``#name``, ``#!/name``,
@@ -80,9 +88,9 @@ def find_link(links, name):
     return None
 
 
-def flatten_errors(messages, prefix=""):
+def flatten_errors(messages: object, prefix: str = "") -> list[str]:
     """Turn marshmallow's nested error messages into ``["dotted.path: message", ...]``."""
-    lines = []
+    lines: list[str] = []
     if isinstance(messages, dict):
         for key, value in messages.items():
             path = prefix if key == "_schema" else (f"{prefix}.{key}" if prefix else str(key))
@@ -95,7 +103,7 @@ def flatten_errors(messages, prefix=""):
     return lines
 
 
-class JSONValue(fields.Field):
+class JSONValue(fields.Field[Any]):
     """Any JSON value, checked on the way out.
 
     Dumping walks the value and refuses what JSON (or Flyte) cannot carry, naming
@@ -103,14 +111,14 @@ class JSONValue(fields.Field):
     become objects; tuples become lists; integers beyond 2**53 become strings.
     """
 
-    def _serialize(self, value, attr, obj, **kwargs):
+    def _serialize(self, value: Any, attr: str | None, obj: Any, **kwargs: Any) -> JSON:
         return _to_json(value, attr or "value")
 
-    def _deserialize(self, value, attr, data, **kwargs):
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
         return value
 
 
-def _to_json(value, path):
+def _to_json(value: object, path: str) -> JSON:
     if value is None or isinstance(value, (str, bool)):
         return value
     if isinstance(value, int):
@@ -120,7 +128,7 @@ def _to_json(value, path):
             raise ValidationError(f"{path}: {value} is not a valid JSON number")
         return value
     if isinstance(value, dict):
-        out = {}
+        out: dict[str, JSON] = {}
         for key, item in value.items():
             if isinstance(key, (int, float)) and not isinstance(key, bool):
                 key = str(key)
@@ -136,20 +144,21 @@ def _to_json(value, path):
     raise ValidationError(f"{path}: {type(value).__name__} is not JSON serializable")
 
 
-def _is_plain_json(value):
+def _is_plain_json(value: Any) -> bool:
     """Whether *value* is a JSON scalar that :func:`_to_json` returns as it is (exact types only)."""
     kind = type(value)
     if kind is str or kind is bool or value is None:
         return True
     if kind is int:
-        return -_MAX_SAFE_INT <= value <= _MAX_SAFE_INT
+        safe: bool = -_MAX_SAFE_INT <= value <= _MAX_SAFE_INT
+        return safe
     return kind is float and math.isfinite(value)
 
 
-class RFC3339UTC(fields.Field):
+class RFC3339UTC(fields.Field[datetime.datetime]):
     """An aware datetime, sent in UTC as RFC 3339 ending in ``Z`` (Flyte refuses naive times)."""
 
-    def _serialize(self, value, attr, obj, **kwargs):
+    def _serialize(self, value: datetime.datetime | None, attr: str | None, obj: Any, **kwargs: Any) -> str | None:
         if value is None:
             return None
         if value.tzinfo is not _UTC:
@@ -161,7 +170,7 @@ class RFC3339UTC(fields.Field):
             return value.isoformat(timespec="microseconds")[:-6] + "Z"
         return value.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
-    def _deserialize(self, value, attr, data, **kwargs):
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> datetime.datetime:
         if not isinstance(value, str):
             raise ValidationError("Not a valid RFC 3339 datetime.")
         try:
@@ -183,11 +192,11 @@ class LinkSchema(Schema):
     rel = fields.String(load_default=None)
 
     @post_load
-    def _make(self, data, **kwargs):
+    def _make(self, data: dict[str, Any], **kwargs: Any) -> Link:
         return Link(data["href"], data["rel"])
 
     @post_dump
-    def _drop_empty_rel(self, data, **kwargs):
+    def _drop_empty_rel(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
         if not data.get("rel"):
             data.pop("rel", None)
         return data
@@ -202,13 +211,13 @@ class LinksDocumentSchema(Schema):
     links = fields.List(fields.Nested(LinkSchema), required=True)
 
 
-def _help_links(url):
+def _help_links(url: str | None) -> list[dict[str, str]] | None:
     return [{"href": url, "rel": "help"}] if url else None
 
 
 class _RegistrationPart(Schema):
     @post_dump
-    def _drop_missing(self, data, **kwargs):
+    def _drop_missing(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
         return {key: value for key, value in data.items() if value is not None}
 
 
@@ -239,8 +248,8 @@ class PackRegistrationSchema(_RegistrationPart):
     links = fields.Function(lambda pack_def: _pack_links(pack_def))  # noqa: PLW0108 - defined below the class
 
 
-def _pack_links(pack_def):
-    links = _help_links(pack_def.help_url) or []
+def _pack_links(pack_def: PackDef) -> list[dict[str, str]] | None:
+    links: list[dict[str, str]] = _help_links(pack_def.help_url) or []
     links += [{"href": href, "rel": rel} for rel, href in pack_def.links.items()]
     return links or None
 
@@ -267,14 +276,14 @@ class ActionSchema(Schema):
     links = fields.List(fields.Nested(LinkSchema), required=True)
 
     @post_load
-    def _make(self, data, **kwargs):
+    def _make(self, data: dict[str, Any], **kwargs: Any) -> Action:
         result_url = find_link(data["links"], REL_RESULT)
         if result_url is None:
             raise ValidationError("no link with rel .../actionResult", "links")
         return Action(action_id_from_url(result_url), data["command"], data["input"], result_url)
 
 
-def action_id_from_url(result_url):
+def action_id_from_url(result_url: str) -> str:
     """The action id in a result URL (``.../actions/<id>/result``), the only place Flyte puts it."""
     path = result_url.split("?", 1)[0].rstrip("/")
     head, _, last = path.rpartition("/")
@@ -306,17 +315,17 @@ class _NotPlain(Exception):
     """The data is outside what a compiled plan covers: the schema must decide."""
 
 
-def _plain_text(value):
+def _plain_text(value: object) -> str:
     if type(value) is not str:
         raise _NotPlain
     return value
 
 
-def _as_is(value):
+def _as_is(value: Any) -> Any:
     return value
 
 
-def _field_loader(field):
+def _field_loader(field: Any) -> Callable[[Any], Any] | None:
     """A function loading one non-null value as *field*'s ``deserialize`` would, raising _NotPlain when unsure."""
     if field.validators or getattr(field, "pre_load", None) or getattr(field, "post_load", None):
         return None
@@ -331,10 +340,10 @@ def _field_loader(field):
             return None
         inner_allows_none = field.inner.allow_none
 
-        def load_list(value):
+        def load_list(value: Any) -> list[Any]:
             if type(value) is not list:
                 raise _NotPlain
-            items = []
+            items: list[Any] = []
             for item in value:
                 if item is None:
                     if not inner_allows_none:
@@ -351,7 +360,7 @@ def _field_loader(field):
     return None
 
 
-def _compile_load(schema):
+def _compile_load(schema: Schema) -> Callable[[Any], Any] | None:
     """A function loading a dict as ``schema.load`` does when it accepts it, or ``None`` if *schema* cannot be compiled.
 
     The function raises _NotPlain for data it does not cover.
@@ -360,25 +369,25 @@ def _compile_load(schema):
     if (schema.many or schema.partial or schema.unknown != EXCLUDE or schema.dict_class is not dict
             or hooks.get("pre_load") or hooks.get("validates") or hooks.get("validates_schema")):
         return None
-    post_load = []
+    post_load: list[Callable[..., Any]] = []
     for name, pass_collection, options in hooks.get("post_load", ()):
         if pass_collection or options.get("pass_original"):
             return None
         post_load.append(getattr(schema, name))
-    plan = []
+    plan: list[tuple[str, str, Callable[[Any], Any], bool, bool, Any]] = []
     for name, field in schema.load_fields.items():
         attribute = field.attribute or name
-        load = _field_loader(field)
-        if load is None or "." in attribute:
+        load_field = _field_loader(field)
+        if load_field is None or "." in attribute:
             return None
         key = field.data_key if field.data_key is not None else name
-        plan.append((key, attribute, load, field.required, field.allow_none, field.load_default))
+        plan.append((key, attribute, load_field, field.required, field.allow_none, field.load_default))
     unknown = schema.unknown
 
-    def load(data):
+    def load(data: Any) -> Any:
         if type(data) is not dict:
             raise _NotPlain
-        result = {}
+        result: Any = {}
         for key, attribute, load_value, required, allow_none, default in plan:
             value = data.get(key, missing)
             if value is missing:
@@ -401,7 +410,7 @@ def _compile_load(schema):
     return load
 
 
-def _compile_dump(schema):
+def _compile_dump(schema: Schema) -> Callable[[Any], dict[str, Any]] | None:
     """A function dumping a dict as ``schema.dump`` does, or ``None`` if *schema* cannot be compiled.
 
     The function raises _NotPlain for a dict lacking one of the keys the schema reads.
@@ -410,7 +419,7 @@ def _compile_dump(schema):
     if (schema.many or schema.dict_class is not dict or hooks.get("pre_dump") or hooks.get("post_dump")
             or type(schema).get_attribute is not Schema.get_attribute):
         return None
-    plan = []
+    plan: list[tuple[str, str, str, Callable[..., Any]]] = []
     for name, field in schema.dump_fields.items():
         source = field.attribute or name
         if not field._CHECK_ATTRIBUTE or type(field).get_value is not fields.Field.get_value or "." in source:
@@ -418,7 +427,7 @@ def _compile_dump(schema):
         key = field.data_key if field.data_key is not None else name
         plan.append((key, source, name, field._serialize))
 
-    def dump(obj):
+    def dump(obj: Any) -> dict[str, Any]:
         if type(obj) is not dict:
             raise _NotPlain
         result = {}
@@ -431,12 +440,12 @@ def _compile_dump(schema):
     return dump
 
 
-def _with_fallback(compiled, schema_method):
+def _with_fallback(compiled: Callable[[Any], Any] | None, schema_method: Callable[[Any], Any]) -> Callable[[Any], Any]:
     """*compiled* where it covers the data, else *schema_method* (which then also words any refusal)."""
     if compiled is None:
         return schema_method
 
-    def run(data):
+    def run(data: Any) -> Any:
         try:
             return compiled(data)
         except _NotPlain:
@@ -449,7 +458,7 @@ _REGISTRATION = PackRegistrationSchema()
 _JSON_ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 
 _ACTION = ActionSchema()
-load_action = _with_fallback(_compile_load(_ACTION), _ACTION.load)
+load_action: Callable[[Any], Action] = _with_fallback(_compile_load(_ACTION), _ACTION.load)
 load_action.__doc__ = """The :class:`~flyte_gevent.models.Action` in a decoded take answer.
 
 Returns and raises exactly what ``ActionSchema().load(data)`` does (a
@@ -458,12 +467,13 @@ from the schema for the plain case."""
 _dump_event_body = _with_fallback(_compile_dump(_EVENT_BODY), _EVENT_BODY.dump)
 
 
-def registration_body(pack_def):
+def registration_body(pack_def: PackDef) -> dict[str, Any]:
     """The registration JSON for *pack_def*, as a dict."""
-    return _REGISTRATION.dump(pack_def)
+    body: dict[str, Any] = _REGISTRATION.dump(pack_def)
+    return body
 
 
-def encode_event(event, created_at=None):
+def encode_event(event: Event[Any], created_at: datetime.datetime | None = None) -> bytes:
     """Encode *event* as the JSON bytes of a result or event POST.
 
     When the event has a ``payload_schema``, the payload is dumped through it
@@ -476,7 +486,7 @@ def encode_event(event, created_at=None):
     payload = event.payload
     schema = event.event_def.payload_schema
     if schema is not None:
-        payload = _dump_payload(schema, payload)
+        payload = _dump_payload(cast(Schema, schema), payload)  # an instance once the EventDef is made
     body = _dump_event_body({
         "event": event.name,
         "payload": payload,
@@ -485,7 +495,7 @@ def encode_event(event, created_at=None):
     return _JSON_ENCODE(body).encode()
 
 
-def _dump_payload(schema, payload):
+def _dump_payload(schema: Schema, payload: object) -> Any:
     """*payload* dumped through *schema*, refused unless the dump loads back through it.
 
     marshmallow's ``dump()`` checks nothing: a str dumps to ``{}``, a missing
@@ -512,7 +522,7 @@ def _dump_payload(schema, payload):
     return dumped
 
 
-def _shape_errors(schema, payload):
+def _shape_errors(schema: Schema, payload: object) -> list[str] | dict[int, list[str]] | None:
     name = type(schema).__name__
     if not schema.many:
         return [_not_an_object(name, payload)] if _is_plain_value(payload) else None
@@ -522,22 +532,22 @@ def _shape_errors(schema, payload):
     return items or None
 
 
-def _is_plain_value(value):
+def _is_plain_value(value: object) -> bool:
     """Whether *value* is a JSON scalar or a plain sequence, which a schema cannot read fields from."""
     if isinstance(value, tuple):
         return not hasattr(value, "_fields")  # a namedtuple is read by attribute
     return value is None or isinstance(value, (str, bytes, bytearray, int, float, list, set, frozenset))
 
 
-def _not_an_object(schema_name, value):
+def _not_an_object(schema_name: str, value: object) -> str:
     return f"{schema_name} needs a dict, a dataclass or another object, not {_kind(value)}"
 
 
-def _kind(value):
+def _kind(value: object) -> str:
     return "None" if value is None else type(value).__name__
 
 
-def _dump_errors(schema, obj):
+def _dump_errors(schema: Schema, obj: object) -> dict[Any, Any]:
     """Where dumping *obj* through *schema* fails, as marshmallow-style messages by field ({} if nowhere)."""
     if schema.many:
         if not isinstance(obj, (list, tuple)):
@@ -547,8 +557,8 @@ def _dump_errors(schema, obj):
     return _field_errors(schema, obj)
 
 
-def _field_errors(schema, obj):
-    errors = {}
+def _field_errors(schema: Schema, obj: object) -> dict[str, Any]:
+    errors: dict[str, Any] = {}
     for attr_name, field in schema.dump_fields.items():
         value = None
         try:
@@ -560,14 +570,14 @@ def _field_errors(schema, obj):
     return errors
 
 
-def _why_not_dumped(field, value, exc):
+def _why_not_dumped(field: fields.Field[Any], value: object, exc: Exception) -> Any:
     """Why *field* cannot dump *value*: by path inside nested objects and lists, else one message."""
     if isinstance(field, fields.Nested) and value is not None:
         nested = _dump_errors(field.schema, value)
         if nested:
             return nested
     elif isinstance(field, fields.List) and isinstance(value, (list, tuple)):
-        items = {}
+        items: dict[int, Any] = {}
         for index, item in enumerate(value):
             try:
                 field.inner.serialize("item", item, accessor=_itself)
@@ -580,17 +590,17 @@ def _why_not_dumped(field, value, exc):
     return [f"cannot be dumped as {type(field).__name__}: {exc}"]
 
 
-def _itself(obj, attr, default):
+def _itself(obj: object, attr: str, default: object) -> object:
     return obj
 
 
-def _dump_failure(exc):
+def _dump_failure(exc: Exception) -> Any:
     if isinstance(exc, ValidationError):
         return exc.messages
     return [f"cannot be dumped: {type(exc).__name__}: {exc}"]
 
 
-def _loadable(schema, dumped):
+def _loadable(schema: Schema, dumped: Any) -> Any:
     """The dump without dump-only fields, which loading it back would call unknown."""
     dump_only = {field.data_key if field.data_key is not None else name
                  for name, field in schema.dump_fields.items() if name not in schema.load_fields}
