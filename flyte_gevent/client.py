@@ -29,8 +29,7 @@ from gevent.lock import Semaphore
 from marshmallow import ValidationError
 from requests.adapters import HTTPAdapter
 
-from . import __version__
-from . import _http
+from . import __version__, _http
 from ._http import DEFAULT_MAX_RESPONSE_SIZE, BadResponse, HTTPPool, RequestNotSent, ResponseTooLarge
 from .config import API_URL_QUERY_PROBLEM, check_count, check_seconds, check_token, read_token_file
 from .errors import (
