@@ -77,6 +77,7 @@ import logging
 import os
 import time
 import weakref
+from typing import TYPE_CHECKING
 
 import gevent
 import gevent.event
@@ -96,6 +97,9 @@ from ._journal_files import (
     storable,
 )
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .models import Action
 
 __all__ = ["SCHEMA_VERSION", "SYNC_MODES", "Journal", "JournalError", "NullJournal", "Recovered"]
 
@@ -119,35 +123,35 @@ class NullJournal:
     """
 
     enabled = False
-    path = None
-    file = None
+    path: str | None = None
+    file: str | None = None
     write_failures = 0
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "<NullJournal>"
 
-    def __len__(self):
+    def __len__(self) -> int:
         return 0
 
-    def open(self):
+    def open(self) -> None:
         pass
 
-    def recover(self):
+    def recover(self) -> list[Recovered]:
         return []
 
-    def taken(self, action):
+    def taken(self, action: Action) -> None:
         pass
 
-    def result(self, action_id, body):
+    def result(self, action_id: str, body: bytes) -> None:
         pass
 
-    def remove(self, action_id):
+    def remove(self, action_id: str) -> None:
         pass
 
-    def flush(self):
+    def flush(self) -> None:
         pass
 
-    def close(self):
+    def close(self) -> int:
         return 0
 
 
@@ -170,7 +174,7 @@ class Journal:
 
     enabled = True
 
-    def __init__(self, path, pack_id, *, sync="normal", linger=0.05):
+    def __init__(self, path: str, pack_id: str, *, sync: str = "normal", linger: float = 0.05) -> None:
         if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
             raise ConfigError(f"{SETTING} / journal={path!r}: expected a directory path", SETTING)
         if not isinstance(pack_id, str) or not pack_id:
@@ -192,25 +196,25 @@ class Journal:
         self._closed = False
         self._forked = False
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         state = "closed" if self._closed else "open" if self._own else "not open"
         return f"<Journal {self.path!r} {state}, {len(self._records)} records>"
 
-    def __len__(self):
+    def __len__(self) -> int:
         """Records held: actions taken or adopted and not yet removed."""
         return len(self._records)
 
     @property
-    def write_failures(self):
+    def write_failures(self) -> int:
         """Batches that could not be written since :meth:`open` (for metrics)."""
         return self._writer.failures if self._writer else 0
 
     @property
-    def file(self):
+    def file(self) -> str | None:
         """The path of this process's own journal file (``None`` before :meth:`open`)."""
         return self._own.db_path if self._own else None
 
-    def open(self):
+    def open(self) -> None:
         """Create the directory if needed and this process's own journal file in it.
 
         A closed journal may be opened again (a pack whose start failed, started
@@ -237,7 +241,7 @@ class Journal:
         _open_journals.add(self)
         log.debug("journal file %s opened (sync=%s)", self._own.db_path, self.sync)
 
-    def recover(self):
+    def recover(self) -> list[Recovered]:
         """Adopt the files of dead processes of this pack; their records, oldest first.
 
         Call it at start, before the first take; it may be called again later
@@ -280,7 +284,7 @@ class Journal:
                 self._writer.submit(_RETIRE, store)
         return recovered
 
-    def taken(self, action):
+    def taken(self, action: Action) -> None:
         """Record a just-taken *action*; returns once the record is durable.
 
         Call it as soon as the take's answer is decoded, before the handler
@@ -316,7 +320,7 @@ class Journal:
                 own.count -= 1
             raise JournalError(f"action {action.id} not journaled: {error}") from error
 
-    def result(self, action_id, body):
+    def result(self, action_id: str, body: bytes) -> None:
         """Queue the encoded result *body* (bytes) of *action_id*; returns at once.
 
         Written within ``linger`` seconds unless :meth:`remove` comes first (the
@@ -331,7 +335,7 @@ class Journal:
         if where is not None:
             self._writer.submit(_RESULT, where[0], where[1], bytes(body))
 
-    def remove(self, action_id):
+    def remove(self, action_id: str) -> None:
         """Queue the removal of *action_id*'s record: its result was accepted or definitively refused.
 
         Returns at once; unknown ids, and calls after :meth:`close` began, are
@@ -351,7 +355,7 @@ class Journal:
             self._stores.remove(store)
             self._writer.submit(_RETIRE, store)
 
-    def flush(self):
+    def flush(self) -> None:
         """Return once everything queued so far is written (per the sync mode).
 
         :raises JournalError: the last batch could not be written.
@@ -364,7 +368,7 @@ class Journal:
             error = next(iter(errors.values()))
             raise JournalError(str(error)) from error
 
-    def close(self):
+    def close(self) -> int:
         """Write what is queued, then let go of every file; returns the records kept on disk.
 
         This process's own file is deleted when it holds no records; otherwise

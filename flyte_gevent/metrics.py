@@ -32,6 +32,9 @@ import bisect
 import logging
 import time
 import weakref
+from collections.abc import Iterable
+from typing import Any
+from wsgiref.types import StartResponse, WSGIEnvironment
 
 from . import __version__
 
@@ -56,43 +59,43 @@ class NullMetrics:
     """The metrics interface with every method a no-op."""
 
     enabled = False
-    registry = None
+    registry: Any = None  # a prometheus_client CollectorRegistry on Metrics
 
-    def wsgi_app(self, environ, start_response):
+    def wsgi_app(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         start_response("404 Not Found", [("Content-Type", "text/plain"), ("Content-Length", "0")])
         return [b""]
 
-    def action_taken(self, command):
+    def action_taken(self, command: str) -> None:
         pass
 
-    def action_completed(self, command, outcome, duration):
+    def action_completed(self, command: str, outcome: str, duration: float | None) -> None:
         pass
 
-    def take_error(self, reason):
+    def take_error(self, reason: str) -> None:
         pass
 
-    def result_retried(self):
+    def result_retried(self) -> None:
         pass
 
-    def result_lost(self):
+    def result_lost(self) -> None:
         pass
 
-    def event_sent(self, event):
+    def event_sent(self, event: str) -> None:
         pass
 
-    def event_failed(self, event):
+    def event_failed(self, event: str) -> None:
         pass
 
-    def event_dropped(self):
+    def event_dropped(self) -> None:
         pass
 
-    def registered(self, state):
+    def registered(self, state: bool) -> None:
         pass
 
-    def action_recovered(self, outcome):
+    def action_recovered(self, outcome: str) -> None:
         pass
 
-    def action_unjournaled(self):
+    def action_unjournaled(self) -> None:
         pass
 
 
@@ -106,7 +109,7 @@ class Metrics(NullMetrics):
 
     enabled = True
 
-    def __init__(self, pack_name, commands, registry=None):
+    def __init__(self, pack_name: str, commands: Iterable[str], registry: Any = None) -> None:
         import prometheus_client as prom
 
         self.registry = registry if registry is not None else prom.CollectorRegistry(auto_describe=True)
@@ -130,58 +133,59 @@ class Metrics(NullMetrics):
         self._unjournaled = prom.Counter("flyte_pack_actions_unjournaled",
                                          "Actions run without their journal record (the write failed).", registry=r)
         prom.Info("flyte_pack", "Pack and library.", registry=r).info({"pack": pack_name, "version": __version__})
-        self._app = prom.make_wsgi_app(registry=r)
-        self._children = {}
+        self._app: Any = prom.make_wsgi_app(registry=r)
+        self._children: dict[tuple[Any, ...], Any] = {}
         for outcome in RECOVERED_OUTCOMES:  # a pack that never recovered anything shows zeros, not nothing
             self._child(self._recovered, outcome)
         _subscribe_loop_monitor(self._blocked)
 
-    def wsgi_app(self, environ, start_response):
-        return self._app(environ, start_response)
+    def wsgi_app(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        answer: Iterable[bytes] = self._app(environ, start_response)
+        return answer
 
-    def _child(self, metric, *labels):
+    def _child(self, metric: Any, *labels: str) -> Any:
         key = (id(metric),) + labels
         child = self._children.get(key)
         if child is None:
             child = self._children[key] = metric.labels(*labels)
         return child
 
-    def _command(self, command):
+    def _command(self, command: str) -> str:
         return command if command in self._commands else "unknown"
 
-    def action_taken(self, command):
+    def action_taken(self, command: str) -> None:
         self._actions.taken(self._command(command))
 
-    def action_completed(self, command, outcome, duration):
+    def action_completed(self, command: str, outcome: str, duration: float | None) -> None:
         self._actions.completed(self._command(command), outcome, duration)
 
-    def take_error(self, reason):
+    def take_error(self, reason: str) -> None:
         self._child(self._take_errors, reason).inc()
 
-    def result_retried(self):
+    def result_retried(self) -> None:
         self._retries.inc()
 
-    def result_lost(self):
+    def result_lost(self) -> None:
         self._lost.inc()
 
-    def event_sent(self, event):
+    def event_sent(self, event: str) -> None:
         self._child(self._sent, event).inc()
 
-    def event_failed(self, event):
+    def event_failed(self, event: str) -> None:
         self._child(self._failed, event).inc()
 
-    def event_dropped(self):
+    def event_dropped(self) -> None:
         self._dropped.inc()
 
-    def registered(self, state):
+    def registered(self, state: bool) -> None:
         if state:
             self._registrations.inc()
         self._registered.set(1 if state else 0)
 
-    def action_recovered(self, outcome):
+    def action_recovered(self, outcome: str) -> None:
         self._child(self._recovered, outcome).inc()
 
-    def action_unjournaled(self):
+    def action_unjournaled(self) -> None:
         self._unjournaled.inc()
 
 
@@ -199,27 +203,27 @@ class _ActionSeries:
     a scrape never sees a change half made.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         import prometheus_client
         from prometheus_client import metrics_core, utils
 
         self._core = metrics_core
         self._bounds = tuple(prometheus_client.Histogram.DEFAULT_BUCKETS)
-        self._le = tuple(utils.floatToGoString(bound) for bound in self._bounds)
+        self._le = tuple(utils.floatToGoString(bound) for bound in self._bounds)  # type: ignore[no-untyped-call]
         self._with_created = _exposes_created(prometheus_client)
-        self._taken = {}       # command -> [count, created]
-        self._completed = {}   # (command, outcome) -> [count, created]
-        self._durations = {}   # command -> [count in each bucket..., sum, created]
+        self._taken: dict[str, list[float]] = {}                  # command -> [count, created]
+        self._completed: dict[tuple[str, str], list[float]] = {}  # (command, outcome) -> [count, created]
+        self._durations: dict[str, list[float]] = {}              # command -> [count in each bucket..., sum, created]
         self._in_flight = 0
 
-    def taken(self, command):
+    def taken(self, command: str) -> None:
         counter = self._taken.get(command)
         if counter is None:
             counter = self._taken[command] = [0, time.time()]
         counter[0] += 1
         self._in_flight += 1
 
-    def completed(self, command, outcome, duration):
+    def completed(self, command: str, outcome: str, duration: float | None) -> None:
         counter = self._completed.get((command, outcome))
         if counter is None:
             counter = self._completed[(command, outcome)] = [0, time.time()]
@@ -232,13 +236,13 @@ class _ActionSeries:
             histogram[-2] += duration
         self._in_flight -= 1
 
-    def describe(self):
+    def describe(self) -> list[Any]:
         return self._families(empty=True)
 
-    def collect(self):
+    def collect(self) -> list[Any]:
         return self._families()
 
-    def _families(self, empty=False):
+    def _families(self, empty: bool = False) -> list[Any]:
         core = self._core
         taken = core.CounterMetricFamily("flyte_pack_actions_taken", "Actions taken.", labels=["command"])
         completed = core.CounterMetricFamily("flyte_pack_actions", "Actions completed, by outcome.",
@@ -255,7 +259,8 @@ class _ActionSeries:
             completed.add_metric(list(labels), count, self._created(created))
         for command, histogram in list(self._durations.items()):
             histogram = histogram[:]
-            buckets, cumulative = [], 0
+            buckets: list[tuple[str, float]] = []
+            cumulative = 0.0
             for le, count in zip(self._le, histogram):
                 cumulative += count
                 buckets.append((le, cumulative))
@@ -266,17 +271,17 @@ class _ActionSeries:
         in_flight.add_metric([], self._in_flight)
         return families
 
-    def _created(self, created):
+    def _created(self, created: float) -> float | None:
         return created if self._with_created else None
 
 
-def _exposes_created(prom):
+def _exposes_created(prom: Any) -> bool:
     """Whether prometheus_client adds ``_created`` samples (``PROMETHEUS_DISABLE_CREATED_SERIES`` unset)."""
     probe = prom.Counter("probe", "Probe.", registry=None)
     return any(sample.name.endswith("_created") for family in probe.collect() for sample in family.samples)
 
 
-def make_metrics(setting, pack_name, commands):
+def make_metrics(setting: Any, pack_name: str, commands: Iterable[str]) -> NullMetrics:
     """Metrics for a pack: *setting* is ``True``/``False``, ``None`` (on when
     prometheus_client is installed) or a ``CollectorRegistry`` to use."""
     if setting is False:
@@ -291,10 +296,10 @@ def make_metrics(setting, pack_name, commands):
     return Metrics(pack_name, commands, registry)
 
 
-_blocked_counters = weakref.WeakSet()
+_blocked_counters: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
-def _count_blocked(event):
+def _count_blocked(event: object) -> None:
     from gevent import events
 
     if isinstance(event, events.EventLoopBlocked):
@@ -302,7 +307,7 @@ def _count_blocked(event):
             counter.inc()
 
 
-def _subscribe_loop_monitor(counter):
+def _subscribe_loop_monitor(counter: Any) -> None:
     """Count gevent's EventLoopBlocked reports (published when ``GEVENT_MONITOR_THREAD_ENABLE=1``).
 
     One subscriber per process feeds every live pack's counter; a pack that is

@@ -40,6 +40,8 @@ import logging
 import math
 import signal
 import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, cast
 from urllib.parse import urlsplit
 
 import gevent
@@ -52,17 +54,22 @@ from . import config
 from ._actions import RERUN, RESTARTED, RESTARTED_MESSAGE, RESULT, SHUTDOWN_MESSAGE, ActionRunner
 from ._delivery import Delivery
 from ._hooks import Hooks, describe
-from ._journal import SYNC_MODES, Journal, NullJournal
+from ._journal import SYNC_MODES, Journal, NullJournal, Recovered
 from ._poller import Poller
 from ._registration import Registrar
 from ._retry import Backoff, LogThrottle
-from .client import Client
+from .client import Client, Registration
 from .errors import ConfigError, DeliveryError, FlyteError, NotPatchedError, NotRegisteredError
 from .health import HealthApp, HealthServer
 from .log import bind_pack, configure_from_environ, pack_context
 from .metrics import make_metrics
-from .models import PackDef, hook_name
+from .models import Event, PackDef, hook_name
 from .schemas import encode_event, flatten_errors
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from .health import Check
 
 __all__ = ["Pack"]
 
@@ -75,13 +82,17 @@ _RUN_WAKEUP = 60.0           # run() wakes this often: its timer keeps gevent's 
 _ADOPT_INTERVAL = 60.0       # seconds between looks for journal files of processes that died beside this one
 
 
-def _as_the_pack(method):
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _as_the_pack(method: "Callable[Concatenate[Pack, _P], _R]") -> "Callable[Concatenate[Pack, _P], _R]":
     """Records logged while *method* runs (in its caller's greenlet) carry the pack's name."""
     @functools.wraps(method)
-    def lifecycle(self, *args, **kwargs):
+    def lifecycle(self: Pack, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         with pack_context(self.pack_def.name):
             return method(self, *args, **kwargs)
-    return lifecycle
+    return lifecycle  # type: ignore[return-value]  # functools.wraps' _Wrapped calls as the method does
 
 
 class Pack:
@@ -128,11 +139,13 @@ class Pack:
     once handlers are done. See :class:`~flyte_gevent.PackDef`.
     """
 
-    def __init__(self, pack_def, client, health_checks=None, polling_interval=5.0, max_in_flight=100,
-                 health_port=8090, *, health_host="0.0.0.0", max_takers=64, action_timeout=None,
-                 grace_period=30.0, flush_timeout=10.0, result_deadline=600.0, event_deadline=60.0,
-                 event_buffer=1000, check_timeout=5.0, metrics=None, allow_unpatched=False, journal=None,
-                 journal_sync="normal"):
+    def __init__(self, pack_def: PackDef, client: Client, health_checks: "Iterable[Check] | None" = None,
+                 polling_interval: float = 5.0, max_in_flight: int = 100, health_port: int | None = 8090, *,
+                 health_host: str = "0.0.0.0", max_takers: int = 64, action_timeout: float | None = None,
+                 grace_period: float = 30.0, flush_timeout: float = 10.0, result_deadline: float = 600.0,
+                 event_deadline: float = 60.0, event_buffer: int = 1000, check_timeout: float = 5.0,
+                 metrics: "bool | CollectorRegistry | None" = None, allow_unpatched: bool = False,
+                 journal: str | None = None, journal_sync: str = "normal") -> None:
         if not isinstance(pack_def, PackDef):
             raise TypeError(f"Pack needs a PackDef, not {type(pack_def).__name__}")
         if not isinstance(client, Client):
@@ -168,8 +181,8 @@ class Pack:
         self._hooks = Hooks(self, pack_def)
         self.health_app = HealthApp(self, self._hooks.health_checks + list(health_checks or ()), check_timeout,
                                     self._metrics)
-        self._health_server = HealthServer(self.health_app, health_host, health_port) \
-            if health_port is not None else None
+        self._health_server: HealthServer | None = (HealthServer(self.health_app, health_host, health_port)
+                                                    if health_port is not None else None)
 
         self._progress = gevent.event.Event()  # set whenever a handler, a take or an action ends
         self._stage = gevent.event.Event()     # set (and replaced) whenever shutdown moves on
@@ -185,8 +198,8 @@ class Pack:
 
         self._actions = Pool(self.max_in_flight)
         self._services = Group()
-        self._poller = None
-        self._stopper = None
+        self._poller: Poller | None = None
+        self._stopper: gevent.Greenlet[[], None] | None = None
         self._started = False
         self._running = False  # start() has finished: hooks called, services and tasks started
         self._stop_begun = False
@@ -194,20 +207,20 @@ class Pack:
         self._grace_end = math.inf
         self._flush_for = math.inf
         self._flush_deadline = math.inf
-        self._service_failure = None
-        self._start_failure = None
+        self._service_failure: str | None = None
+        self._start_failure: str | None = None
 
-        self._events = gevent.queue.JoinableQueue(maxsize=event_buffer)
+        self._events: gevent.queue.JoinableQueue[tuple[str, bytes]] = gevent.queue.JoinableQueue(maxsize=event_buffer)
         self._events_closed = False
         self._event_throttle = LogThrottle(log)
         self._declared_events = {event_def.name for event_def in pack_def.all_event_defs()}
-        self._undeclared_events = set()
+        self._undeclared_events: set[str] = set()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"<Pack {self.pack_def.name!r} {self._state()}>"
 
     @classmethod
-    def from_env(cls, pack_def, environ=None, **overrides):
+    def from_env(cls, pack_def: PackDef, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Pack":
         """A pack configured from ``FLYTE_*`` environment variables (the Go client's ``NewDefaultPack``).
 
         Reads the API URL, timeout, token, TLS options and health port (see
@@ -232,27 +245,27 @@ class Pack:
     # -- public state -------------------------------------------------------
 
     @property
-    def health_port(self):
+    def health_port(self) -> int | None:
         """The port the health server listens on (``None`` when it is off or not started)."""
         return self._health_server.port if self._health_server is not None else None
 
     @property
-    def registered(self):
+    def registered(self) -> bool:
         """Whether the pack has registered with the Flyte API."""
         return self._registered.is_set()
 
     @property
-    def pack_id(self):
+    def pack_id(self) -> str:
         """The pack id the server gave (or will give) this pack."""
         registration = self._registrar.current
-        return registration.pack_id if registration else self.pack_def.id
+        return str(registration.pack_id) if registration else self.pack_def.id
 
     @property
-    def in_flight(self):
+    def in_flight(self) -> int:
         """Actions taken and not yet completed (including takes in progress)."""
         return len(self._actions)
 
-    def live(self):
+    def live(self) -> tuple[bool, str]:
         """``(ok, reason)`` for liveness: the process works, whatever the Flyte API does."""
         if self._stopped.is_set():
             return False, "stopped"
@@ -260,7 +273,7 @@ class Pack:
             return False, self._service_failure
         return True, "alive"
 
-    def ready(self):
+    def ready(self) -> tuple[bool, str]:
         """``(ok, reason)`` for readiness: started (registered, on_start hooks done), taking actions, not stopping."""
         if self._start_failure is not None and not self._running:
             return False, self._start_failure
@@ -278,7 +291,7 @@ class Pack:
     # -- lifecycle ----------------------------------------------------------
 
     @_as_the_pack
-    def start(self, timeout=None):
+    def start(self, timeout: float | None = None) -> None:
         """Start the health server, register (retrying until it works), call the on_start hooks, start taking actions.
 
         Returns once registered and started: the on_start hooks have returned,
@@ -351,7 +364,7 @@ class Pack:
         log.info("pack %r is registered as %r and %s", self.pack_def.name, self.pack_id,
                  f"taking actions for {sorted(self._commands)}" if self._commands else "has no commands to take")
 
-    def _call_start_hooks(self):
+    def _call_start_hooks(self) -> None:
         """Call the on_start hooks; when one raises, stop the pack and raise what it raised."""
         failed = self._hooks.run_start_hooks()
         if failed is None:
@@ -362,7 +375,7 @@ class Pack:
         self.stop(grace_period=0)
         raise exc
 
-    def run(self, start_timeout=None, *, configure_logging=True):
+    def run(self, start_timeout: float | None = None, *, configure_logging: bool = True) -> None:
         """:meth:`start` if needed, then block until :meth:`stop` or SIGTERM/SIGINT has finished.
 
         Signals are handled from the moment it is called, so a SIGTERM during a
@@ -408,7 +421,7 @@ class Pack:
             raise RuntimeError(self._service_failure)
 
     @_as_the_pack
-    def stop(self, grace_period=None, flush_timeout=None):
+    def stop(self, grace_period: float | None = None, flush_timeout: float | None = None) -> None:
         """Stop gracefully; returns when everything is delivered or given up on.
 
         Works from any greenlet, any number of times. Called from inside the
@@ -423,12 +436,15 @@ class Pack:
         """
         self._begin_stop(grace_period, flush_timeout)
         current = gevent.getcurrent()
-        if current is self._stopper or current in self._actions or self._hooks.owns(current) \
-                or current in self._services or current in self.health_app.check_greenlets:
+        # (The type ignores: getcurrent() is a greenlet, which a Pool or Group can still be asked about.)
+        if (current is self._stopper or current in self._actions  # type: ignore[operator]
+                or self._hooks.owns(current)
+                or current in self._services or current in self.health_app.check_greenlets):  # type: ignore[operator]
             return  # the stop waits for (or ends) this greenlet: it must not wait for the stop
         self._stopped.wait()
 
-    def spawn(self, function, *args, **kwargs):
+    def spawn(self, function: Callable[_P, object], *args: _P.args,
+              **kwargs: _P.kwargs) -> "gevent.Greenlet[..., Any]":
         """Run ``function(*args, **kwargs)`` once, in a greenlet the pack owns; returns the greenlet.
 
         It starts once the pack has started (registered, on_start hooks done):
@@ -440,12 +456,13 @@ class Pack:
         An exception it raises is logged once, with its traceback, and ends it.
         For a loop the pack should keep running, declare ``@pack_def.background``.
         """
-        return self._hooks.spawn(function, args, kwargs)
+        greenlet: gevent.Greenlet[..., Any] = self._hooks.spawn(function, args, kwargs)
+        return greenlet
 
     # -- events ---------------------------------------------------------------
 
     @_as_the_pack
-    def send_event(self, event, timeout=None):
+    def send_event(self, event: Event[Any], timeout: float | None = None) -> None:
         """Send a spontaneous event, retrying until it is accepted.
 
         Waits for registration when the pack is still registering. Connection
@@ -463,7 +480,7 @@ class Pack:
         self._deliver_event(event.name, body, self.event_deadline if timeout is None else timeout)
 
     @_as_the_pack
-    def send_event_nowait(self, event):
+    def send_event_nowait(self, event: Event[Any]) -> bool:
         """Queue a spontaneous event for the event sender; ``False`` when the buffer is full and it was dropped.
 
         :raises ValueError: the payload cannot be serialized.
@@ -488,36 +505,36 @@ class Pack:
 
     # -- what the runtime modules are given ---------------------------------------
 
-    def _api_answered(self):
+    def _api_answered(self) -> None:
         """A retried result or event got through: the API is back, so takes need not wait out their backoff."""
         if self._poller is not None:
             self._poller.api_answered()
 
-    def _sleep(self, seconds):
+    def _sleep(self, seconds: float) -> None:
         """Sleep, but wake up early when shutdown moves to its next stage."""
         self._stage.wait(seconds)
 
-    def _cutoff(self):
+    def _cutoff(self) -> float:
         """When deliveries stop retrying: the flush deadline once the pack stops, infinity before."""
         return self._flush_deadline
 
     # -- private ------------------------------------------------------------------
 
-    def _state(self):
+    def _state(self) -> str:
         if self._stopped.is_set():
             return "stopped"
         if self._stopping.is_set():
             return "stopping"
         return "registered" if self.registered else ("starting" if self._started else "new")
 
-    def _taking(self):
+    def _taking(self) -> int:
         return self._poller.taking if self._poller is not None else 0
 
-    def _next_stage(self):
+    def _next_stage(self) -> None:
         stage, self._stage = self._stage, gevent.event.Event()
         stage.set()
 
-    def _wait_for(self, done, deadline):
+    def _wait_for(self, done: Callable[[], object], deadline: Callable[[], float]) -> bool:
         while not done():
             remaining = deadline() - time.monotonic()
             if remaining <= 0:
@@ -526,7 +543,7 @@ class Pack:
             self._progress.wait(min(remaining, 0.1))
         return True
 
-    def _begin_stop(self, grace_period=None, flush_timeout=None):
+    def _begin_stop(self, grace_period: float | None = None, flush_timeout: float | None = None) -> None:
         """Stop taking at once and start the stopper (once); a later call may only shorten the waits."""
         now = time.monotonic()
         self._grace_end = min(self._grace_end, now + (self.grace_period if grace_period is None else grace_period))
@@ -548,7 +565,7 @@ class Pack:
         self._stopper = gevent.spawn(self._shut_down)
         self._stopper.name = "stopper"
 
-    def _shut_down(self):
+    def _shut_down(self) -> None:
         """The stop itself, in the stopper greenlet; whatever happens, the pack ends up stopped."""
         try:
             bind_pack(self.pack_def.name)
@@ -585,7 +602,7 @@ class Pack:
         finally:
             self._stopped.set()
 
-    def _finish_requests_in_flight(self):
+    def _finish_requests_in_flight(self) -> None:
         """After the flush deadline, let each request still in flight have its answer, then end what is left.
 
         Nothing is retried any more, but killing a request mid-way would lose
@@ -602,7 +619,7 @@ class Pack:
                       2 * self.client.timeout)
             self._actions.kill(block=True, timeout=1)
 
-    def _start_taking(self):
+    def _start_taking(self) -> None:
         """Start the poller (a pack with commands): from now on actions are taken while slots are free."""
         if not self._commands or self._poller is not None or self._stopping.is_set():
             return
@@ -616,7 +633,7 @@ class Pack:
 
     # -- the journal ----------------------------------------------------------------
 
-    def _open_journal(self):
+    def _open_journal(self) -> list[Recovered]:
         """Open the journal (when there is one) and adopt the files of dead processes: their records.
 
         :raises ConfigError: the journal cannot be used (it is closed again).
@@ -633,7 +650,7 @@ class Pack:
         self._journal_open = True
         return records
 
-    def _close_journal(self):
+    def _close_journal(self) -> None:
         """Close the journal if it is open; the records still in it stay on disk for the next start."""
         if not self._journal_open:
             return
@@ -648,7 +665,7 @@ class Pack:
         else:
             log.info("journal closed: every action it recorded is completed")
 
-    def _plan_recovery(self, records):
+    def _plan_recovery(self, records: list[Recovered]) -> list[tuple[Recovered, str]]:
         """How to complete each record adopted from the journal: ``[(record, how)]``; logged and counted.
 
         A record whose result URL is not on the origin of this pack's
@@ -657,8 +674,9 @@ class Pack:
         """
         if not records:
             return []
-        take_url = self._registrar.current.take_url
-        plan, counts = [], collections.Counter()
+        take_url = cast(Registration, self._registrar.current).take_url  # records are planned once registered
+        plan: list[tuple[Recovered, str]] = []
+        counts: collections.Counter[str] = collections.Counter()
         for record in records:
             command = self._commands.get(record.command)
             if not _same_origin(record.result_url, take_url):
@@ -691,7 +709,7 @@ class Pack:
                  if counts["other_api"] else "")
         return plan
 
-    def _spawn_recovered(self, plan):
+    def _spawn_recovered(self, plan: list[tuple[Recovered, str]]) -> list[tuple[Recovered, str]]:
         """Spawn recovered actions into the action pool while it has free slots; the rest of *plan*."""
         for index, (record, how) in enumerate(plan):
             if not self._actions.free_count() or self._stopping.is_set():
@@ -703,12 +721,12 @@ class Pack:
             greenlet.rawlink(self._recovered_slot_freed)
         return []
 
-    def _recovered_slot_freed(self, greenlet):
+    def _recovered_slot_freed(self, greenlet: object) -> None:
         self._progress.set()
         if self._poller is not None:
             self._poller.notify()
 
-    def _run_journal(self, waiting):
+    def _run_journal(self, waiting: list[tuple[Recovered, str]]) -> None:
         """The journal greenlet: recovered actions that did not fit in the pool, then periodic adoption.
 
         Takes start once every recovered action has a slot. Every
@@ -734,7 +752,7 @@ class Pack:
                              "goes on; they are tried again in %g s): %s", _ADOPT_INTERVAL, exc)
 
     @_as_the_pack
-    def _on_signal(self, signum):
+    def _on_signal(self, signum: int) -> None:
         name = signal.Signals(signum).name
         if not self._stop_begun:
             log.warning("%s received: stopping gracefully (send it again to force)", name)
@@ -743,7 +761,7 @@ class Pack:
             log.warning("%s received again: forcing the stop", name)
             self._force()
 
-    def _force(self):
+    def _force(self) -> None:
         self._forced = True
         now = time.monotonic()
         self._grace_end = now
@@ -752,15 +770,15 @@ class Pack:
         self._progress.set()
         self._next_stage()
 
-    def _service_died(self, greenlet):
+    def _service_died(self, greenlet: "gevent.Greenlet[..., Any]") -> None:
         # A dead poller or event sender is a bug, and a pack without one only looks
         # alive: fail liveness, stop cleanly, and make run() raise (CLI exit 1).
-        exc = greenlet.exception
+        exc = cast(BaseException, greenlet.exception)  # linked with link_exception
         self._service_failure = f"the {greenlet.name} greenlet died: {type(exc).__name__}: {exc}"
         log.error("%s; stopping the pack", self._service_failure, exc_info=(type(exc), exc, exc.__traceback__))
         self._begin_stop()
 
-    def _register_until(self, deadline, timeout):
+    def _register_until(self, deadline: float | None, timeout: float | None) -> bool:
         backoff = Backoff(*_REGISTER_BACKOFF)
         throttle = LogThrottle(log)
         while not self._stopping.is_set():
@@ -784,14 +802,14 @@ class Pack:
             return True
         return False
 
-    def _check_can_send(self):
+    def _check_can_send(self) -> None:
         if not self._started:
             raise NotRegisteredError(f"pack {self.pack_def.name!r} is not started: call start() or run() before "
                                      "sending events")
         if self._stopped.is_set():
             raise NotRegisteredError(f"pack {self.pack_def.name!r} has stopped")
 
-    def _encode(self, event):
+    def _encode(self, event: Event[Any]) -> bytes:
         """The body of a spontaneous event (warning, once per name, about one the pack does not declare)."""
         from marshmallow import ValidationError
 
@@ -807,7 +825,7 @@ class Pack:
                         self.pack_def.name, event.name)
         return body
 
-    def _deliver_event(self, name, body, limit):
+    def _deliver_event(self, name: str, body: bytes, limit: float) -> None:
         deadline = time.monotonic() + limit
         if not self._registered.wait(max(0.0, deadline - time.monotonic())):
             self._metrics.event_failed(name)
@@ -815,7 +833,7 @@ class Pack:
                                 f"{limit:g} s")
         self._delivery.deliver_event(name, body, deadline, limit)
 
-    def _send_queued_events(self):
+    def _send_queued_events(self) -> None:
         bind_pack(self.pack_def.name)
         while True:
             name, body = self._events.get()
@@ -831,7 +849,7 @@ class Pack:
                 self._progress.set()
 
 
-def _origin(url):
+def _origin(url: str) -> tuple[str, str, int | None] | None:
     try:
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
@@ -840,12 +858,12 @@ def _origin(url):
         return None
 
 
-def _same_origin(url, other):
+def _same_origin(url: str, other: str) -> bool:
     """Whether *url* has the scheme, host and port of *other* (default ports filled in)."""
     origin = _origin(url)
     return origin is not None and origin == _origin(other)
 
 
-def _origin_text(url):
+def _origin_text(url: str) -> str:
     origin = _origin(url)
     return f"{origin[0]}://{origin[1]}:{origin[2]}" if origin else repr(url)
