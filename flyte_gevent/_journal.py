@@ -139,7 +139,7 @@ class NullJournal:
     def recover(self) -> list[Recovered]:
         return []
 
-    def taken(self, action: Action) -> None:
+    def taken(self, action: "Action") -> None:
         pass
 
     def result(self, action_id: str, body: bytes) -> None:
@@ -284,7 +284,7 @@ class Journal:
                 self._writer.submit(_RETIRE, store)
         return recovered
 
-    def taken(self, action: Action) -> None:
+    def taken(self, action: "Action") -> None:
         """Record a just-taken *action*; returns once the record is durable.
 
         Call it as soon as the take's answer is decoded, before the handler

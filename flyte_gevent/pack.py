@@ -89,7 +89,7 @@ _R = TypeVar("_R")
 def _as_the_pack(method: "Callable[Concatenate[Pack, _P], _R]") -> "Callable[Concatenate[Pack, _P], _R]":
     """Records logged while *method* runs (in its caller's greenlet) carry the pack's name."""
     @functools.wraps(method)
-    def lifecycle(self: Pack, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+    def lifecycle(self: "Pack", *args: _P.args, **kwargs: _P.kwargs) -> _R:
         with pack_context(self.pack_def.name):
             return method(self, *args, **kwargs)
     return lifecycle  # type: ignore[return-value]  # functools.wraps' _Wrapped calls as the method does
