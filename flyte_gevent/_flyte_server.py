@@ -38,10 +38,13 @@ import sys
 import tempfile
 import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 from urllib.parse import quote, urlencode
 
 from ._fake_server import as_flow_input, pack_id
+
+_T = TypeVar("_T")
 
 __all__ = [
     "ActionResult",
@@ -163,7 +166,7 @@ def explain_new(late, packs_for, wait_began, url) -> str:
     """Lines explaining, once per kind of action (pack name and labels), why the NEW ones among *late* were not
     taken; "" when none is NEW. *late* holds objects with ``state``, ``pack_name`` and ``labels``, oldest first;
     ``packs_for(action)`` gives the registered packs as :class:`PackSighting` for the oldest action of a kind."""
-    kinds = {}
+    kinds: dict[tuple[str, tuple[tuple[str, str], ...]], Any] = {}
     for action in late:
         if action.state == NEW:
             kinds.setdefault((action.pack_name, tuple(sorted(action.labels.items()))), action)
@@ -218,7 +221,7 @@ class ServerPack:
     labels: dict[str, str]
     last_seen: str
     status: str
-    document: dict
+    document: dict[str, Any]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,10 +243,10 @@ class ServerAction:
     labels: dict[str, str]
     input: Any
     state: str
-    states: tuple
+    states: tuple[tuple[str, str], ...]
     context: dict[str, str]
-    trigger: dict
-    result: dict | None
+    trigger: dict[str, Any]
+    result: dict[str, Any] | None
 
     @classmethod
     def from_audit(cls, document):
@@ -268,7 +271,7 @@ class FlowInstance:
 
     correlation_id: str
     flow_name: str
-    steps: list
+    steps: list[Any]
     actions: dict[str, ServerAction]
 
     @classmethod
@@ -307,7 +310,7 @@ class _EnqueueFlow:
 
     name: str
     event: str
-    known: set = dataclasses.field(default_factory=set)  # ids of the actions it created so far
+    known: set[str] = dataclasses.field(default_factory=set)  # ids of the actions it created so far
 
 
 class FlyteServer:
@@ -327,24 +330,24 @@ class FlyteServer:
         self.timeout = timeout
         self._jwt = jwt
         self._verify = verify
-        self._session = None
-        self._process = None
-        self._workdir = None
+        self._session: Any = None  # a requests.Session, made on first use
+        self._process: subprocess.Popen[bytes] | None = None
+        self._workdir: str | None = None
         #: the server's log file when started by :meth:`launch`, else None
-        self.log_path = None
+        self.log_path: str | None = None
         self._token = uuid.uuid4().hex[:10]
         self._counter = itertools.count(1)
-        self._trigger = None
-        self._flows = []  # names of the flows posted through this helper, for close()
-        self._enqueue_flows: dict[tuple, _EnqueueFlow] = {}
+        self._trigger: TriggerPack | None = None
+        self._flows: list[str] = []  # names of the flows posted through this helper, for close()
+        self._enqueue_flows: dict[tuple[Any, ...], _EnqueueFlow] = {}
         self._watch_flows: list[tuple[str, str]] = []  # (flow name, event name)
         self._where: dict[str, tuple[str, str]] = {}  # action id -> (flow name, correlation id)
 
     # --- lifecycle ------------------------------------------------------------------------------------------
 
     @classmethod
-    def launch(cls, binary: str, *, host: str = "127.0.0.1", environ: dict | None = None,
-               start_timeout: float = 10.0, **options) -> "FlyteServer":
+    def launch(cls, binary: str, *, host: str = "127.0.0.1", environ: dict[str, str] | None = None,
+               start_timeout: float = 10.0, **options: Any) -> "FlyteServer":
         """Start the ``flyte-server`` executable *binary* on a free port of *host* and return a helper for it.
 
         The server keeps its state in memory, so it starts empty. *environ* replaces the process environment
@@ -388,7 +391,7 @@ class FlyteServer:
         if self._process is not None:
             _terminate(self._process)
             self._process = None
-            shutil.rmtree(self._workdir, ignore_errors=True)
+            shutil.rmtree(cast(str, self._workdir), ignore_errors=True)  # set with the process
         elif self._session is not None:
             for name in self._flows:
                 self._quietly("DELETE", "/v1/flows/" + quote(name, safe=""))
@@ -431,9 +434,10 @@ class FlyteServer:
 
     # --- packs ----------------------------------------------------------------------------------------------
 
-    def register_pack(self, body: dict) -> dict:
+    def register_pack(self, body: dict[str, Any]) -> dict[str, Any]:
         """``POST /v1/packs`` with *body* (a pack definition); returns the 201 response body."""
-        return self._request("POST", "/v1/packs", json_body=body, expect=(201,)).json()
+        document: dict[str, Any] = self._request("POST", "/v1/packs", json_body=body, expect=(201,)).json()
+        return document
 
     def register_trigger_pack(self, name: str, events=(), labels: dict[str, str] | None = None) -> TriggerPack:
         """Register an events-only pack named *name* declaring *events*, to send flow-starting events from."""
@@ -454,7 +458,7 @@ class FlyteServer:
 
     def wait_for_pack(self, name_or_id: str, timeout: float = 5.0) -> ServerPack:
         """Wait until a pack with this id, or else this name, is registered, and return it."""
-        def ready():
+        def ready() -> ServerPack | None:
             pack = self.get_pack(name_or_id)
             if pack is not None:
                 return pack
@@ -474,7 +478,7 @@ class FlyteServer:
 
     # --- flows and events -----------------------------------------------------------------------------------
 
-    def post_flow(self, flow: dict | str) -> str:
+    def post_flow(self, flow: dict[str, Any] | str) -> str:
         """``POST /v1/flows``: a dict is sent as JSON, a string as YAML (``Content-Type: application/x-yaml``,
         exactly: with a charset the server parses it as JSON). Returns the flow's name; :meth:`close` deletes it.
 
@@ -486,7 +490,7 @@ class FlyteServer:
                                      headers={"Content-Type": "application/x-yaml"}, expect=(201,))
         else:
             response = self._request("POST", "/v1/flows", json_body=flow, expect=(201,))
-        name = response.headers.get("Location", "").rstrip("/").rpartition("/")[2]
+        name: str = response.headers.get("Location", "").rstrip("/").rpartition("/")[2]
         if not name and isinstance(flow, dict):
             name = flow.get("name", "")
         if name and name not in self._flows:
@@ -515,7 +519,8 @@ class FlyteServer:
         """This helper's own trigger pack, registered on first use; :meth:`enqueue` and friends send through it."""
         if self._trigger is None:
             self._trigger = self.register_trigger_pack(f"FlyteGeventTests{self._token}")
-        return self._trigger
+        trigger: TriggerPack = self._trigger
+        return trigger
 
     def unique_name(self, prefix: str) -> str:
         """*prefix* followed by this helper's token and a counter: a flow or pack name no other test uses."""
@@ -540,18 +545,18 @@ class FlyteServer:
         response = self._request("GET", "/v1/audit/flows/" + quote(correlation_id, safe=""), expect=(200, 404))
         return None if response.status_code == 404 else FlowInstance.from_audit(response.json())
 
-    def wait_for_step(self, flow_name: str, step_id: str, state: str | tuple | None = None, count: int = 1,
+    def wait_for_step(self, flow_name: str, step_id: str, state: str | tuple[str, ...] | None = None, count: int = 1,
                       timeout: float = 5.0) -> list[ServerAction]:
         """Wait until *count* executions of *flow_name* have an action for *step_id* in *state* (a state, a tuple
         of states, or None for any); return those actions, oldest first."""
         states = (state,) if isinstance(state, str) else state
 
-        def ready():
+        def ready() -> list[ServerAction] | None:
             found = [i.actions[step_id] for i in self.flow_instances(flow_name, limit=max(50, count * 2))
                      if step_id in i.actions and (states is None or i.actions[step_id].state in states)]
             return sorted(found, key=_creation_order) if len(found) >= count else None
 
-        def failure():
+        def failure() -> str:
             seen = collections.Counter(f"{step}={action.state}"
                                        for instance in self.flow_instances(flow_name, limit=max(50, count * 2))
                                        for step, action in instance.actions.items())
@@ -609,7 +614,7 @@ class FlyteServer:
         timeout = 5.0 + 0.005 * count if timeout is None else timeout
         wanted = len(flow.known) + count
 
-        def ready():
+        def ready() -> list[ServerAction] | None:
             instances = self.flow_instances(flow.name, limit=wanted)
             if len(instances) < wanted:
                 return None
@@ -617,7 +622,7 @@ class FlyteServer:
                      if "enqueue" in i.actions and i.actions["enqueue"].id not in flow.known]
             return sorted(fresh, key=_creation_order) if len(fresh) >= count else None
 
-        def failure():
+        def failure() -> str:
             made = len(self.flow_instances(flow.name, limit=wanted)) - len(flow.known)
             text = (f"the server created {made} of {count} actions ({command!r} for {pack_name!r}) within "
                     f"{timeout} s of their events")
@@ -659,7 +664,7 @@ class FlyteServer:
         done: dict[str, ServerAction] = {}
         began = time.time()
 
-        def ready():
+        def ready() -> list[ActionResult] | None:
             open_ids = [aid for aid in action_ids if aid not in done]
             for action in self._fetch(open_ids):
                 if action.state in FINISHED:
@@ -668,25 +673,25 @@ class FlyteServer:
                 return None
             return [_action_result(done[aid]) for aid in action_ids]
 
-        def failure():
+        def failure() -> str:
             late = self._fetch([aid for aid in action_ids if aid not in done])
             return (f"{len(action_ids) - len(done)} of {len(action_ids)} actions have no result after {timeout} s: "
                     + "; ".join(_describe(a) for a in late[:10])
                     + self._explain_new(late, began))
         return self._wait(ready, timeout, failure)
 
-    def wait_for_action(self, action_id: str, state: str | tuple, timeout: float = 5.0) -> ServerAction:
+    def wait_for_action(self, action_id: str, state: str | tuple[str, ...], timeout: float = 5.0) -> ServerAction:
         """Wait until an action this helper created is in *state* (or one of a tuple of states), e.g. PENDING
         once a pack took it; return it. KeyError for an unknown id, AssertionError naming its state on timeout."""
         self._where[action_id]  # KeyError early for an unknown id
         states = (state,) if isinstance(state, str) else tuple(state)
         began = time.time()
 
-        def ready():
+        def ready() -> ServerAction | None:
             action = self.action(action_id)
             return action if action.state in states else None
 
-        def failure():
+        def failure() -> str:
             action = self.action(action_id)
             return (f"action {_describe(action)}, not "
                     f"{'/'.join(states)}, after {timeout} s" + self._explain_new([action], began))
@@ -696,7 +701,7 @@ class FlyteServer:
         """Wait until no action this helper created is NEW or PENDING."""
         began = time.time()
 
-        def failure():
+        def failure() -> str:
             late = [a for a in self._own_actions() if a.state not in FINISHED]
             return f"{len(late)} actions still open after {timeout} s: " + "; ".join(
                 _describe(a) for a in late[:10]) + self._explain_new(late, began)
@@ -708,7 +713,7 @@ class FlyteServer:
         actions go to a pack nobody runs and stay NEW. Results are events too on a real server: an action
         completed with *event* by such a pack is recorded as well. Returns the flow's name."""
         name = self.unique_name("flyte_gevent_watch_")
-        step = {"id": "watch", "event": {"packName": pack_name, "name": event},
+        step: dict[str, Any] = {"id": "watch", "event": {"packName": pack_name, "name": event},
                 "command": {"packName": f"FlyteGeventSink{self._token}", "name": "Record"}}
         if labels:
             step["event"]["packLabels"] = {k: _literal(v) for k, v in labels.items()}
@@ -735,11 +740,11 @@ class FlyteServer:
                         events.append(((received_at, _creation_order(action)), _received_event(action.trigger)))
             return [event for _, event in sorted(events, key=lambda pair: pair[0])]
 
-        def ready():
+        def ready() -> list[ReceivedEvent] | None:
             events = received()
             return events[:count] if len(events) >= count else None
 
-        def failure():
+        def failure() -> str:
             seen = collections.Counter(event.event for event in received())
             what = "watched events" if name is None else f"events named {name!r}"
             return f"expected {count} {what} within {timeout} s; received {dict(seen) or 'none'}"
@@ -763,7 +768,7 @@ class FlyteServer:
             self._enqueue_flows[key] = flow
         return flow
 
-    def _explain_new(self, late, began):
+    def _explain_new(self, late: list[ServerAction], began: float) -> str:
         """Why the NEW actions among *late* were not taken, from the packs the server lists (see
         :func:`why_not_taken`); "" when none is NEW."""
         if not any(action.state == NEW for action in late):
@@ -774,15 +779,15 @@ class FlyteServer:
                      for entry in listed]
         return explain_new(sorted(late, key=_creation_order), lambda action: sightings, began, self.url)
 
-    def _own_actions(self):
+    def _own_actions(self) -> list[ServerAction]:
         return self._fetch(list(self._where))
 
-    def _fetch(self, action_ids):
+    def _fetch(self, action_ids: list[str]) -> list[ServerAction]:
         """The current state of these actions (created by this helper), one audit request per flow."""
-        by_flow: dict[str, set] = {}
+        by_flow: dict[str, set[str]] = {}
         for aid in action_ids:
             by_flow.setdefault(self._where[aid][0], set()).add(aid)
-        found = []
+        found: list[ServerAction] = []
         for flow_name, ids in by_flow.items():
             if len(ids) == 1:
                 [aid] = ids
@@ -831,7 +836,7 @@ class FlyteServer:
         except FlyteServerError:
             pass
 
-    def _wait(self, ready, timeout, failure):
+    def _wait(self, ready: Callable[[], _T | None], timeout: float, failure: Callable[[], str]) -> _T:
         deadline = time.monotonic() + timeout
         while True:
             result = ready()
@@ -883,7 +888,7 @@ def _received_event(trigger):
                          created_at=trigger.get("createdAt"), body=None)
 
 
-def _describe(action):
+def _describe(action: ServerAction) -> str:
     """An action in an assertion message, as ``FakeFlyteApi`` writes it: id, command, pack name, labels, state."""
     labels = f" {action.labels!r}" if action.labels else ""
     return f"{action.id} ({action.command!r} for {action.pack_name!r}{labels}) is {action.state}"

@@ -478,7 +478,7 @@ def _serialize(method, target, host, headers, body):
     return head + body if body else head
 
 
-_header_blocks = {}
+_header_blocks: dict[tuple[tuple[str, str], ...], str] = {}
 
 
 def _header_block(items):

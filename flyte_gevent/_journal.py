@@ -77,7 +77,7 @@ import logging
 import os
 import time
 import weakref
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import gevent
 import gevent.event
@@ -111,7 +111,8 @@ _LOG_AGAIN = 30.0  # seconds between repeated write-failure logs
 _TAKEN, _RESULT, _REMOVE, _RETIRE, _CALL, _FLUSH, _STOP = range(7)
 
 # Real threads and locks even when the program is monkey-patched.
-_start_new_thread, _allocate_lock = monkey.get_original("_thread", ["start_new_thread", "allocate_lock"])
+_start_new_thread, _allocate_lock = monkey.get_original(
+    "_thread", ["start_new_thread", "allocate_lock"])  # type: ignore[arg-type]  # a list gives a list
 
 
 class NullJournal:
@@ -188,10 +189,11 @@ class Journal:
         self.pack_id = pack_id
         self.sync = sync
         self.linger = float(linger)
-        self._own = None
-        self._stores = []         # every store held: own first, then adopted
-        self._records = {}        # action id -> (store, row id)
-        self._writer = None
+        # Set by open(); every method that uses them checks first that the journal is usable.
+        self._own: Any = None               # this process's Store
+        self._stores: list[Any] = []        # every Store held: own first, then adopted
+        self._records: dict[str, tuple[Any, int]] = {}  # action id -> (store, row id)
+        self._writer: Any = None            # the _Writer
         self._closing = False
         self._closed = False
         self._forked = False
@@ -642,8 +644,8 @@ def _write(ops):
 
 # -- fork safety -----------------------------------------------------------------------------------
 
-_open_journals = weakref.WeakSet()
-_kept_from_child = []
+_open_journals: weakref.WeakSet[Journal] = weakref.WeakSet()
+_kept_from_child: list[Any] = []
 
 
 def _after_fork_in_child():

@@ -11,6 +11,7 @@ command does not declare. Re-exported as ``flyte_gevent.testing.run_handler``.
 
 import json
 import secrets
+from typing import cast
 
 import gevent
 
@@ -18,12 +19,13 @@ from ._actions import ActionRunner
 from ._delivery import ACCEPTED, Delivered
 from ._fake_server import as_flow_input
 from .metrics import NullMetrics
-from .models import FATAL, Action, Event, EventDef, PackDef
+from .models import FATAL, JSON, Action, Event, EventDef, PackDef
 
 __all__ = ["run_handler"]
 
 
-def run_handler(pack_def, command, input=None, *, action_timeout=None):
+def run_handler(pack_def: PackDef, command: str, input: JSON = None, *,
+                action_timeout: float | None = None) -> Event[JSON]:
     """Run *command* of *pack_def* on *input* as the pack would, and return the result it would post.
 
     The input reaches the handler as an action a flow created carries it
@@ -60,7 +62,7 @@ def run_handler(pack_def, command, input=None, *, action_timeout=None):
     runner = ActionRunner(pack_def.name, {c.name: c for c in pack_def.commands}, kept, NullMetrics(),
                           action_timeout=action_timeout)
     gevent.spawn(runner.run, action).get()
-    body = json.loads(kept.body)
+    body = json.loads(cast(bytes, kept.body))  # the runner delivers exactly one result
     declared = {event_def.name: event_def for event_def in pack_def.all_event_defs()}
     declared.setdefault(FATAL.name, FATAL)
     return Event(declared.get(body["event"]) or EventDef(body["event"]), body.get("payload"))
@@ -69,9 +71,9 @@ def run_handler(pack_def, command, input=None, *, action_timeout=None):
 class _KeptResult:
     """Stands in for the pack's result delivery: keeps the one encoded result, as if the API had accepted it."""
 
-    def __init__(self):
-        self.body = None
+    def __init__(self) -> None:
+        self.body: bytes | None = None
 
-    def deliver_result(self, action, body, event_name, recovered=False):
+    def deliver_result(self, action: Action, body: bytes, event_name: str, recovered: bool = False) -> Delivered:
         self.body = body
         return Delivered(ACCEPTED, event_name, 0, None, None, True)

@@ -19,6 +19,7 @@ import inspect
 import logging
 import os
 import sys
+from typing import Any
 
 from . import config
 from .errors import ConfigError, PackDefError, redact_url
@@ -37,7 +38,7 @@ _HOOKS_HINT = ("declare the pack's health checks, background tasks and start/sto
                "@pack_def.health_check, @pack_def.background, @pack_def.on_start and @pack_def.on_stop")
 
 
-class Settings(collections.abc.Mapping):
+class Settings(collections.abc.Mapping[str, Any]):
     """The settings a runner resolved, by name (``settings["labels"]``), as a factory target receives them.
 
     The names are the keyword names of the README's Configuration table

@@ -45,8 +45,10 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
-from typing import Any
+from types import TracebackType
+from typing import Any, TypeVar
 
 import gevent
 import gevent.event
@@ -89,6 +91,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+_T = TypeVar("_T")
+
 NEW, PENDING, SUCCESS, FATAL = "NEW", "PENDING", "SUCCESS", "FATAL"
 
 
@@ -105,8 +109,8 @@ class PackRecord:
     registrations: int
     #: Refreshed by registration and by every take, result and event request for this id.
     last_seen: datetime
-    _view: dict = dataclasses.field(repr=False)
-    _label_set: frozenset = dataclasses.field(repr=False)
+    _view: dict[str, Any] = dataclasses.field(repr=False)
+    _label_set: frozenset[tuple[str, str]] = dataclasses.field(repr=False)
     _last_seen_ns: int = dataclasses.field(repr=False)
 
 
@@ -132,12 +136,12 @@ class ActionRecord:
     taken_by: str | None = None
     completed_at: float | None = None
     #: ``{"event", "payload", "createdAt"}`` once a result was accepted; ``createdAt`` is the string sent, or None.
-    result: dict | None = None
+    result: dict[str, Any] | None = None
     result_posts: int = 0
     takes: int = 0
     _seq: int = dataclasses.field(default=0, repr=False)
-    _label_set: frozenset = dataclasses.field(default=frozenset(), repr=False)
-    _queue_key: tuple = dataclasses.field(default=(), repr=False)
+    _label_set: frozenset[tuple[str, str]] = dataclasses.field(default=frozenset(), repr=False)
+    _queue_key: tuple[Any, ...] = dataclasses.field(default=(), repr=False)
     _command_json: bytes = dataclasses.field(default=b"", repr=False)
     _input_json: bytes = dataclasses.field(default=b"null", repr=False)
 
@@ -160,7 +164,7 @@ class RecordedRequest:
     status: int | None = None
     at: float = 0.0
 
-    def json(self):
+    def json(self) -> Any:
         """The body decoded as JSON."""
         return json.loads(self.body)
 
@@ -173,7 +177,7 @@ class _Fault:
     status: int = 0
     seconds: float = 0.0
     # What a "fail" answers with besides its status.
-    headers: tuple = ()
+    headers: tuple[tuple[str, str], ...] = ()
     body: bytes = b""
 
 
@@ -188,15 +192,15 @@ class _Changes:
 
     __slots__ = ("_event",)
 
-    def __init__(self):
-        self._event = None
+    def __init__(self) -> None:
+        self._event: gevent.event.Event | None = None
 
-    def notify(self):
+    def notify(self) -> None:
         event, self._event = self._event, None
         if event is not None:
             event.set()
 
-    def wait(self, timeout):
+    def wait(self, timeout: float) -> None:
         if self._event is None:
             self._event = gevent.event.Event()
         self._event.wait(timeout)
@@ -226,7 +230,7 @@ class FakeFlyteApi:
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, record_requests: bool = True,
-                 control: bool = False):
+                 control: bool = False) -> None:
         self.host = host
         self._port = port
         self.record_requests = record_requests
@@ -261,17 +265,17 @@ class FakeFlyteApi:
         self._faults: list[_Fault] = []
         self._outage: str | None = None
         self._running = False
-        self._server = None
+        self._server: Any = None
         self._app = _fake_server.FakeFlyteApp(self)
         self._handlers = gevent.pool.Pool()  # unbounded; a Pool because the server wants one
-        self._connections: set = set()
+        self._connections: set[Any] = set()
         self._changes = _Changes()
         # pack name -> {(label set, command) -> OrderedDict(action id -> ActionRecord)} of NEW actions, oldest
         # first. A take compares the heads of the groups whose labels fit, so its cost does not grow with the queue.
-        self._queues: dict[str, dict[tuple, dict[str, ActionRecord]]] = {}
+        self._queues: dict[str, dict[tuple[Any, ...], dict[str, ActionRecord]]] = {}
         self._open = 0  # actions NEW or PENDING
         self._seq = itertools.count()
-        self._event_names = collections.Counter()
+        self._event_names: collections.Counter[str] = collections.Counter()
         self._id_middle = os.urandom(5).hex()
         self._id_counter = itertools.count(int.from_bytes(os.urandom(3), "big"))
 
@@ -290,10 +294,11 @@ class FakeFlyteApi:
         self._outage = None
         self._shut_down()
 
-    def __enter__(self):
+    def __enter__(self) -> "FakeFlyteApi":
         return self.start()
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 traceback: TracebackType | None) -> None:
         self.stop()
 
     @property
@@ -309,13 +314,13 @@ class FakeFlyteApi:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self._port}"
 
-    def _listen(self):
+    def _listen(self) -> None:
         server = _fake_server.make_server(self.host, self._port, self._app, self._handlers, self._connections)
         server.start()
         self._server = server
         self._port = server.server_port
 
-    def _shut_down(self):
+    def _shut_down(self) -> None:
         server, self._server = self._server, None
         if server is not None:
             server.close()
@@ -324,7 +329,7 @@ class FakeFlyteApi:
         current = gevent.getcurrent()
         gevent.killall([g for g in self._handlers if g is not current], block=True, timeout=2)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         where = self.url if self._port else "unstarted"
         return (f"<FakeFlyteApi {where} packs={len(self.packs)} actions={len(self.actions)} "
                 f"open={self._open} events={len(self.events)}>")
@@ -354,14 +359,14 @@ class FakeFlyteApi:
 
     def wait_for_pack(self, name_or_id: str | None = None, timeout: float = 5.0) -> PackRecord:
         """Wait until a pack with this id, or else this name, is registered (any pack when None) and return it."""
-        def ready():
+        def ready() -> PackRecord | None:
             if name_or_id is None:
                 return next(iter(self.packs.values()), None)
             if name_or_id in self.packs:
                 return self.packs[name_or_id]
             return next((p for p in reversed(self.packs.values()) if p.name == name_or_id), None)
 
-        def failure():
+        def failure() -> str:
             wanted = "any pack" if name_or_id is None else f"a pack with id or name {name_or_id!r}"
             return f"{wanted} was not registered within {timeout} s; registered: {sorted(self.packs) or 'none'}"
         return self._wait(ready, timeout, failure)
@@ -400,7 +405,8 @@ class FakeFlyteApi:
         self._changes.notify()
         return action.id
 
-    def enqueue_many(self, pack_name: str, command: str, inputs, labels: dict[str, str] | None = None) -> list[str]:
+    def enqueue_many(self, pack_name: str, command: str, inputs: Iterable[Any],
+                     labels: dict[str, str] | None = None) -> list[str]:
         """:meth:`enqueue` one action per input, in order. Returns their ids."""
         return [self.enqueue(pack_name, command, input, labels) for input in inputs]
 
@@ -426,32 +432,32 @@ class FakeFlyteApi:
         """Wait for the result of one action. Raises AssertionError naming the action and its state on timeout."""
         return self.wait_for_results([action_id], timeout)[0]
 
-    def wait_for_results(self, action_ids, timeout: float = 5.0) -> list[ActionResult]:
+    def wait_for_results(self, action_ids: Iterable[str], timeout: float = 5.0) -> list[ActionResult]:
         """Wait for the results of several actions; returned in the order of *action_ids*. Raises KeyError for an
         unknown id, AssertionError naming the late actions and their states on timeout."""
         actions = [self.actions[aid] for aid in action_ids]
         began = time.time()
 
-        def ready():
-            if all(a.result is not None for a in actions):
-                return [ActionResult(a.result["event"], a.result["payload"], a.result["createdAt"])
-                        for a in actions]
+        def ready() -> list[ActionResult] | None:
+            results = [a.result for a in actions]
+            if all(result is not None for result in results):
+                return [ActionResult(r["event"], r["payload"], r["createdAt"]) for r in results if r is not None]
             return None
 
-        def failure():
+        def failure() -> str:
             late = [a for a in actions if a.result is None]
             return (f"{len(late)} of {len(actions)} actions have no result after {timeout} s: {_describe(late)}"
                     + self._explain_new(late, began))
         return self._wait(ready, timeout, failure)
 
-    def wait_for_action(self, action_id: str, state: str | tuple, timeout: float = 5.0) -> ActionRecord:
+    def wait_for_action(self, action_id: str, state: str | tuple[str, ...], timeout: float = 5.0) -> ActionRecord:
         """Wait until an action is in *state* (or one of a tuple of states), e.g. PENDING once a pack took it;
         return its record. Raises KeyError for an unknown id, AssertionError naming its state on timeout."""
         action = self.actions[action_id]
         states = (state,) if isinstance(state, str) else tuple(state)
         began = time.time()
 
-        def failure():
+        def failure() -> str:
             return (f"action {_describe([action])}, not {'/'.join(states)}, after {timeout} s"
                     + self._explain_new([action], began))
         return self._wait(lambda: action if action.state in states else None, timeout, failure)
@@ -460,18 +466,18 @@ class FakeFlyteApi:
         """Wait until no action is NEW or PENDING. Raises AssertionError listing the stragglers on timeout."""
         began = time.time()
 
-        def failure():
+        def failure() -> str:
             late = [a for a in self.actions.values() if a.state in (NEW, PENDING)]
             return f"{len(late)} actions still open after {timeout} s: {_describe(late)}" + \
                 self._explain_new(late, began)
         self._wait(lambda: True if self._open == 0 else None, timeout, failure)
 
-    def _explain_new(self, late, began):
+    def _explain_new(self, late: list[ActionRecord], began: float) -> str:
         """Why the NEW actions among *late* were not taken (see ``_flyte_server.why_not_taken``); "" when none
         is NEW."""
         return explain_new(sorted(late, key=lambda a: a._seq), self._sightings, began, self.url)
 
-    def _sightings(self, action):
+    def _sightings(self, action: ActionRecord) -> list[PackSighting]:
         """Every registered pack as ``_flyte_server.why_not_taken`` sees it, for *action*: packs that would take it
         also say how many actions they hold PENDING and how many NEW ones they would take first."""
         sightings = []
@@ -489,14 +495,14 @@ class FakeFlyteApi:
 
     def wait_for_events(self, count: int, timeout: float = 5.0, name: str | None = None) -> list[ReceivedEvent]:
         """Wait until *count* events (named *name*, if given) have arrived; return the first *count* of them."""
-        def ready():
+        def ready() -> list[ReceivedEvent] | None:
             have = len(self.events) if name is None else self._event_names[name]
             if have < count:
                 return None
             matching = self.events if name is None else (e for e in self.events if e.event == name)
             return list(itertools.islice(matching, count))
 
-        def failure():
+        def failure() -> str:
             what = "events" if name is None else f"events named {name!r}"
             seen = collections.Counter(e.event for e in self.events)
             return f"expected {count} {what} within {timeout} s; received {dict(seen) or 'none'}"
@@ -575,7 +581,7 @@ class FakeFlyteApi:
         self.take_cost = 0.0
         self.restore()
 
-    def _next_fault(self, kind, route):
+    def _next_fault(self, kind: str, route: str | None) -> _Fault | None:
         """Consume one use of the oldest fault of *kind* that applies to *route*."""
         for fault in self._faults:
             if fault.kind == kind and (fault.route is None or fault.route == route):
@@ -588,24 +594,25 @@ class FakeFlyteApi:
 
     # --- called by the HTTP side (flyte_gevent._fake_server) ------------------------------------------------
 
-    def _record_request(self, route, method, path, query, headers, body):
+    def _record_request(self, route: str | None, method: str, path: str, query: str, headers: dict[str, str],
+                        body: bytes) -> RecordedRequest:
         request = RecordedRequest(route, method, path, query, headers, body, None, time.monotonic())
         self.requests.append(request)
         return request
 
-    def _violation(self, text):
+    def _violation(self, text: str) -> None:
         log.warning("FakeFlyteApi: %s", text)
         self.violations.append(text)
 
-    def _internal_error(self, text):
+    def _internal_error(self, text: str) -> None:
         self.errors.append(text)
 
-    def _touch(self, pack):
+    def _touch(self, pack: PackRecord) -> None:
         now = time.time_ns()
         pack._last_seen_ns = now
         pack.last_seen = datetime.fromtimestamp(now / 1e9, UTC)
 
-    def _upsert_pack(self, pid, view, body):
+    def _upsert_pack(self, pid: str, view: dict[str, Any], body: Any) -> PackRecord:
         """Store a registration under *pid*; the last writer wins."""
         labels = dict(view["labels"] or {})
         now = time.time_ns()
@@ -622,7 +629,7 @@ class FakeFlyteApi:
         self._changes.notify()
         return pack
 
-    def _find_new(self, pack, action_name):
+    def _find_new(self, pack: PackRecord, action_name: str) -> ActionRecord | None:
         """The oldest NEW action for this pack's name whose labels are a subset of the pack's (and whose command
         is *action_name*, unless that is empty), or None."""
         groups = self._queues.get(pack.name)
@@ -639,12 +646,12 @@ class FakeFlyteApi:
                 best = head
         return best
 
-    def _backlog(self, pack_name, action_name):
+    def _backlog(self, pack_name: str, action_name: str) -> int:
         """How many NEW actions of *pack_name* (and command *action_name*, unless empty) a take reads."""
         groups = self._queues.get(pack_name) or {}
         return sum(len(queue) for (_, command), queue in groups.items() if not action_name or command == action_name)
 
-    def _claim(self, action, pack):
+    def _claim(self, action: ActionRecord, pack: PackRecord) -> bool:
         """The conditional NEW -> PENDING update. False when the action is no longer NEW."""
         if action.state != NEW:
             return False
@@ -661,7 +668,7 @@ class FakeFlyteApi:
         self._changes.notify()
         return True
 
-    def _complete(self, action, event, payload, created_at):
+    def _complete(self, action: ActionRecord, event: str, payload: Any, created_at: str | None) -> None:
         action.state = FATAL if event == FATAL else SUCCESS
         action.completed_at = time.monotonic()
         # As stored by the server, which decodes the payload into Go values: numbers are float64.
@@ -669,18 +676,18 @@ class FakeFlyteApi:
         self._open -= 1
         self._changes.notify()
 
-    def _add_event(self, pid, event, payload, created_at, body):
+    def _add_event(self, pid: str, event: str, payload: Any, created_at: str | None, body: Any) -> None:
         self.events.append(ReceivedEvent(pid, event, as_go_value(payload), created_at, body))
         self._event_names[event] += 1
         self._changes.notify()
 
     # --- helpers ----------------------------------------------------------------------------------------------
 
-    def _new_id(self):
+    def _new_id(self) -> str:
         # Shaped like the server's MongoDB ObjectIds: time, a per-instance random part, a counter.
         return f"{int(time.time()) & 0xFFFFFFFF:08x}{self._id_middle}{next(self._id_counter) & 0xFFFFFF:06x}"
 
-    def _wait(self, ready, timeout, failure):
+    def _wait(self, ready: Callable[[], _T | None], timeout: float, failure: Callable[[], str]) -> _T:
         deadline = time.monotonic() + timeout
         while True:
             result = ready()
@@ -692,7 +699,7 @@ class FakeFlyteApi:
             self._changes.wait(remaining)
 
 
-def _describe(actions, limit=10):
+def _describe(actions: list[ActionRecord], limit: int = 10) -> str:
     """One clause per action, for assertion messages: id, command, pack, state and who took it."""
     clauses = []
     for action in actions[:limit]:
@@ -708,19 +715,19 @@ def _describe(actions, limit=10):
     return "; ".join(clauses)
 
 
-def _check_route(route):
+def _check_route(route: str | None) -> str | None:
     if route is not None and route not in ROUTES:
         raise ValueError(f"unknown route {route!r}; routes are {', '.join(ROUTES)} (or None for all)")
     return route
 
 
-def _check_times(times):
+def _check_times(times: int | None) -> int | None:
     if times is not None and times < 1:
         raise ValueError(f"times must be at least 1, or None for 'until cleared', not {times!r}")
     return times
 
 
-def _is_loopback(host):
+def _is_loopback(host: str) -> bool:
     import ipaddress
 
     if host == "localhost":
@@ -731,7 +738,7 @@ def _is_loopback(host):
         return False
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """``python -m flyte_gevent.testing``: serve a FakeFlyteApi, with its control routes under ``/_fake/``, until
     SIGINT or SIGTERM, then exit 0."""
     import argparse
