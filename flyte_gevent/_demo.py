@@ -71,7 +71,7 @@ def _show(value, width=100):
     return text if len(text) <= width else text[:width - 3] + "..."
 
 
-def run_demo(examples_dir=None):
+def run_demo(examples_dir: str | None = None) -> int:
     directory = _find_examples(examples_dir)
     shell, jira, ticker = (_load(directory, name) for name in _PACKS)
     out = sys.stdout

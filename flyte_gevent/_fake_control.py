@@ -32,7 +32,11 @@ import math
 import os
 import sys
 import time
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlsplit
+
+if TYPE_CHECKING:
+    import argparse
 
 __all__ = ["PREFIX", "add_commands", "is_control_path", "respond", "run"]
 
@@ -447,11 +451,12 @@ def _client_command(commands, formatter_class, name, summary, description):
     return parser
 
 
-def run(args):
+def run(args: "argparse.Namespace") -> int:
     """Run the ``fake-api`` command *args* (from :func:`add_commands`); returns the exit code."""
     command = args.fake_command or "serve"
     if command == "serve":
-        return _serve(args)
+        code: int = _serve(args)
+        return code
     given = [option for option in _SERVE_OPTIONS if hasattr(args, option)]
     if given:
         flag = "--token" if given[0] == "tokens" else f"--{given[0]}"
@@ -461,10 +466,11 @@ def run(args):
         control = FakeControl(args.url or os.environ.get(URL_VARIABLE) or DEFAULT_URL)
         if args.wait is not None and not (math.isfinite(args.wait) and 0 <= args.wait <= _MAX_WAIT):
             raise ControlError(f"--wait {args.wait:g}: expected seconds from 0 to {_MAX_WAIT:g}", EX_CONFIG)
-        return _CLIENT_COMMANDS[command](control, args)
+        code = _CLIENT_COMMANDS[command](control, args)
     except ControlError as error:
         print(f"Error: {error}", file=sys.stderr)
-        return error.exit_code
+        code = error.exit_code
+    return code
 
 
 def _serve(args):

@@ -19,10 +19,14 @@ import inspect
 import logging
 import os
 import sys
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from . import config
 from .errors import ConfigError, PackDefError, redact_url
+
+if TYPE_CHECKING:
+    from .pack import Pack
 
 __all__ = ["DEFAULT_ATTRIBUTES", "Settings", "build_pack", "load_target", "pack_definition", "resolve_settings"]
 
@@ -86,7 +90,7 @@ def resolve_settings(overrides=None, environ=None, need_api=True):
     return values
 
 
-def load_target(spec, source="target"):
+def load_target(spec: str, source: str = "target") -> object:
     """Import ``module:attr`` (or ``path/to/file.py:attr``) the way gunicorn does; the attribute.
 
     The current directory is put on ``sys.path`` first. Without ``:attr`` the
@@ -171,7 +175,8 @@ def pack_definition(target, settings, spec="target", source="target"):
     return made
 
 
-def build_pack(target, overrides=None, environ=None, spec="target", source="target"):
+def build_pack(target: object, overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None,
+               spec: str = "target", source: str = "target") -> "Pack":
     """The :class:`~flyte_gevent.Pack` a runner runs for a loaded *target*, with the settings it resolved.
 
     *overrides* are parsed settings (flags) that win over the environment;

@@ -20,6 +20,8 @@ import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
+from collections.abc import Callable, Collection  # noqa: E402
+from typing import Any  # noqa: E402
 
 from . import __version__, _fake_control, config  # noqa: E402
 from ._target import (  # noqa: E402
@@ -42,7 +44,7 @@ EX_SOFTWARE = 1
 EX_UNAVAILABLE = 69
 EX_CONFIG = 78
 
-def _settings_arguments(parser, targets):
+def _settings_arguments(parser: argparse.ArgumentParser, targets: Collection[str]) -> None:
     group = parser.add_argument_group("settings (flags win over the environment)")
     for setting in config.SETTINGS:
         if setting.flag is None or setting.target not in targets:
@@ -56,7 +58,7 @@ def _settings_arguments(parser, targets):
             group.add_argument(setting.flag, dest=setting.name, metavar=setting.metavar, help=help_text)
 
 
-def _parsed_flags(args, targets):
+def _parsed_flags(args: argparse.Namespace, targets: Collection[str]) -> dict[str, Any]:
     values = {}
     for setting in config.SETTINGS:
         if setting.flag is None or setting.target not in targets:
@@ -80,7 +82,7 @@ _EXIT_CODES = ("exit codes:\n"
 class _HelpFormatter(argparse.HelpFormatter):
     """Wraps one-paragraph descriptions as usual; keeps multi-line text (examples, exit codes) as written."""
 
-    def _fill_text(self, text, width, indent):
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
         if "\n" in text:
             return "".join(indent + line for line in text.splitlines(keepends=True))
         return super()._fill_text(text, width, indent)
@@ -91,7 +93,7 @@ _TARGET_HELP = ("the pack: a PackDef, or a function returning one (given the res
                 "are tried")
 
 
-def _parser():
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flyte-gevent",
         formatter_class=_HelpFormatter,
@@ -148,7 +150,7 @@ def _parser():
     return parser
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     """Entry point of ``flyte-gevent`` and ``python -m flyte_gevent``; returns the exit code."""
     args = _parser().parse_args(argv)
     try:
@@ -164,11 +166,11 @@ def main(argv=None):
         return EX_SOFTWARE
 
 
-def _run(args):
+def _run(args: argparse.Namespace) -> int:
     from . import log as flyte_log
 
     flags = _parsed_flags(args, ("client", "pack", "labels", "cli"))
-    cli_settings = {name: flags.pop(name) for name in ("log_level", "log_format") if name in flags}
+    cli_settings: dict[str, Any] = {name: flags.pop(name) for name in ("log_level", "log_format") if name in flags}
     flyte_log.configure_from_environ(cli_settings)
     target = load_target(args.target)
     if args.print_config:
@@ -189,7 +191,7 @@ def _run(args):
     return EX_OK
 
 
-def _print_config(target, flags, spec):
+def _print_config(target: object, flags: dict[str, Any], spec: str) -> int:
     """What --print-config prints: every setting as run resolves it, then what the definition declares."""
     values = config.from_environ(names={s.name for s in config.SETTINGS}, overrides=flags)
     pack_def = pack_definition(target, Settings({name: values[name] for name in PACK_SETTINGS}), spec)
@@ -202,7 +204,7 @@ def _print_config(target, flags, spec):
     return EX_OK
 
 
-def _raised_in_authors_code(exc):
+def _raised_in_authors_code(exc: BaseException) -> bool:
     """Whether *exc* went through code outside flyte_gevent (a hook), rather than being raised by the library."""
     package = os.path.dirname(os.path.abspath(__file__)) + os.sep
     examples = package + "examples" + os.sep  # installed with the package, but written as a pack author would
@@ -215,14 +217,14 @@ def _raised_in_authors_code(exc):
     return False
 
 
-def _shown(setting, value):
+def _shown(setting: config.Setting, value: object) -> object:
     """*value* as --print-config may show it: secrets hidden, credentials cut out of any URL."""
     if setting.secret and value:
         return "<redacted>"
     return redact_url(value) if isinstance(value, str) else value
 
 
-def _check(args):
+def _check(args: argparse.Namespace) -> int:
     from .schemas import registration_body
 
     flags = _parsed_flags(args, ("labels",))
@@ -236,14 +238,15 @@ def _check(args):
     return EX_OK
 
 
-def _demo(args):
+def _demo(args: argparse.Namespace) -> int:
     from ._demo import run_demo
 
     return run_demo(args.examples)
 
 
-def _fake_api(args):
+def _fake_api(args: argparse.Namespace) -> int:
     return _fake_control.run(args)
 
 
-_COMMANDS = {"run": _run, "check": _check, "demo": _demo, "fake-api": _fake_api}
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"run": _run, "check": _check, "demo": _demo,
+                                                             "fake-api": _fake_api}

@@ -73,10 +73,21 @@ shutting down", never left PENDING.
 import json
 import logging
 import os
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
 from ._target import build_pack, load_target
 from .errors import ConfigError
 from .log import pack_context
+
+if TYPE_CHECKING:
+    import gevent
+    from gunicorn.arbiter import Arbiter
+    from gunicorn.config import Config
+    from gunicorn.workers.base import Worker
+
+    from .pack import Pack
 
 __all__ = [
     "PACK_VARIABLE",
@@ -98,27 +109,27 @@ _EXIT_MARGIN = 3.0
 # How often the watcher looks at worker.alive (gunicorn offers no hook for SIGTERM).
 _WATCH_INTERVAL = 0.2
 
-_worker = None  # this process's _WorkerPack, set by post_worker_init
+_worker: "_WorkerPack | None" = None  # this process's _WorkerPack, set by post_worker_init
 
 
 class _WorkerPack:
     """The pack of this worker process and the greenlets that start and stop it."""
 
-    def __init__(self, pack, pid):
+    def __init__(self, pack: "Pack", pid: int) -> None:
         from gevent.pool import Group
 
         self.pack = pack
         self.pid = pid
         self.greenlets = Group()
-        self.stopper = None
+        self.stopper: gevent.Greenlet[..., Any] | None = None
 
-    def spawn(self, function, *args, **kwargs):
+    def spawn(self, function: Callable[..., object], *args: Any, **kwargs: Any) -> "gevent.Greenlet[..., Any]":
         greenlet = self.greenlets.spawn(function, *args, **kwargs)
         greenlet.name = f"flyte-gunicorn:{function.__name__.strip('_')}"
         return greenlet
 
 
-def current_pack():
+def current_pack() -> "Pack | None":
     """The pack running in this gunicorn worker, or ``None`` (not started, or not a worker).
 
     For the web app to reach the pack it lives with, e.g. to send events::
@@ -130,7 +141,7 @@ def current_pack():
     return state.pack if state is not None and state.pid == os.getpid() else None
 
 
-def mount_health(app, prefix="/flyte"):
+def mount_health(app: WSGIApplication, prefix: str = "/flyte") -> WSGIApplication:
     """Serve this worker's pack's health app (probes, metrics) under *prefix* inside *app*.
 
     The app is loaded before the hook starts the pack, so the pack is looked up
@@ -145,7 +156,7 @@ def mount_health(app, prefix="/flyte"):
     return mount(app, _current_health_app, prefix)
 
 
-def _current_health_app(environ, start_response):
+def _current_health_app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
     pack = current_pack()
     if pack is not None:
         return pack.health_app(environ, start_response)
@@ -157,7 +168,7 @@ def _current_health_app(environ, start_response):
     return [body]
 
 
-def post_worker_init(worker):
+def post_worker_init(worker: "Worker") -> None:
     """gunicorn hook: start the pack named by ``FLYTE_PACK`` in this worker.
 
     Returns at once; registration goes on in the background.
@@ -180,19 +191,19 @@ def post_worker_init(worker):
         log.info("worker %s runs pack %r (pack id %r)", worker.pid, pack.pack_def.name, pack.pack_def.id)
 
 
-def worker_exit(server, worker):
+def worker_exit(server: "Arbiter", worker: "Worker") -> None:
     """gunicorn hook: drain this worker's pack (stop taking, finish or FATAL running actions, flush)."""
     global _worker  # noqa: PLW0603 - see post_worker_init
     state = _worker
     if state is None or state.pid != os.getpid():
         return  # no pack here: the master calls this hook too, for workers that vanished
-    _begin_stop(worker, state)
-    state.stopper.join()
+    stopper = _begin_stop(worker, state)
+    stopper.join()
     state.greenlets.kill(block=True, timeout=1)
     _worker = None
 
 
-def load_pack(environ=None):
+def load_pack(environ: Mapping[str, str] | None = None) -> "Pack":
     """The :class:`~flyte_gevent.Pack` that ``FLYTE_PACK`` names, configured for a gunicorn worker.
 
     A ``PackDef`` (or a factory returning one, given the settings) is configured
@@ -212,7 +223,7 @@ def load_pack(environ=None):
     return build_pack(target, overrides, environ, spec=spec, source=PACK_VARIABLE)
 
 
-def shutdown_budget(pack, cfg):
+def shutdown_budget(pack: "Pack", cfg: "Config") -> tuple[float, float]:
     """``(grace_period, flush_timeout)`` for stopping *pack* within gunicorn's deadline (*cfg* is its config).
 
     The worker has ``graceful_timeout`` seconds after the master's signal before
@@ -229,7 +240,7 @@ def shutdown_budget(pack, cfg):
     return grace, flush
 
 
-def _start(state, pid):
+def _start(state: _WorkerPack, pid: int) -> None:
     from .errors import FlyteError
 
     pack = state.pack
@@ -244,7 +255,7 @@ def _start(state, pid):
             log.exception("pack %r failed to start in worker %s", pack.pack_def.name, pid)
 
 
-def _watch(worker, state):
+def _watch(worker: "Worker", state: _WorkerPack) -> None:
     import gevent
 
     while worker.alive:
@@ -252,12 +263,13 @@ def _watch(worker, state):
     _begin_stop(worker, state)
 
 
-def _begin_stop(worker, state):
-    """Start draining the pack in its own greenlet, once."""
+def _begin_stop(worker: "Worker", state: _WorkerPack) -> "gevent.Greenlet[..., Any]":
+    """Start draining the pack in its own greenlet, once; that greenlet."""
     if state.stopper is not None:
-        return
+        return state.stopper
     grace, flush = shutdown_budget(state.pack, worker.cfg)
     with pack_context(state.pack.pack_def.name):
         log.info("worker %s is stopping: draining pack %r (grace %g s, flush %g s)", worker.pid,
                  state.pack.pack_def.name, grace, flush)
     state.stopper = state.spawn(state.pack.stop, grace_period=grace, flush_timeout=flush)
+    return state.stopper

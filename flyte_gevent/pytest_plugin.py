@@ -24,9 +24,16 @@ pytest imports this module at start-up, before any conftest.py has had a chance 
 but pytest: gevent, the fake server and the real-server helper are loaded inside the fixtures.
 """
 
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
+
 import pytest
 
-__all__ = ["fake_flyte_api", "flyte_api", "running_pack"]
+if TYPE_CHECKING:
+    from flyte_gevent import Client, Pack, PackDef
+    from flyte_gevent.testing import FakeFlyteApi, FlyteServer
+
+__all__ = ["RunningPack", "fake_flyte_api", "flyte_api", "running_pack"]
 
 URL_VARIABLE = "FLYTE_GEVENT_TEST_API_URL"
 JWT_VARIABLE = "FLYTE_GEVENT_TEST_JWT"
@@ -40,27 +47,35 @@ _NOT_PATCHED = (
 )
 
 
-def pytest_addoption(parser):
+class RunningPack(Protocol):
+    """The type of the :func:`running_pack` fixture, for annotating a test's parameter."""
+
+    def __call__(self, pack_def: "PackDef", *, labels: Mapping[str, str] | None = None,
+                 client: "Client | None" = None, start_timeout: float = 5.0, **settings: Any) -> "Pack": ...
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("flyte_gevent")
     group.addoption("--flyte-api-url", metavar="URL", default=None,
                     help="give tests that use the flyte_api fixture the real Flyte API at URL (a FlyteServer "
                          f"helper) instead of the in-process fake; also ${URL_VARIABLE}")
 
 
-def _real_api_url(config):
+def _real_api_url(config: pytest.Config) -> str | None:
     import os
 
-    return config.getoption("flyte_api_url", default=None) or os.environ.get(URL_VARIABLE) or None
+    url: str | None = config.getoption("flyte_api_url", default=None) or os.environ.get(URL_VARIABLE) or None
+    return url
 
 
-def _require_patched():
+def _require_patched() -> None:
     from gevent import monkey
 
     if not monkey.is_module_patched("socket"):
         pytest.fail(_NOT_PATCHED, pytrace=False)
 
 
-def _fake():
+def _fake() -> "Iterator[FakeFlyteApi]":
     from flyte_gevent.testing import FakeFlyteApi
 
     watchers = _hub_watchers()
@@ -76,7 +91,7 @@ def _fake():
     _fail(problems)
 
 
-def _real(url):
+def _real(url: str) -> "Iterator[FlyteServer]":
     import os
 
     from flyte_gevent.testing import FlyteServer
@@ -91,7 +106,7 @@ def _real(url):
 
 
 @pytest.fixture
-def flyte_api(request):
+def flyte_api(request: pytest.FixtureRequest) -> "Iterator[FakeFlyteApi | FlyteServer]":
     """The Flyte API for the test: a :class:`~flyte_gevent.testing.FakeFlyteApi` listening on 127.0.0.1 (a free
     port), stopped after the test; or, with ``--flyte-api-url URL``, a :class:`~flyte_gevent.testing.FlyteServer`
     for the real API at URL, which deletes its flows and trigger pack after the test.
@@ -108,7 +123,7 @@ def flyte_api(request):
 
 
 @pytest.fixture
-def fake_flyte_api():
+def fake_flyte_api() -> "Iterator[FakeFlyteApi]":
     """Always a :class:`~flyte_gevent.testing.FakeFlyteApi`, whatever ``--flyte-api-url`` says: for tests that
     inject faults, set a race window or read the requests the server saw."""
     _require_patched()
@@ -117,12 +132,12 @@ def fake_flyte_api():
 
 #: What :func:`running_pack` gives a pack unless told otherwise: no health server, the shortest polling interval,
 #: and a stop that does not wait long for handlers the test left running.
-RUNNING_PACK_DEFAULTS = {"health_port": None, "health_host": "127.0.0.1", "polling_interval": 0.5,
+RUNNING_PACK_DEFAULTS: dict[str, Any] = {"health_port": None, "health_host": "127.0.0.1", "polling_interval": 0.5,
                          "grace_period": 1.0, "flush_timeout": 1.0}
 
 
 @pytest.fixture
-def running_pack(flyte_api):
+def running_pack(flyte_api: "FakeFlyteApi | FlyteServer") -> Iterator[RunningPack]:
     """``running_pack(pack_def, *, labels=None, client=None, start_timeout=5.0, **settings)``: a started
     :class:`~flyte_gevent.Pack` for *pack_def* against ``flyte_api``, stopped after the test whether it passed or
     not (running handlers get no grace period then, and are completed as FATAL).
@@ -137,9 +152,10 @@ def running_pack(flyte_api):
     from flyte_gevent import Client, Pack
     from flyte_gevent.testing import FakeFlyteApi
 
-    packs = []
+    packs: list[Pack] = []
 
-    def start(pack_def, *, labels=None, client=None, start_timeout=5.0, **settings):
+    def start(pack_def: "PackDef", *, labels: Mapping[str, str] | None = None, client: "Client | None" = None,
+              start_timeout: float = 5.0, **settings: Any) -> "Pack":
         if labels:
             pack_def = pack_def.with_labels(labels)
         if client is None:
@@ -167,14 +183,15 @@ def running_pack(flyte_api):
 # (its poller's timer or socket, its health server's listener), so the check first compares the hub's count of
 # active watchers with its count before the fixture started, and only looks further when that count grew.
 
-def _hub_watchers():
+def _hub_watchers() -> int | None:
     """How many watchers the gevent hub's loop has active (libev's count), or None where the loop does not say."""
     import gevent
 
-    return getattr(gevent.get_hub().loop, "activecnt", None)
+    count: int | None = getattr(gevent.get_hub().loop, "activecnt", None)
+    return count
 
 
-def _running_packs(url, watchers_before):
+def _running_packs(url: str, watchers_before: int | None) -> "list[Pack]":
     """The packs started against *url* and not stopped."""
     import sys
 
@@ -193,7 +210,7 @@ def _running_packs(url, watchers_before):
             and obj.client.url.rstrip("/") == url]
 
 
-def _stop_running_packs(url, watchers_before):
+def _stop_running_packs(url: str, watchers_before: int | None) -> str | None:
     """Stop the packs a test left running against *url*; what to fail the test with, or None."""
     packs = _running_packs(url, watchers_before)
     if not packs:
@@ -207,8 +224,8 @@ def _stop_running_packs(url, watchers_before):
             f"which always stops its packs")
 
 
-def _fail(problems):
+def _fail(problems: list[str | None]) -> None:
     """Fail the test with the *problems* that are not None, if any."""
-    problems = [problem for problem in problems if problem]
-    if problems:
-        pytest.fail("\n\n".join(problems), pytrace=False)
+    found = [problem for problem in problems if problem]
+    if found:
+        pytest.fail("\n\n".join(found), pytrace=False)
