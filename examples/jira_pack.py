@@ -20,7 +20,7 @@ if __name__ == "__main__":
 import itertools
 import sys
 
-from flyte_gevent import Command, ConfigError, Event, EventDef, Pack, PackDef
+from flyte_gevent import JSON, Command, ConfigError, Event, EventDef, Pack, PackDef
 
 created = EventDef("IssueCreated")
 
@@ -28,7 +28,7 @@ _PROJECTS = {"FOO", "OPS", "DEV"}
 _numbers = itertools.count(1)
 
 
-def create_issue(input):
+def create_issue(input: JSON) -> Event[dict[str, JSON]]:
     """Create an issue; *input* is the action's decoded JSON."""
     if not isinstance(input, dict):
         raise TypeError(f"input must be an object with project and summary, not {type(input).__name__}")
@@ -47,7 +47,7 @@ pack_def = PackDef(
 )
 
 
-def main():
+def main() -> None:
     try:
         pack = Pack.from_env(pack_def)
     except ConfigError as exc:

@@ -50,11 +50,12 @@ import re
 import signal
 import sys
 import time
+from typing import Any
 
 from gevent import subprocess
 from gevent.pool import Group
 
-from flyte_gevent import Command, ConfigError, Event, EventDef, Pack, PackDef, fatal_event
+from flyte_gevent import JSON, Command, ConfigError, Event, EventDef, Pack, PackDef, fatal_event
 
 HELP_URL = "https://github.com/ExpediaGroup/flyte-shell/blob/master/README.md"
 TIMEOUT_EXIT_CODE = 124
@@ -69,7 +70,7 @@ output = EventDef("Output")
 _GO_TYPE_NAMES = {dict: "object", list: "array", bool: "bool", int: "number", float: "number"}
 
 
-def shell(script, timeout=None):
+def shell(script: JSON, timeout: float | None = None) -> Event[dict[str, JSON]] | Event[str]:
     """The ``Shell`` command handler: *script* is the action's decoded JSON input."""
     if script is not None and not isinstance(script, str):
         kind = _GO_TYPE_NAMES.get(type(script), type(script).__name__)
@@ -81,7 +82,8 @@ def shell(script, timeout=None):
                                    stdin=subprocess.DEVNULL, env=_scrubbed_environ(), start_new_session=True)
     except OSError as exc:
         return fatal_event(f"cannot start bash: {exc.strerror or exc}")
-    stdout, stderr = [], []
+    stdout: list[bytes] = []
+    stderr: list[bytes] = []
     readers = Group()
     readers.spawn(_read_all, process.stdout, stdout)
     readers.spawn(_read_all, process.stderr, stderr)
@@ -93,18 +95,18 @@ def shell(script, timeout=None):
         raise
     if not finished:
         _kill(process, readers, drain=_DRAIN_AFTER_KILL)
-        return _output(_text(stdout), _text(stderr) + f"timeout after {timeout:g} s", TIMEOUT_EXIT_CODE)
+        return _output(_text(stdout), _text(stderr) + f"timeout after {timeout or 0:g} s", TIMEOUT_EXIT_CODE)
     _close_pipes(process)
     exit_code = process.returncode if process.returncode >= 0 else -1
     return _output(_text(stdout), _text(stderr), exit_code)
 
 
-def _read_all(pipe, chunks):
+def _read_all(pipe: Any, chunks: list[bytes]) -> None:  # pipe: the BufferedReader Popen made for PIPE
     while data := pipe.read1(65536):
         chunks.append(data)
 
 
-def _wait(process, readers, timeout):
+def _wait(process: "subprocess.Popen[bytes]", readers: Group, timeout: float | None) -> bool:
     """Wait until both pipes are at their end and bash has exited; False when *timeout* passes first."""
     deadline = None if timeout is None else time.monotonic() + timeout
     if not readers.join(timeout=timeout, raise_error=True):
@@ -116,7 +118,7 @@ def _wait(process, readers, timeout):
     return True
 
 
-def _kill(process, readers, drain):
+def _kill(process: "subprocess.Popen[bytes]", readers: Group, drain: float) -> None:
     """Kill the script's process group, read for up to *drain* s what it wrote, close the pipes and reap bash.
 
     Every step is bounded: a child that left the group may hold the pipes open forever.
@@ -135,24 +137,25 @@ def _kill(process, readers, drain):
         pass  # gevent's child watcher still reaps it when it exits
 
 
-def _close_pipes(process):
+def _close_pipes(process: "subprocess.Popen[bytes]") -> None:
     for pipe in (process.stdout, process.stderr):
-        pipe.close()
+        if pipe is not None:  # both are pipes: Popen was given PIPE for them
+            pipe.close()
 
 
-def _output(stdout, stderr, exit_code):
+def _output(stdout: str, stderr: str, exit_code: int) -> Event[dict[str, JSON]]:
     return Event(output, {"stdout": stdout, "stderr": stderr, "exit_code": exit_code})
 
 
-def _text(chunks):
+def _text(chunks: list[bytes]) -> str:
     return b"".join(chunks).decode("utf-8", "replace")
 
 
-def _scrubbed_environ():
+def _scrubbed_environ() -> dict[str, str]:
     return {key: value for key, value in os.environ.items() if not _SECRET_NAME.search(key)}
 
 
-def _timeout_from_env():
+def _timeout_from_env() -> float | None:
     text = os.environ.get("SHELL_TIMEOUT", "").strip()
     if not text:
         return None
@@ -163,7 +166,7 @@ def _timeout_from_env():
     return value if value > 0 else None
 
 
-def make_pack_def(timeout=None):
+def make_pack_def(timeout: float | None = None) -> PackDef:
     """The Shell pack definition (labels come from ``FLYTE_LABELS`` via :meth:`Pack.from_env`)."""
     return PackDef(
         name="Shell",
@@ -175,12 +178,12 @@ def make_pack_def(timeout=None):
 pack_def = make_pack_def()
 
 
-def create_pack_def():
+def create_pack_def() -> PackDef:
     """The definition with ``SHELL_TIMEOUT`` applied: ``flyte-gevent run shell_pack:create_pack_def``."""
     return make_pack_def(_timeout_from_env())
 
 
-def main():
+def main() -> None:
     # Like the Go pack, FLYTE_API_URL is required; FLYTE_API is accepted too and wins.
     if not (os.environ.get("FLYTE_API") or os.environ.get("FLYTE_API_URL")):
         sys.exit("FLYTE_API_URL env. variable is not set")

@@ -36,12 +36,12 @@ tick = EventDef("Tick")
 pack_def = PackDef(name="Ticker", help_url=HELP_URL, event_defs=[tick])
 
 
-def now_text():
+def now_text() -> str:
     """The current time in UTC, RFC 3339 with microseconds and ``Z`` (flows match on the hour text)."""
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def tick_forever(pack, interval=60.0):
+def tick_forever(pack: Pack, interval: float = 60.0) -> None:
     """Send a Tick every *interval* seconds, counted from start-up, without drifting."""
     next_at = time.monotonic() + interval
     while True:
@@ -50,7 +50,7 @@ def tick_forever(pack, interval=60.0):
         pack.send_event_nowait(Event(tick, {"time": now_text()}))
 
 
-def main():
+def main() -> None:
     try:
         interval = float(os.environ.get("TICKER_INTERVAL", "60"))
         if not interval > 0:

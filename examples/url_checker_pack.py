@@ -39,13 +39,15 @@ import logging
 import os
 import sys
 import time
+from types import ModuleType
+from typing import Any
 from urllib.parse import urlsplit
 
 import gevent
 import requests
 from marshmallow import Schema, fields, validate
 
-from flyte_gevent import ConfigError, Event, EventDef, Health, Pack, PackDef
+from flyte_gevent import JSON, ConfigError, Event, EventDef, Health, Pack, PackDef
 from flyte_gevent.errors import redact_url, redact_urls
 
 log = logging.getLogger("url_checker")
@@ -68,7 +70,8 @@ url_up = EventDef("UrlUp")
 pack_def = PackDef("UrlChecker", event_defs=[url_down, url_up])
 
 
-def probe(http, url, timeout):
+def probe(http: "requests.Session | ModuleType", url: str,
+          timeout: float) -> tuple[int, float, None] | tuple[None, None, str]:
     """``(status, elapsed_ms, error)`` for a GET of *url*: a status, or an error text when nothing answered."""
     started = time.monotonic()
     try:
@@ -80,11 +83,11 @@ def probe(http, url, timeout):
 
 
 @pack_def.command("checkUrl", output_events=[url_checked, url_unreachable], input_schema=CheckUrlInput)
-def check_url(input):
+def check_url(input: dict[str, Any]) -> Event[dict[str, JSON]]:
     """*input* is what ``CheckUrlInput`` loaded."""
     status, elapsed_ms, error = probe(requests, input["url"], input["timeout_s"])
     url = redact_url(input["url"])
-    if error is not None:
+    if status is None:  # nothing answered
         return Event(url_unreachable, {"url": url, "error": error})
     return Event(url_checked, {"url": url, "status": status, "ok": status < 400, "elapsed_ms": elapsed_ms})
 
@@ -95,17 +98,17 @@ def check_url(input):
 class Watcher:
     """What one pack's watcher knows: the URLs, which of them are down, when it last finished a round."""
 
-    def __init__(self, urls, interval):
+    def __init__(self, urls: list[str], interval: float) -> None:
         self.urls = urls
         self.interval = interval
-        self.down = set()
+        self.down: set[str] = set()
         self.session = requests.Session()
         self.since = time.monotonic()  # the end of the last round, or the start
 
-    def check_all(self, pack):
+    def check_all(self, pack: Pack) -> None:
         for url in self.urls:
             status, _, error = probe(self.session, url, PROBE_TIMEOUT)
-            is_down = error is not None or status >= 400
+            is_down = status is None or status >= 400  # nothing answered, or an error status
             if is_down and url not in self.down:
                 self.down.add(url)
                 log.warning("%s is down: %s", redact_url(url), error or status)
@@ -116,21 +119,21 @@ class Watcher:
                 pack.send_event_nowait(Event(url_up, {"url": redact_url(url), "status": status}))
         self.since = time.monotonic()
 
-    def stale_after(self):
+    def stale_after(self) -> float:
         """Seconds without a finished round after which the watcher counts as stuck."""
         return 3 * self.interval + PROBE_TIMEOUT * len(self.urls)
 
 
-watchers = {}  # the watcher of each running pack (several may run in one process: tests, say)
+watchers: dict[Pack, Watcher] = {}  # the watcher of each running pack (several may run in one process: tests, say)
 
 
 @pack_def.on_start
-def open_watcher(pack):
+def open_watcher(pack: Pack) -> None:
     watchers[pack] = Watcher(_watch_list(), _interval())
 
 
 @pack_def.background
-def watch(pack):
+def watch(pack: Pack) -> None:
     watcher = watchers[pack]
     if not watcher.urls:
         return  # nothing to watch: the task is done
@@ -140,7 +143,7 @@ def watch(pack):
 
 
 @pack_def.health_check
-def watcher_health(pack):
+def watcher_health(pack: Pack) -> tuple[str, Health]:
     watcher = watchers.get(pack)
     if watcher is None:  # the health server answers while the pack registers, before open_watcher ran
         return "Watcher", Health(True, "starting")
@@ -153,7 +156,7 @@ def watcher_health(pack):
 
 
 @pack_def.on_stop
-def close_watcher(pack):
+def close_watcher(pack: Pack) -> None:
     watcher = watchers.pop(pack, None)
     if watcher is not None:
         watcher.session.close()
@@ -161,7 +164,7 @@ def close_watcher(pack):
         log.info("watcher stopped: %d URL%s watched, %d down", count, "" if count == 1 else "s", len(watcher.down))
 
 
-def _watch_list():
+def _watch_list() -> list[str]:
     urls = [item.strip() for item in os.environ.get(WATCH_VARIABLE, "").split(",") if item.strip()]
     for url in urls:
         parts = urlsplit(url)
@@ -170,7 +173,7 @@ def _watch_list():
     return urls
 
 
-def _interval():
+def _interval() -> float:
     text = os.environ.get(INTERVAL_VARIABLE, "30")
     try:
         interval = float(text)
@@ -181,7 +184,7 @@ def _interval():
     return interval
 
 
-def main():
+def main() -> None:
     try:
         Pack.from_env(pack_def).run()
     except ConfigError as exc:  # a FLYTE_* variable, or a watch setting the on_start hook refused

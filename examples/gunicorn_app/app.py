@@ -14,19 +14,21 @@ Run it with ``gunicorn -c gunicorn_conf.py app:application`` (see README.md).
 
 import json
 import os
+from collections.abc import Iterable
+from wsgiref.types import StartResponse, WSGIEnvironment
 
 import greeter_pack
 
 from flyte_gevent.gunicorn import current_pack, mount_health
 
 
-def _json(start_response, document, status="200 OK"):
+def _json(start_response: StartResponse, document: object, status: str = "200 OK") -> list[bytes]:
     body = json.dumps(document).encode()
     start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
     return [body]
 
 
-def web_app(environ, start_response):
+def web_app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
     path = environ.get("PATH_INFO") or "/"
     if path == "/":
         pack = current_pack()

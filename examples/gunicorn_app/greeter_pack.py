@@ -14,6 +14,7 @@ import collections
 import dataclasses
 import logging
 import os
+from typing import Any
 
 import gevent
 from marshmallow import Schema, fields, validate
@@ -23,7 +24,7 @@ from flyte_gevent import Event, EventDef, PackDef
 log = logging.getLogger("greeter")
 
 #: The latest greetings made by this worker, newest last (read by app.py).
-recent_greetings = collections.deque(maxlen=20)
+recent_greetings: collections.deque[str] = collections.deque(maxlen=20)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +44,7 @@ pack_def = PackDef("Greeter", labels={"app": "gunicorn-example"})
 
 
 @pack_def.command("Greet", output_events=[greeted], input_schema=GreetInput)
-def greet(input):
+def greet(input: dict[str, Any]) -> Event[Greeting]:
     """*input* is what ``GreetInput`` loaded: a dict with ``name`` and ``delay_s``."""
     gevent.sleep(input["delay_s"])  # cooperative: the worker keeps serving HTTP meanwhile
     greeting = Greeting(f"Hello, {input['name']}!", os.getpid())
