@@ -11,7 +11,7 @@ command does not declare. Re-exported as ``flyte_gevent.testing.run_handler``.
 
 import json
 import secrets
-from typing import cast
+from typing import Any, cast
 
 import gevent
 
@@ -25,7 +25,7 @@ __all__ = ["run_handler"]
 
 
 def run_handler(pack_def: PackDef, command: str, input: JSON = None, *,
-                action_timeout: float | None = None) -> Event[JSON]:
+                action_timeout: float | None = None) -> Event[Any]:
     """Run *command* of *pack_def* on *input* as the pack would, and return the result it would post.
 
     The input reaches the handler as an action a flow created carries it
@@ -46,7 +46,8 @@ def run_handler(pack_def: PackDef, command: str, input: JSON = None, *,
     :param action_timeout: the pack's default per-action timeout, in seconds
         (a command's own ``timeout`` wins, as in a pack).
     :returns: the :class:`~flyte_gevent.Event` the pack would post: its payload
-        is the JSON that would be sent (a dataclass or a schema's dump as a dict),
+        is the JSON that would be sent (a dataclass or a schema's dump as a dict;
+        typed ``Any``, as what ``json.loads`` returns is, so a test can index it),
         and a failure is a ``FATAL`` event whose payload is the text Flyte would get
         — ``"Unknown command 'X'"`` for a command the definition lacks.
     :raises PackDefError: the definition is invalid (as ``start()`` would say).
