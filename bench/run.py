@@ -149,7 +149,8 @@ def run_once(scenario, client, args, log_dir, attempt):
     suffix = f"-{attempt + 1}" if args.repeat > 1 else ""
     name = f"{scenario.name}-{client}{suffix}"
     if scenario.server == "real":
-        return run_real(scenario, client, args, os.path.join(log_dir, name))
+        profile = os.path.join(args.profile, f"{name}.prof") if args.profile else None
+        return run_real(scenario, client, args, os.path.join(log_dir, name), profile)
     source = LoopbackSource(os.path.join(log_dir, f"{name}-api.log"))
     try:
         log = os.path.join(log_dir, f"{name}.log")
@@ -170,7 +171,7 @@ def run_once(scenario, client, args, log_dir, attempt):
         source.close()
 
 
-def run_real(scenario, client, args, log_prefix):
+def run_real(scenario, client, args, log_prefix, profile=None):
     """One run against a fresh real Flyte server: the backlog created, then the pack (or its replicas) started."""
     source = real_server.RealServerSource(args.flyte_server, log_prefix, delay=scenario.latency,
                                           replicas=scenario.replicas)
@@ -183,7 +184,7 @@ def run_real(scenario, client, args, log_prefix):
             if client == "go":
                 packs.append(GoPack(args.go_peer, url, scenario, log))
             else:
-                packs.append(OurPack(url, scenario, log, None, args.ours))
+                packs.append(OurPack(url, scenario, log, profile if index == 0 else None, args.ours))
         result = harness.measure_prequeued(scenario, source, batch, packs)
     finally:
         for pack in packs:
