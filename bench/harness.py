@@ -361,8 +361,9 @@ def measure_prequeued(scenario, source, batch, packs):
                                "busy_percent": window["cpu_s"] * 100 / (clock_end - clock_start),
                                "takes_won": window["taken"]})
     if len(packs) > 1:
-        result["replica_takes"] = [proxy.get("take 200", 0) for proxy in window["proxies"]]
-        result["replica_lost"] = [proxy.get("take 500", 0) for proxy in window["proxies"]]
+        # Counted from each proxy's start: a replica may take actions before the last one has registered.
+        result["replica_takes"] = [proxy["statuses"].get("take 200", 0) for proxy in window["proxy_totals"]]
+        result["replica_lost"] = [proxy["statuses"].get("take 500", 0) for proxy in window["proxy_totals"]]
     return result
 
 

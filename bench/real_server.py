@@ -287,7 +287,7 @@ class RealBatch:
                             for key in after["statuses"]})
         return {"actions": dict(times, fatal=sum(a.state == "FATAL" for a in actions)), "results": results,
                 "real_window": {"cpu_s": end["cpu_s"] - start["cpu_s"], "taken": end["taken"] - start["taken"],
-                                "lost": end["lost"] - start["lost"], "proxies": proxies,
+                                "lost": end["lost"] - start["lost"], "proxies": proxies, "proxy_totals": end["proxies"],
                                 "queue_seconds": self.queue_seconds}}
 
 

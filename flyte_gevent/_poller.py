@@ -27,9 +27,9 @@ can only lose, or slow the first down on a busy server).
   take's latency. From then on, takes overlap only while the spacing is at most
   0.6 of a take's latency: then no more than ``latency / spacing`` are in
   flight, each started at least the spacing after the one before; each race
-  they lose widens the spacing by a quarter and each action they take narrows
-  it by 2.5 %, so it follows *D* as the backlog shrinks, at about one lost race
-  per ten actions. Above 0.6 of the latency takes go one at a time (a take with
+  they lose widens the spacing by 15 % and each action they take narrows it by
+  1.5 %, so it follows *D* as the backlog shrinks, at about one lost race per
+  ten actions. Above 0.6 of the latency takes go one at a time (a take with
   none in flight races none of ours, and starts at once), and the spacing
   narrows towards another try at overlapping: 4 % per action taken, halved
   after each try that lost its races before taking 16 actions, so a server
@@ -80,10 +80,10 @@ _ERROR_BACKOFF_CAP = 60.0
 # and each action they take then multiplies it by 1 - _NARROW: lost races per action settle near
 # log(1 / (1 - _NARROW)) / log(_WIDEN), about 0.1. Taking one at a time, each action narrows it by
 # _PROBE_NARROW / 2**(failed tries at overlapping); a try succeeds once it took _PROBE_CONFIRM actions.
-_WIDEN = 1.25
+_WIDEN = 1.15
 _FIRST_SPACING = 0.5
 _OVERLAP_BELOW = 0.6
-_NARROW = 0.025
+_NARROW = 0.015
 _PROBE_NARROW = 0.04
 _PROBE_CONFIRM = 16
 _MAX_FAILED_PROBES = 6
