@@ -54,6 +54,11 @@ class Scenario:
     options: dict = dataclasses.field(default_factory=dict)
     idle_seconds: float = 0.0
     timeout: float = 180.0
+    #: ``loopback`` (``loopback_api.py``, batches queued at the pack's next take) or ``real`` (the Flyte server,
+    #: batches created before the pack starts: :func:`measure_prequeued`)
+    server: str = "loopback"
+    #: processes of the pack run at once (``real`` only): replicas sharing the work
+    replicas: int = 1
 
     def inputs(self):
         if self.input is None:
@@ -324,6 +329,41 @@ def run_scenario(scenario, source, pack, warm_up=True):
                   idle_rss_kb=idle_rss, rss_kb=rss, peak_rss_kb=peak_rss)
     if held_rss is not None:
         result.update(held_rss_kb=held_rss, kb_per_action=(held_rss - idle_rss) / batch.count)
+    return result
+
+
+def measure_prequeued(scenario, source, batch, packs):
+    """Measure *packs* (one, or replicas of one pack) draining *batch*, queued before they started.
+
+    This is how a real server is measured (:mod:`real_server`): it makes actions only from flows, so they are all
+    created first, then the packs start. The window opens when the last pack has registered (so start-up is not
+    counted) and closes with the last result. Besides the drain rate and the packs' CPU: how many results each
+    action got (exactly one each), lost races (takes answered 500 because another take claimed the action) per
+    action, the server's CPU per action, and with replicas each one's share of the takes.
+    """
+    def alive():
+        for pack in packs:
+            pack.check_alive()
+    source.wait_for_pack(PACK_NAME, 30, alive, count=len(packs))
+    batch.mark_start()
+    cpu_start, clock_start = sum(cpu_seconds(pack.pid) for pack in packs), time.monotonic()
+    report = batch.wait_done(scenario.timeout, alive)
+    cpu_end, clock_end = sum(cpu_seconds(pack.pid) for pack in packs), time.monotonic()
+    result = _batch_summary(report)
+    window = report["real_window"]
+    count = batch.count
+    result.update(cpu_ms_per_action=(cpu_end - cpu_start) * 1000 / count,
+                  pack_cpu_percent=(cpu_end - cpu_start) * 100 / (clock_end - clock_start),
+                  results_per_action={"min": min(report["results"]), "max": max(report["results"])},
+                  lost_races=window["lost"], lost_per_action=window["lost"] / count,
+                  queue_seconds=window["queue_seconds"],
+                  real_server={"cpu_ms_per_action": window["cpu_s"] * 1000 / count,
+                               "busy_percent": window["cpu_s"] * 100 / (clock_end - clock_start),
+                               "takes_won": window["taken"]})
+    if len(packs) > 1:
+        # Counted from each proxy's start: a replica may take actions before the last one has registered.
+        result["replica_takes"] = [proxy["statuses"].get("take 200", 0) for proxy in window["proxy_totals"]]
+        result["replica_lost"] = [proxy["statuses"].get("take 500", 0) for proxy in window["proxy_totals"]]
     return result
 
 

@@ -11,6 +11,11 @@ goes next to it in ``logs/``.
 The Go client is the bench pack built with flyte-client v1.4.1 (``../shared/peers/go-client/go-bench-pack``,
 found in a ``shared/peers`` directory above the repository, or given with ``--go-peer``; ``--go-peer none``
 runs our client alone).
+
+``--server real`` runs issue #12's scenarios instead (``--server all``: both sets): the real Flyte server
+(``bench/real_server.py``, a fresh ``flyte-server`` process per run) with 600 actions created before the pack
+starts, directly and at 20 ms per request (``bench/delay_proxy.py``), and two replicas of ours sharing the
+backlog; its table adds lost races (takes answered 500) and the server's CPU per action.
 """
 
 import argparse
@@ -27,6 +32,7 @@ import tempfile
 import time
 
 import harness
+import real_server
 from harness import CLOCK_TICKS, BenchError, GoPack, LoopbackSource, OurPack, Scenario
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -63,6 +69,22 @@ def scenarios(quick):
     ]
 
 
+#: Every action of a real-server batch gets this input: one flow creates the whole batch, so inputs are equal.
+REAL_INPUT = {"n": 1}
+
+
+def real_scenarios(quick, replicas=2):
+    """Against the real Flyte server (issue #12): a backlog created first, then the pack started; directly, at
+    20 ms per request (through ``delay_proxy.py``), and as *replicas* processes of ours sharing the backlog."""
+    count = 40 if quick else 600
+    return [
+        Scenario("real", "Noop", count, input=REAL_INPUT, server="real"),
+        Scenario("real_rtt20", "Noop", count // 2 if quick else count, input=REAL_INPUT, latency=0.02,
+                 server="real"),
+        Scenario("real_replicas", "Noop", count, input=REAL_INPUT, server="real", replicas=replicas),
+    ]
+
+
 @dataclasses.dataclass
 class Row:
     """One target of the issue: a metric of one scenario, compared as ours / Go (or, ``limit``, absolute)."""
@@ -73,12 +95,16 @@ class Row:
     metric: str
     better: str  # "higher" or "lower"
     target: float | None = None  # the ratio ours / Go must be at least (higher) or at most (lower) this
-    limit: float | None = None  # ours alone must be at most this
+    limit: float | None = None  # ours alone must be at most (lower) or at least (higher) this
+    unit: str = ""  # of the limit
+    ours_only: bool = False  # a figure of ours alone (Go has no such run or number)
 
     def describe_target(self):
-        if self.limit is not None:
-            return f"≤ {self.limit:g} % of a core"
         sign = "≥" if self.better == "higher" else "≤"
+        if self.limit is not None:
+            return f"{sign} {self.limit:g}{self.unit}"
+        if self.target is None:
+            return "-"
         return f"{sign} {self.target:.1f}×" if self.target < 10 else f"{sign} {self.target:g}×"
 
 
@@ -92,11 +118,25 @@ ROWS = [
     Row("io1s_rtt20", "drain rate, {count:,} sleeping {input:g} s, {latency_ms:g} ms per request", "io1s_rtt20",
         "actions_per_s", "higher", target=15),
     Row("memory", "RSS per in-flight action, {count:,} sleeping", "memory", "kb_per_action", "lower", target=1.0),
-    Row("idle", "idle CPU (5 s polling)", "idle", "cpu_percent", "lower", limit=0.5),
+    Row("idle", "idle CPU (5 s polling)", "idle", "cpu_percent", "lower", limit=0.5, unit=" % of a core"),
+    Row("real", "real server: drain rate, {count:,} queued", "real", "actions_per_s", "higher", target=1.0),
+    Row("real_rtt20", "real server: drain rate, {count:,} queued, {latency_ms:g} ms per request", "real_rtt20",
+        "actions_per_s", "higher", target=2.0),
+    Row("real_lost", "real server: lost races per action", "real", "lost_per_action", "lower", limit=0.5),
+    Row("real_rtt20_lost", "real server: lost races per action, {latency_ms:g} ms per request", "real_rtt20",
+        "lost_per_action", "lower", limit=0.5),
+    Row("real_cpu", "real server: pack CPU per action", "real", "cpu_ms_per_action", "lower"),
+    Row("real_server_cpu", "real server: server CPU per action", "real", "server_cpu_ms_per_action", "lower"),
+    Row("real_replicas_share", "real server, {replicas} replicas: smallest share of the takes", "real_replicas",
+        "smallest_share", "higher", limit=0.25, unit=" of an even split", ours_only=True),
+    Row("real_replicas_once", "real server, {replicas} replicas: results per action", "real_replicas",
+        "results_per_action_max", "lower", limit=1, unit=" (exactly one each)", ours_only=True),
 ]
 
 #: The headline number of a scenario, whose median run ``--repeat`` reports.
 HEADLINE = {"memory": "kb_per_action", "idle": "cpu_percent"}
+#: Clients whose replicas can run side by side: the Go pack's health server binds a fixed port (8090).
+REPLICA_CLIENTS = ("ours",)
 
 
 # --- running -------------------------------------------------------------------------------------------------
@@ -118,6 +158,9 @@ def run_once(scenario, client, args, log_dir, attempt):
     """One measured run of *client* in *scenario*, each process fresh."""
     suffix = f"-{attempt + 1}" if args.repeat > 1 else ""
     name = f"{scenario.name}-{client}{suffix}"
+    if scenario.server == "real":
+        profile = os.path.join(args.profile, f"{name}.prof") if args.profile else None
+        return run_real(scenario, client, args, os.path.join(log_dir, name), profile)
     source = LoopbackSource(os.path.join(log_dir, f"{name}-api.log"))
     try:
         log = os.path.join(log_dir, f"{name}.log")
@@ -144,6 +187,35 @@ def run_once(scenario, client, args, log_dir, attempt):
             shutil.rmtree(journal, ignore_errors=True)
 
 
+def run_real(scenario, client, args, log_prefix, profile=None):
+    """One run against a fresh real Flyte server: the backlog created, then the pack (or its replicas) started."""
+    source = real_server.RealServerSource(args.flyte_server, log_prefix, delay=scenario.latency,
+                                          replicas=scenario.replicas)
+    packs = []
+    try:
+        batch = source.queue_batch(scenario.command, scenario.inputs())
+        load = os.getloadavg()
+        for index, url in enumerate(source.urls[:scenario.replicas]):
+            log = f"{log_prefix}{'-' + str(index + 1) if scenario.replicas > 1 else ''}.log"
+            if client == "go":
+                packs.append(GoPack(args.go_peer, url, scenario, log))
+            else:
+                packs.append(OurPack(url, scenario, log, profile if index == 0 else None, args.ours))
+        result = harness.measure_prequeued(scenario, source, batch, packs)
+    finally:
+        for pack in packs:
+            pack.stop()
+        source.close()
+    result["options"] = packs[0].options
+    result["load_average"] = load
+    result["server_cpu_ms_per_action"] = result["real_server"]["cpu_ms_per_action"]
+    result["results_per_action_max"] = result["results_per_action"]["max"]
+    if "replica_takes" in result:
+        even = scenario.count / scenario.replicas
+        result["smallest_share"] = min(result["replica_takes"]) / even
+    return result
+
+
 def run_repeated(scenario, clients, args, log_dir):
     """Run every client ``--repeat`` times, taking turns (so both meet the same load); per client, the run with
     the median headline number, with the median of every row's metric over all runs in ``medians``."""
@@ -151,6 +223,8 @@ def run_repeated(scenario, clients, args, log_dir):
     clients = [c for c in clients if c != JOURNAL_CLIENT or scenario.name in JOURNAL_SCENARIOS]
     runs = {client: [] for client in clients}
     errors = {}
+    if scenario.replicas > 1:
+        clients = [client for client in clients if client in REPLICA_CLIENTS]
     for attempt in range(args.repeat):
         for client in clients:
             if client in errors:
@@ -190,6 +264,10 @@ def _headline(scenario, result):
     if scenario.idle_seconds:
         return f"{_idle_cpu(result['cpu_percent'], result['seconds'])} CPU"
     text = f"{result['actions_per_s']:,.0f} actions/s, {result['cpu_ms_per_action']:.3f} ms CPU per action"
+    if "lost_per_action" in result:
+        text += f", {result['lost_per_action']:.2f} lost races per action"
+    if "replica_takes" in result:
+        text += f", takes per replica {result['replica_takes']}"
     if "kb_per_action" in result:
         text += f", {result['kb_per_action']:.1f} KB per action in flight"
     return text
@@ -212,13 +290,14 @@ def compare(report, chosen):
         if report["quick"] or ours_value is None:
             met = None
         elif row.limit is not None:
-            met = ours_value <= row.limit
-        elif ratio is None:
+            met = ours_value <= row.limit if row.better == "lower" else ours_value >= row.limit
+        elif ratio is None or row.target is None:
             met = None
         else:
             met = ratio >= row.target if row.better == "higher" else ratio <= row.target
-        rows.append({"key": row.key, "title": row.title.format(count=scenario.count, input=scenario.input or 0,
-                                                                latency_ms=scenario.latency * 1000),
+        title = row.title.format(count=scenario.count, input=scenario.input or 0, latency_ms=scenario.latency * 1000,
+                                 replicas=scenario.replicas)
+        rows.append({"key": row.key, "title": title,
                      "scenario": row.scenario, "metric": row.metric, "go": go_value, "ours": ours_value,
                      "ratio": ratio, "better": row.better, "target": row.describe_target(), "met": met})
     return rows
@@ -255,8 +334,12 @@ def _value(row, result_key, entry):
             return "error"
         return "-"
     metric = row["metric"]
-    if metric == "cpu_ms_per_action":
+    if metric in ("cpu_ms_per_action", "server_cpu_ms_per_action"):
         return f"{value:.3f} ms"
+    if metric == "lost_per_action":
+        return f"{value:.2f}"
+    if metric == "smallest_share":
+        return f"{value:.2f} ({', '.join(map(str, entry[result_key]['replica_takes']))} takes)"
     if metric == "actions_per_s":
         return f"{value:,.0f}/s"
     if metric == "kb_per_action":
@@ -298,7 +381,7 @@ def format_comparison(report):
         entry = by_name[row["scenario"]]
         ratio = "-" if row["ratio"] is None else f"{row['ratio']:.2f}×"
         if row["met"] is None:
-            verdict = "-" if report["quick"] or row["ours"] is None else "n/a (no Go run)"
+            verdict = "-" if report["quick"] or row["ours"] is None or row["target"] == "-" else "n/a (no Go run)"
         else:
             verdict = "met" if row["met"] else "MISSED"
         better = f"{row['better']} is better"
@@ -310,15 +393,18 @@ def format_comparison(report):
 
 
 def _busy(result):
-    if not result or "error" in result or not result.get("server"):
+    if not result or "error" in result:
         return "-"
-    return f"{result['server']['busy_percent']:.0f} %"
+    server = result.get("server") or result.get("real_server")
+    return f"{server['busy_percent']:.0f} %" if server else "-"
 
 
 def format_runs(report):
     """Every run in detail, the loopback API's cost included."""
     rows = []
     for entry in report["scenarios"]:
+        if entry.get("server") == "real":
+            continue
         for client in CLIENTS:
             result = entry.get(client)
             if result is None:
@@ -346,6 +432,37 @@ def format_runs(report):
             rows.append(cells)
     header = ["scenario", "client", "actions", "actions/s", "p50 ms", "p99 ms", "max ms", "takes ms", "CPU ms/act",
               "pack CPU", "RSS MB idle/peak", "API req", "API µs/req", "API busy", "req/act", "load"]
+    return _table(header, rows) if rows else ""
+
+
+def format_real_runs(report):
+    """Every real-server run in detail: drain, the packs' and the server's CPU, lost races, replicas' shares."""
+    rows = []
+    for entry in report["scenarios"]:
+        if entry.get("server") != "real":
+            continue
+        for client in CLIENTS:
+            result = entry.get(client)
+            if result is None:
+                continue
+            cells = [entry["scenario"], CLIENT_NAMES[client]]
+            if "error" in result:
+                rows.append(cells + ["ERROR: " + result["error"]] + [""] * 11)
+                continue
+            server = result["real_server"]
+            cells += [f"{result['actions']:,}", f"{result['actions_per_s']:,.1f}", f"{result['take_span_ms']:,.0f}", f"{result['cpu_ms_per_action']:.3f}",
+                      f"{result['pack_cpu_percent']:.0f} %", f"{server['cpu_ms_per_action']:.2f}",
+                      f"{server['busy_percent']:.0f} %", f"{result['lost_races']:,}",
+                      f"{result['lost_per_action']:.2f}",
+                      f"{result['results_per_action']['min']}-{result['results_per_action']['max']}",
+                      " / ".join(map(str, result.get("replica_takes", ()))) or "-",
+                      f"{result['load_average'][0]:.2f}"]
+            rows.append(cells)
+    if not rows:
+        return ""
+    header = ["scenario", "client", "actions", "actions/s", "takes ms", "CPU ms/act", "pack CPU",
+              "server CPU ms/act", "server busy", "lost races", "lost/act", "results/act", "takes per replica",
+              "load"]
     return _table(header, rows)
 
 
@@ -365,6 +482,14 @@ def format_notes(report):
             f"request and was {server['busy_percent']:.0f} % busy; at that cost one core serves ~{ceiling:,.0f} "
             f"requests/s, ~{ceiling / server['requests_per_action']:,.0f} actions/s at "
             f"{server['requests_per_action']:.2f} requests per action.")
+    if any(entry.get("server") == "real" for entry in report["scenarios"]):
+        lines.append("Real server (flyte-server, storage in memory, a fresh process per run): the backlog is created "
+                     "through one flow before the pack starts; the window runs from the last pack's registration to "
+                     "the last result (drain rate: first take -> last result, from the audit's millisecond times). "
+                     "Lost races: takes answered 500 because another take claimed the same action (the server "
+                     "logs each); server CPU: the server process's CPU over the window, per action. 20 ms per "
+                     "request: bench/delay_proxy.py holds every request 20 ms on its way to the server. Replicas: "
+                     "processes of ours, each through its own proxy, whose counts give each one's takes.")
     lines.append("Drain rate: actions / (last result accepted - first take), on the API's clock. Latency: queued -> "
                  "result accepted. takes ms: first take -> last take. CPU: the pack process's user + system time "
                  f"between the batch's first take and its last result, read in {1000 // CLOCK_TICKS} ms clock ticks "
@@ -445,8 +570,17 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Run the benchmark scenarios of issue #9: flyte_gevent beside the "
                                                  "Go client, each in its own process, same loopback API.")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for the smoke test (numbers mean nothing)")
+    parser.add_argument("--server", choices=("loopback", "real", "all"), default="loopback",
+                        help="the loopback API's scenarios (issue #9, the default), the real Flyte server's (issue "
+                             "#12: real, real_rtt20, real_replicas), or both")
+    parser.add_argument("--flyte-server", metavar="PATH",
+                        help=f"the real Flyte server binary (default: FLYTE_GEVENT_REAL_SERVER, else "
+                             f"{real_server.SERVER_PATH} in the nearest directory above the repository that has it)")
+    parser.add_argument("--replicas", type=int, default=2, metavar="N",
+                        help="processes of ours in the real_replicas scenario (default %(default)s)")
     parser.add_argument("--scenario", action="append", metavar="NAME",
-                        help="run only this scenario (repeatable): fast, rtt20, io1s, io1s_rtt20, memory, idle")
+                        help="run only this scenario (repeatable): fast, rtt20, io1s, io1s_rtt20, memory, idle; "
+                             "real, real_rtt20, real_replicas (with --server real or all)")
     parser.add_argument("--client", action="append", choices=CLIENTS, help="run only this client (repeatable)")
     parser.add_argument("--go-peer", metavar="PATH",
                         help=f"the Go client's bench pack, or 'none' (default: {GO_PEER_PATH} in the nearest "
@@ -461,7 +595,19 @@ def main(argv=None):
     parser.add_argument("--output", default=DEFAULT_OUTPUT, help="JSON results file (default %(default)s)")
     args = parser.parse_args(argv)
 
-    chosen = scenarios(args.quick)
+    if args.replicas < 2:
+        parser.error(f"--replicas: at least 2, got {args.replicas}")
+    chosen = []
+    if args.server in ("loopback", "all"):
+        chosen += scenarios(args.quick)
+    if args.server in ("real", "all"):
+        args.flyte_server = args.flyte_server or real_server.find_server()
+        if args.flyte_server is None:
+            parser.error(f"--server {args.server}: no Flyte server binary (FLYTE_GEVENT_REAL_SERVER, "
+                         f"{real_server.SERVER_PATH} above {ROOT}); give one with --flyte-server")
+        if not os.access(args.flyte_server, os.X_OK) or os.path.isdir(args.flyte_server):
+            parser.error(f"--flyte-server: {args.flyte_server} is not an executable file")
+        chosen += real_scenarios(args.quick, args.replicas)
     if args.scenario:
         known = [s.name for s in chosen]
         unknown = sorted(set(args.scenario) - set(known))
@@ -503,11 +649,14 @@ def main(argv=None):
               "machine": machine(), "go_peer_note": go_peer_note,
               "go_peer": {"path": os.path.abspath(args.go_peer), "sha256": _sha256(args.go_peer)} if args.go_peer
               else None,
+              "flyte_server": {"path": os.path.abspath(args.flyte_server), "sha256": _sha256(args.flyte_server)}
+              if getattr(args, "flyte_server", None) else None,
               "scenarios": []}
     started = time.monotonic()
     for scenario in chosen:
         entry = {"scenario": scenario.name, "command": scenario.command, "count": scenario.count,
-                 "input": scenario.input, "latency_s": scenario.latency, "idle_seconds": scenario.idle_seconds}
+                 "input": scenario.input, "latency_s": scenario.latency, "idle_seconds": scenario.idle_seconds,
+                 "server": scenario.server, "replicas": scenario.replicas}
         entry.update(run_repeated(scenario, clients, args, log_dir))
         report["scenarios"].append(entry)
     report["seconds"] = time.monotonic() - started
@@ -519,8 +668,14 @@ def main(argv=None):
         print("--quick: tiny batches; these numbers mean nothing.")
     print(format_comparison(report))
     print()
-    print(format_runs(report))
-    print()
+    loopback_runs = format_runs(report)
+    if loopback_runs:
+        print(loopback_runs)
+        print()
+    real_runs = format_real_runs(report)
+    if real_runs:
+        print(real_runs)
+        print()
     print(format_notes(report))
     if args.profile:
         for path in write_profiles(args.profile):
@@ -530,7 +685,7 @@ def main(argv=None):
         json.dump(report, f, indent=2)
         f.write("\n")
     print(f"\nJSON: {_shown(args.output)}")
-    failed = [e["scenario"] for e in report["scenarios"] for c in clients if "error" in e.get(c, {})]
+    failed = [e["scenario"] for e in report["scenarios"] for c in CLIENTS if "error" in e.get(c, {})]
     return 1 if failed else 0
 
 

@@ -1,21 +1,63 @@
-"""The taking strategy: how many takes to keep in flight, and when to take again.
+"""The taking strategy: how many takes to keep in flight, and when to start the next.
 
 A take is a commitment (Flyte hands an action out once), so the poller takes
 only while a slot of the action pool is free: each take runs in a greenlet of
 that pool, which goes on to run the action it took.
 
-While actions keep coming, the poller adds concurrent takers (one more per
-action taken, up to ``max_takers``); an empty take (204) drops back to one
-taker and waits the polling interval; a failed take drops back to one taker and
-backs off with jitter. All of that is decided in :meth:`Poller._on_action`,
-:meth:`~Poller._on_idle` and :meth:`~Poller._on_error`; the one place where an
-action has been taken is where :meth:`~Poller._take_and_run` hands it to the runner.
+**What the server tells.** A take answered 200 brought an action; 204, there
+was none; 500, while takes keep bringing actions, means the take *lost a race*:
+the Flyte server reads every NEW action of the pack's name, picks the oldest and
+claims it with an update conditional on it still being NEW, so two takes whose
+reads overlap pick the same action and the later claim fails. The takes of one
+pack (replicas included) are therefore served one after another, each costing
+the server a read of the whole backlog (its time, *D*, grows with the backlog):
+concurrent takes win only when they start at least *D* apart. A take's latency
+is *D* plus the round trip, so overlapping takes pays when the round trip is a
+large part of it (an API 20 ms away: several takes *D* apart in flight at once)
+and costs when it is not (on loopback a take is nearly all *D*: a second take
+can only lose, or slow the first down on a busy server).
+
+**What the poller does with it** (numbers from ``bench/run.py --server real``):
+
+* *Takers* (:attr:`Poller.target`): while takes bring actions, one more take may
+  be in flight per action taken, up to ``max_takers``; a 204 drops back to one
+  taker and waits the polling interval; a failure drops back to one and backs
+  off with jitter. Against a server that never loses a race, that is all.
+* *Spacing* (:attr:`Poller.spacing`): the first lost race sets it to half a
+  take's latency. From then on, takes overlap only while the spacing is at most
+  0.6 of a take's latency: then no more than ``latency / spacing`` are in
+  flight, each started at least the spacing after the one before; each race
+  they lose widens the spacing by 15 % and each action they take narrows it by
+  1.5 %, so it follows *D* as the backlog shrinks, at about one lost race per
+  ten actions. Above 0.6 of the latency takes go one at a time (a take with
+  none in flight races none of ours, and starts at once), and the spacing
+  narrows towards another try at overlapping: 4 % per action taken, halved
+  after each try that lost its races before taking 16 actions, so a server
+  where overlapping never pays is tried less and less often.
+* *The next take leaves first*: taking one at a time, a take that brought an
+  action starts the next before its action runs, so neither the handler nor
+  the result post delays it.
+* *Replicas*: a take that lost a race while no other take of this pack was in
+  flight lost it to another process. The poller then waits a random time of up
+  to (1 + n) take latencies (n: races lost to replicas since its last action;
+  a latency counted as at least 10 ms) before its next take, so replicas fall
+  out of step and share the work.
+
+Races are logged at DEBUG only (and counted as ``race`` take errors); only 500s
+with no action taken for ``_RACE_PERIOD`` seconds count as an outage: backoff,
+and readiness fails. The decisions are made in :meth:`Poller._on_action`,
+:meth:`~Poller._on_idle`, :meth:`~Poller._lost_race` and
+:meth:`~Poller._on_error`; takes start in one place,
+:meth:`~Poller._start_takes`; the one place where an action has been taken is
+where :meth:`~Poller._take_and_run` hands it to the runner.
 """
 
 import logging
+import math
 import random
 import time
 
+import gevent
 import gevent.event
 from gevent import GreenletExit
 
@@ -28,13 +70,31 @@ __all__ = ["Poller"]
 
 log = logging.getLogger("flyte_gevent.poller")
 
-# Take answers 500 when another replica won the race for the same action; retry
-# those soon and quietly. Every poller goes for the oldest action, so with R
-# replicas (and several takers each) long runs of lost races are normal: only
-# 500s with no successful take for _RACE_PERIOD seconds count as an outage.
+# Every take goes for the oldest action, so with several takes in flight, or
+# replicas, runs of lost races are normal: only 500s with no action taken for
+# _RACE_PERIOD seconds count as an outage.
 _RACE_PERIOD = 3.0
-_RACE_DELAY = 0.2
 _ERROR_BACKOFF_CAP = 60.0
+# The spacing (see the module docstring). A lost race multiplies it by _WIDEN (the first sets it to
+# _FIRST_SPACING of a take's latency); takes overlap only while it is at most _OVERLAP_BELOW of the latency,
+# and each action they take then multiplies it by 1 - _NARROW: lost races per action settle near
+# log(1 / (1 - _NARROW)) / log(_WIDEN), about 0.1. Taking one at a time, each action narrows it by
+# _PROBE_NARROW / 2**(failed tries at overlapping); a try succeeds once it took _PROBE_CONFIRM actions.
+_WIDEN = 1.15
+_FIRST_SPACING = 0.5
+_OVERLAP_BELOW = 0.6
+_NARROW = 0.015
+_PROBE_NARROW = 0.04
+_PROBE_CONFIRM = 16
+_MAX_FAILED_PROBES = 6
+_MAX_SPACING = 1.0
+# After a race lost to a replica, the next take waits up to (1 + n) steps of a take's latency, a step at least
+# this long: a server answering 500 to every take (an outage not yet recognized as one) is not hammered.
+_MIN_HOLD_STEP = 0.01
+# Below a timer's resolution the spacing only costs (each wait is a timer): it is dropped once races stop.
+_MIN_SPACING = 50e-6
+# How much of each new take's latency the smoothed latency takes in.
+_LATENCY_WEIGHT = 0.2
 
 
 class Poller:
@@ -55,6 +115,9 @@ class Poller:
     :param on_change: called when a take ended or a slot was freed (shutdown waits for those).
 
     :ivar taking: takes in flight.
+    :ivar target: takes that may be in flight (before the spacing's limit).
+    :ivar spacing: least seconds between the starts of two takes in flight at once; 0 until a race is lost.
+    :ivar latency: a take's latency in seconds, smoothed over the last few answered takes.
     :ivar consecutive_errors: failed takes since the last answered one (readiness looks at it).
     :ivar last_error: the last failed take's error, or ``None``.
     """
@@ -71,9 +134,18 @@ class Poller:
         self._polling_interval = polling_interval
         self._max_takers = max_takers
         self._on_change = on_change
-        self.target = 1          # takers wanted in flight
+        self.target = 1
         self.taking = 0
-        self.resume_at = 0.0     # no new take before this (monotonic)
+        self.spacing = 0.0
+        self.latency = 0.0
+        self.resume_at = 0.0       # no take before this (monotonic): backoff, or the polling interval
+        self._hold_until = 0.0     # no take before this either: the pause after losing to a replica
+        self._next_start = 0.0     # no take that would overlap another before this
+        self._last_start = 0.0
+        self._started = 0          # takes started so far
+        self._overlap_wins = 0
+        self._failed_probes = 0
+        self._replica_losses = 0   # races lost to another process since the last action taken
         self.consecutive_errors = 0
         self.last_error = None
         self._racing_since = None  # when the take 500s since the last answered take began
@@ -93,25 +165,52 @@ class Poller:
 
     def run(self):
         bind_pack(self._pack_name)
-        pool = self._pool
         while not self._stopping.is_set():
-            now = time.monotonic()
-            if self.taking < self.target and now >= self.resume_at and pool.free_count() > 0:
-                self.taking += 1
-                # Linked after the pool's own link, so it runs once the slot is free.
-                pool.spawn(self._take_and_run).rawlink(self._slot_freed)
-                continue
-            # No greenlet switch since the checks above, so nothing can set the
-            # event between them and clear(): no wake-up is lost.
+            wait = self._start_takes()
+            # No greenlet switch since _start_takes looked, so nothing can set the
+            # event between its checks and clear(): no wake-up is lost.
             self._changed.clear()
-            wait = self.resume_at - now if self.resume_at > now else None
             self._changed.wait(wait)
+
+    def _start_takes(self):
+        """Start every take that may start now; the seconds until the next may, or None (when something changes)."""
+        pool = self._pool
+        while not self._stopping.is_set() and self.taking < self._most_in_flight() and pool.free_count() > 0:
+            now = time.monotonic()
+            # The spacing keeps takes in flight at once apart; a take with none in flight races none of ours.
+            start_at = max(self.resume_at, self._hold_until, self._next_start if self.taking else 0.0)
+            if now < start_at:
+                return start_at - now
+            overlaps = self.taking > 0
+            self._started += 1
+            self._last_start = now
+            self._next_start = now + self.spacing
+            self.taking += 1
+            # Linked after the pool's own link, so it runs once the slot is free.
+            pool.spawn(self._take_and_run, now, self._started, overlaps).rawlink(self._slot_freed)
+        return None
+
+    def _most_in_flight(self):
+        if not self.spacing:
+            return self.target
+        if not self._overlapping():
+            return 1
+        return min(self.target, math.ceil(self.latency / self.spacing))
+
+    def _overlapping(self):
+        """Whether takes may overlap: races were lost, and the spacing leaves room for two takes in a latency."""
+        return 0.0 < self.spacing <= _OVERLAP_BELOW * self.latency
 
     def _slot_freed(self, greenlet):
         self._changed.set()
         self._on_change()
 
-    def _take_and_run(self):
+    def _take_and_run(self, started, number, overlaps):
+        """One take, then the action it brought (if any), in this greenlet.
+
+        *started* is when the take was started, *number* its place among the takes started so far, *overlaps*
+        whether another take was in flight then: together they tell whether a lost race was lost to our own.
+        """
         registration = self._registrar.current
         failure = None
         try:
@@ -130,7 +229,7 @@ class Poller:
             self._registrar.reregister(registration, "take answered 404")
             return
         except FlyteError as exc:
-            self._on_error(exc)
+            self._on_error(exc, started=started, overlapped=overlaps or self._started > number)
             return
         except GreenletExit:
             if self._stopping.is_set():
@@ -142,19 +241,50 @@ class Poller:
             self.notify()
             self._on_change()
         if failure is None:
+            self._took(time.monotonic() - started)
             if action is None:
                 self._on_idle()
                 return
             self._on_action()
+            # With no other take in flight, start the next one before this action runs, and let it leave
+            # first: taking one at a time, a handler and its result post then never delay the next take.
+            started_before = self._started
+            if not self.taking:
+                self._start_takes()
+            if self._started != started_before:
+                try:
+                    gevent.sleep(0)
+                except GreenletExit:
+                    pass  # killed in between: the action still gets its one result from the runner below
         # The one place where an action has been taken: from here it is the runner's, to one result.
         self._run_action(action, failure=failure)
 
     # -- the strategy ---------------------------------------------------------------
 
+    def _took(self, seconds):
+        """A take was answered after *seconds*: fold it into the smoothed latency."""
+        if self.latency:
+            self.latency += _LATENCY_WEIGHT * (seconds - self.latency)
+        else:
+            self.latency = seconds
+
     def _on_action(self):
         self._answered()
+        self._replica_losses = 0
         self.target = min(self.target + 1, self._max_takers)
         self.resume_at = 0.0
+        if self.spacing:
+            # Narrower while overlapping takes wins; towards another try while taking one at a time.
+            if self._overlapping():
+                self.spacing *= 1.0 - _NARROW
+                self._overlap_wins += 1
+                if self._overlap_wins >= _PROBE_CONFIRM:
+                    self._failed_probes = 0
+            else:
+                self.spacing *= 1.0 - _PROBE_NARROW / 2 ** self._failed_probes
+            self.spacing = min(self.spacing, self.latency)
+        if self.spacing < _MIN_SPACING:
+            self.spacing = 0.0  # races have stopped: below a timer's resolution, spacing only costs
 
     def _on_idle(self):
         self._answered()
@@ -165,25 +295,47 @@ class Poller:
         self._registrar.confirmed()
         if self.consecutive_errors:
             log.info("taking actions works again after %d failed attempts", self.consecutive_errors)
+            self.spacing = 0.0  # the server may not be the one whose races it measured
         self.consecutive_errors = 0
         self.last_error = None
         self._racing_since = None
         self._backoff.reset()
         self._throttle.reset()
 
-    def _on_error(self, exc, reason=None):
-        """A failed take, 404 included: one taker, back off, and count it (readiness fails after a few)."""
+    def _lost_race(self, latency, overlapped, now):
+        """A take started *latency* seconds ago lost a race: to one of ours if *overlapped*, else to a replica."""
+        self._took(latency)
+        if overlapped:
+            # Too close to one of ours: wider. A try at overlapping that ends before it took
+            # _PROBE_CONFIRM actions failed: the next comes later.
+            was_overlapping = self._overlapping()
+            self.spacing = self.spacing * _WIDEN if self.spacing else self.latency * _FIRST_SPACING
+            self.spacing = min(self.spacing, self.latency, _MAX_SPACING)
+            if was_overlapping and not self._overlapping():
+                if self._overlap_wins < _PROBE_CONFIRM:
+                    self._failed_probes = min(self._failed_probes + 1, _MAX_FAILED_PROBES)
+                self._overlap_wins = 0
+        else:
+            # Another process took the action: fall out of step with it, longer after each such race in a row.
+            self._replica_losses += 1
+            hold = max(self.latency, _MIN_HOLD_STEP) * (1 + self._replica_losses)
+            self._hold_until = now + random.uniform(0, min(hold, _MAX_SPACING))
+
+    def _on_error(self, exc, reason=None, started=None, overlapped=False):
+        """A failed take, 404 included: one taker, back off, and count it (readiness fails after a few).
+
+        A 500 while actions were taken within the last ``_RACE_PERIOD`` seconds is a lost race instead.
+        """
         now = time.monotonic()
-        self.target = 1
         if exc.status == 500:
             if self._racing_since is None:
                 self._racing_since = now
             if now - self._racing_since < _RACE_PERIOD:
-                # Probably another replica took the action we were about to get.
                 self._metrics.take_error("race")
-                log.debug("take answered 500 (a replica won the race?); retrying soon")
-                self.resume_at = max(self.resume_at, now + random.uniform(0, _RACE_DELAY))
+                log.debug("take answered 500: another take claimed the action first")
+                self._lost_race(now - (now if started is None else started), overlapped, now)
                 return
+        self.target = 1
         self._metrics.take_error(reason or _error_reason(exc))
         self.consecutive_errors += 1
         self.last_error = exc

@@ -7,6 +7,11 @@ taken, run and completed, that the tables are printed and that the JSON report i
 ``bench/loopback_api.py`` is the server both clients run against in the benchmark; it is checked here over raw
 sockets: keep-alive, pipelining, ``Connection: close``, HTTP/1.0, chunked and ``100-continue`` bodies,
 unreadable requests, and the take/result/registration answers a pack relies on.
+
+``bench/run.py --server real --quick`` runs the real-server scenarios end to end when the Flyte server binary is
+found (``FLYTE_GEVENT_REAL_SERVER``, or ``shared/peers/flyte-server`` above the repository), and
+``bench/delay_proxy.py``, which stands between the packs and that server, is checked over raw sockets: it holds
+each request, passes every byte through and counts the answers by route.
 """
 
 import json
@@ -14,6 +19,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import gevent
 import pytest
@@ -21,7 +27,23 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = os.path.join(ROOT, "bench", "run.py")
 SERVER = os.path.join(ROOT, "bench", "loopback_api.py")
+PROXY = os.path.join(ROOT, "bench", "delay_proxy.py")
 SCENARIOS = ["fast", "rtt20", "io1s", "io1s_rtt20", "memory", "idle"]
+REAL_SCENARIOS = ["real", "real_rtt20", "real_replicas"]
+
+
+def real_server_binary():
+    """The Flyte server binary the bench would use, or None: as ``bench/real_server.py`` finds it."""
+    configured = os.environ.get("FLYTE_GEVENT_REAL_SERVER")
+    if configured:
+        return configured if os.access(configured, os.X_OK) else None
+    directory = ROOT
+    while os.path.dirname(directory) != directory:
+        directory = os.path.dirname(directory)
+        candidate = os.path.join(directory, "shared", "peers", "flyte-server", "flyte-server")
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return None
 
 
 def _run_bench(args, env, timeout):
@@ -72,6 +94,34 @@ def test_quick_bench_completes_every_scenario_for_every_client_and_writes_the_ta
     for name in SCENARIOS:
         assert any(line.startswith(name + " ") for line in lines), f"no run of {name}:\n{stdout}"
     assert "Loopback API" in stdout and "Machine:" in stdout
+
+
+def test_quick_real_server_bench_completes_every_scenario_and_reports_races_cpu_and_replica_shares(
+        tmp_path, subprocess_env):
+    binary = real_server_binary()
+    if binary is None:
+        pytest.skip("no Flyte server binary: set FLYTE_GEVENT_REAL_SERVER, or put it in "
+                    "shared/peers/flyte-server/ above the repository")
+    output = tmp_path / "real.json"
+    status, stdout, stderr = _run_bench(["--server", "real", "--flyte-server", binary, "--quick", "--output",
+                                         str(output)], subprocess_env, timeout=60)
+    assert status == 0, f"stdout:\n{stdout}\nstderr:\n{stderr}"
+    report = json.loads(output.read_text())
+    assert [entry["scenario"] for entry in report["scenarios"]] == REAL_SCENARIOS
+    for entry in report["scenarios"]:
+        clients = ["ours"] + (["go"] if report["go_peer"] and entry["replicas"] == 1 else [])
+        for client in clients:
+            result = entry[client]
+            assert "error" not in result, (entry["scenario"], client, result)
+            # Every action created on the server was taken and got exactly one result.
+            assert result["actions"] == entry["count"] and result["fatal"] == 0, (entry["scenario"], client)
+            assert result["results_per_action"] == {"min": 1, "max": 1}, (entry["scenario"], client)
+            assert result["lost_races"] >= 0 and result["real_server"]["cpu_ms_per_action"] >= 0
+    replicas = report["scenarios"][-1]["ours"]
+    assert len(replicas["replica_takes"]) == 2 and sum(replicas["replica_takes"]) == replicas["actions"]
+    rows = {row["key"] for row in report["rows"]}
+    assert {"real", "real_rtt20", "real_lost", "real_replicas_share", "real_replicas_once"} <= rows
+    assert "lost races per action" in stdout and "takes per replica" in stdout
 
 
 def test_bench_refuses_a_go_peer_that_is_not_an_executable_file(tmp_path, subprocess_env):
@@ -323,3 +373,60 @@ def test_loopback_api_with_latency_still_answers_one_connections_requests_in_ord
     finally:
         api.control({"op": "latency", "seconds": 0})
         api.message(lambda m: m.get("reply") == "latency")
+
+
+# --- the delay proxy -----------------------------------------------------------------------------------------
+
+class DelayProxy:
+    """``bench/delay_proxy.py`` as a child process in front of *port*, and its control pipe."""
+
+    def __init__(self, port, delay, log_path):
+        self.log = open(log_path, "wb")
+        self.process = subprocess.Popen([sys.executable, PROXY, "--upstream", f"127.0.0.1:{port}", "--delay",
+                                         str(delay)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log)
+        self.port = self.reply("listening")["port"]
+
+    def reply(self, wanted, message=None):
+        if message is not None:
+            self.process.stdin.write(json.dumps(message).encode() + b"\n")
+            self.process.stdin.flush()
+        with gevent.Timeout(5, AssertionError(f"no {wanted!r} from the delay proxy within 5 s")):
+            while True:
+                answer = json.loads(self.process.stdout.readline())
+                if wanted in (answer.get("reply"), answer.get("event")):
+                    return answer
+
+    def close(self):
+        self.process.stdin.close()
+        self.process.wait(timeout=5)
+        self.process.stdout.close()
+        self.log.close()
+
+
+def test_delay_proxy_holds_each_request_passes_answers_through_and_counts_them_by_route(loopback_api, tmp_path):
+    api = loopback_api
+    proxy = DelayProxy(api.port, 0.05, tmp_path / "proxy.log")
+    try:
+        sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+        reader = sock.makefile("rb")
+        with sock, reader:
+            body = json.dumps({"name": "Proxied", "commands": [{"name": "Noop", "events": ["Done"]}]}).encode()
+            started = time.monotonic()
+            sock.sendall(post("/v1/packs", body, host=f"127.0.0.1:{api.port}"))
+            status, headers, _ = read_response(reader)
+            assert status == 201 and time.monotonic() - started >= 0.05
+            api.queue("Proxied", "Noop", [1])
+            # Pipelined, one of them chunked: the proxy follows both framings and pairs answers with requests.
+            chunked = (b"POST /v1/packs/Proxied/actions/take HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                       b"\r\n4\r\nnull\r\n0\r\n\r\n")
+            sock.sendall(post("/v1/packs/Proxied/actions/take") + chunked + get("/health"))
+            status, _, document = read_response(reader)
+            assert status == 200 and json.loads(document)["input"] == 1
+            assert read_response(reader)[0] == 204
+            assert read_response(reader)[0] == 200
+        stats = proxy.reply("stats", {"op": "stats"})
+        assert stats["statuses"] == {"register 201": 1, "take 200": 1, "take 204": 1, "other 200": 1}
+        assert stats["connections_opened"] == 1
+    finally:
+        proxy.close()
+    assert (tmp_path / "proxy.log").read_text() == ""

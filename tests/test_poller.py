@@ -1,0 +1,185 @@
+"""The taking strategy against a server whose takes race (flyte_gevent._poller).
+
+The fake reproduces the two things of the real Flyte server the strategy is designed around: concurrent takes of
+the same action race, the loser answered 500 (``race_window``: the time between a take finding the oldest NEW
+action and claiming it), and a take's own cost (``take_cost`` per NEW action, which widens that window as the real
+server's read of the backlog does). ``latency`` stands for the round trip. Each test queues a backlog first, then
+starts the pack, as ``bench/run.py --server real`` does, and asserts what the server saw: how many takes lost a
+race per action taken, how takes overlapped, what a 204 or a persistent 500 did to them. No speed is asserted.
+"""
+
+import logging
+
+import gevent
+import pytest
+from prometheus_client import CollectorRegistry
+
+from flyte_gevent import Client, Command, Event, EventDef, Pack, PackDef
+from flyte_gevent import _poller
+from helpers import wait_until
+
+PACK = "Takers"
+done = EventDef("Done")
+
+
+def pack_def(tag="a"):
+    """A pack whose one command answers ``Done`` with *tag*: replicas with different tags tell who took what."""
+    def echo(input):
+        return Event(done, {"tag": tag})
+    return PackDef(PACK, commands=[Command("Echo", echo, [done])])
+
+
+def start(api, tag="a", **options):
+    options = {"polling_interval": 0.5, "health_port": None, "flush_timeout": 1.0, "grace_period": 0.5,
+               "metrics": CollectorRegistry(), **options}
+    pack = Pack(pack_def(tag), Client(api.url, timeout=5.0), **options)
+    pack.start(timeout=5)
+    return pack
+
+
+def drained(api, count, timeout=10.0):
+    """Queue *count* actions; a function that waits until all have results and returns their ids."""
+    ids = [api.enqueue(PACK, "Echo", {"n": n}) for n in range(count)]
+
+    def wait():
+        wait_until(lambda: all(api.actions[aid].result is not None for aid in ids), timeout,
+                   f"{count} actions completed")
+        return ids
+    return wait
+
+
+def takes(api, status=None):
+    return [r for r in api.requests_for("take") if status is None or r.status == status]
+
+
+def in_flight_at_once(api, duration):
+    """The most takes that arrived within *duration* of each other: how many were in flight together."""
+    arrivals = sorted(r.at for r in takes(api))
+    most, first = 0, 0
+    for last, at in enumerate(arrivals):
+        while at - arrivals[first] >= duration:
+            first += 1
+        most = max(most, last - first + 1)
+    return most
+
+
+@pytest.fixture
+def api(fake_flyte_api):
+    return fake_flyte_api
+
+
+def test_takes_that_would_only_race_go_one_at_a_time_and_few_races_are_lost(api):
+    # Every take holds its action 10 ms before claiming it and the network is instant: a second take in flight
+    # can only pick the same action and lose.
+    api.race_window = 0.01
+    wait = drained(api, 40)
+    pack = start(api)
+    try:
+        ids = wait()
+    finally:
+        pack.stop(grace_period=0)
+    won, lost = len(takes(api, 200)), len(takes(api, 500))
+    assert won == len(ids) and all(api.actions[aid].result_posts == 1 for aid in ids), "each action taken once"
+    # The first race sets the spacing and a try or two at overlapping confirms it does not pay; the old strategy
+    # (every lost race back to one taker, then up again one per action) lost about one race per action here.
+    assert lost <= 0.25 * won, f"{lost} lost races for {won} actions"
+    assert in_flight_at_once(api, 0.009) <= 2
+
+
+def test_takes_overlap_spaced_apart_when_the_round_trip_is_most_of_a_takes_latency(api):
+    # 30 ms of network per request, 3 ms between a take's read and its claim: several takes fit in one latency.
+    api.latency = 0.03
+    api.race_window = 0.003
+    wait = drained(api, 60)
+    pack = start(api)
+    try:
+        ids = wait()
+    finally:
+        pack.stop(grace_period=0)
+    won, lost = len(takes(api, 200)), len(takes(api, 500))
+    assert won == len(ids)
+    assert lost <= 0.5 * won, f"{lost} lost races for {won} actions"
+    # Taking one at a time would leave at least a latency between take arrivals.
+    arrivals = sorted(r.at for r in takes(api))
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+    overlapped = sum(1 for gap in gaps if gap < 0.02)
+    assert overlapped >= len(gaps) // 2, f"only {overlapped} of {len(arrivals)} takes overlapped another"
+    # Spaced apart once the first races were lost, not sent in bursts.
+    assert sum(1 for gap in gaps[10:] if gap < 0.001) <= 2, gaps
+
+
+def test_a_take_cost_that_grows_with_the_backlog_is_followed_down(api):
+    # As on the real server: the window is the take's read of the backlog, 0.5 ms per NEW action here.
+    api.take_cost = 0.0005
+    api.latency = 0.02
+    wait = drained(api, 50)
+    pack = start(api)
+    try:
+        ids = wait()
+        spacing_at_the_end = getattr(pack._poller, "spacing", None)
+    finally:
+        pack.stop(grace_period=0)
+    won, lost = len(takes(api, 200)), len(takes(api, 500))
+    assert won == len(ids)
+    assert lost <= 0.5 * won, f"{lost} lost races for {won} actions"
+    # At the start a take read 50 actions (25 ms); at the end, one or two.
+    assert spacing_at_the_end < 0.015
+
+
+def test_without_races_takers_grow_while_actions_come_and_drop_to_one_after_an_empty_take(api):
+    api.latency = 0.02
+    wait = drained(api, 80)
+    pack = start(api, max_takers=16, polling_interval=0.2)
+    try:
+        wait()
+        assert takes(api, 500) == []
+        assert in_flight_at_once(api, 0.02) > 8, "takes in flight together grew with the actions taken"
+        empty_before = len(takes(api, 204))
+        wait_until(lambda: len(takes(api, 204)) >= empty_before + 2, 3, "two more empty takes")
+    finally:
+        pack.stop(grace_period=0)
+    empty = [r.at for r in takes(api, 204)]
+    # After the backlog, one take per polling interval.
+    assert min(b - a for a, b in zip(empty[-3:], empty[-2:])) >= 0.18, empty
+
+
+def test_a_persistent_500_during_races_is_still_an_outage_and_takes_back_off(api, monkeypatch, caplog):
+    monkeypatch.setattr(_poller, "_RACE_PERIOD", 0.5)
+    caplog.set_level(logging.INFO, logger="flyte_gevent")
+    api.race_window = 0.005
+    wait = drained(api, 20)
+    pack = start(api)
+    try:
+        wait()
+        api.enqueue(PACK, "Echo", {"n": "stuck"})
+        api.fail("take", 500, times=None)
+        wait_until(lambda: any("take failed" in r.getMessage() for r in caplog.records), 3,
+                   "the persistent 500s reported as failed takes")
+        outage_began = len(takes(api))
+        gevent.sleep(1.0)
+        during = takes(api)[outage_began:]
+        gaps = [b.at - a.at for a, b in zip(during, during[1:])]
+        assert len(during) <= 4 and all(gap >= 0.45 for gap in gaps), f"not backing off: {gaps}"
+        assert pack._poller.consecutive_errors >= 2, "counted for readiness"
+        assert len([r for r in caplog.records if "take failed" in r.getMessage()]) == 1
+    finally:
+        pack.stop(grace_period=0)
+
+
+def test_replicas_share_the_backlog_each_action_once_and_their_races_are_quiet(api, caplog):
+    caplog.set_level(logging.INFO, logger="flyte_gevent")
+    api.race_window = 0.005
+    wait = drained(api, 60)
+    replicas = [start(api, "a"), start(api, "b")]
+    try:
+        ids = wait()
+    finally:
+        for pack in replicas:
+            pack.stop(grace_period=0)
+    results = [api.actions[aid].result for aid in ids]
+    by_tag = {tag: sum(1 for r in results if r["payload"] == {"tag": tag}) for tag in "ab"}
+    assert sum(by_tag.values()) == len(ids) == len(takes(api, 200)), "each action taken and completed once"
+    assert min(by_tag.values()) >= 6, f"a replica hardly took any: {by_tag}"
+    assert takes(api, 500), "the replicas did race"
+    noisy = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not noisy, noisy
