@@ -94,8 +94,19 @@ def _go_time_now():
 class Action:
     """One queued action. ``prefix`` is its take body up to the result href, encoded once when it is built."""
 
-    __slots__ = ("id", "pack_name", "labels", "command", "prefix", "state", "created", "taken", "completed",
-                 "event", "batch")
+    __slots__ = (
+        "batch",
+        "command",
+        "completed",
+        "created",
+        "event",
+        "id",
+        "labels",
+        "pack_name",
+        "prefix",
+        "state",
+        "taken",
+    )
 
     def __init__(self, action_id, pack_name, command, input, labels, batch):
         self.id = action_id
@@ -122,7 +133,7 @@ class Batch:
 
 
 class Pack:
-    __slots__ = ("id", "name", "labels", "document")
+    __slots__ = ("document", "id", "labels", "name")
 
     def __init__(self, pack_id, name, labels, document):
         self.id, self.name, self.labels, self.document = pack_id, name, labels, document
@@ -213,7 +224,7 @@ class FlyteState:
 
 
 class Request:
-    __slots__ = ("method", "target", "headers", "body", "keep_alive", "arrived", "due")
+    __slots__ = ("arrived", "body", "due", "headers", "keep_alive", "method", "target")
 
     def __init__(self, method, target, headers, body, keep_alive, arrived):
         self.method, self.target, self.headers, self.body = method, target, headers, body
@@ -221,7 +232,7 @@ class Request:
 
 
 class Connection:
-    __slots__ = ("sock", "fd", "inbuf", "outbuf", "pending", "closing", "writing", "continue_sent")
+    __slots__ = ("closing", "continue_sent", "fd", "inbuf", "outbuf", "pending", "sock", "writing")
 
     def __init__(self, sock):
         self.sock = sock
@@ -563,13 +574,13 @@ class LoopbackApi:
         if target.startswith(("http://", "https://")):
             # The absolute-form, which a server must accept; its authority replaces Host (RFC 9112 3.2.2).
             _, _, authority_path = target.partition("//")
-            authority, slash, rest = authority_path.partition("/")
+            authority, _, rest = authority_path.partition("/")
             request.headers[b"host"] = authority.encode("latin-1")
             target = "/" + rest
         path, _, query = target.partition("?")
         try:
             route, answer = self._route(request, path, query)
-        except Exception as error:  # a bug here: say so on stderr, answer 500, keep serving
+        except Exception as error:  # noqa: BLE001 - a bug here: say so on stderr, answer 500, keep serving
             print(f"loopback_api: {request.method} {request.target}: {type(error).__name__}: {error}",
                   file=sys.stderr, flush=True)
             route, answer = "error", (500, b"", None, b"")
@@ -755,7 +766,7 @@ class LoopbackApi:
         document["events"] = body.get("events") or []
         document["lastSeen"] = _go_time_now()
         document["status"] = "live"
-        document["links"] = [link for link in body.get("links") or []] + [
+        document["links"] = list(body.get("links") or []) + [
             {"href": f"{base}v1/packs/{pack.id}", "rel": "self"},
             {"href": f"{base}v1/packs", "rel": "up"},
             {"href": take, "rel": base + "swagger#!/action/takeAction"},

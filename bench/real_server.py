@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 
-from harness import BenchError, cpu_seconds, _die_with_parent
+from harness import BenchError, _die_with_parent, cpu_seconds
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)

@@ -450,7 +450,8 @@ def format_real_runs(report):
                 rows.append(cells + ["ERROR: " + result["error"]] + [""] * 11)
                 continue
             server = result["real_server"]
-            cells += [f"{result['actions']:,}", f"{result['actions_per_s']:,.1f}", f"{result['take_span_ms']:,.0f}", f"{result['cpu_ms_per_action']:.3f}",
+            cells += [f"{result['actions']:,}", f"{result['actions_per_s']:,.1f}", f"{result['take_span_ms']:,.0f}",
+                      f"{result['cpu_ms_per_action']:.3f}",
                       f"{result['pack_cpu_percent']:.0f} %", f"{server['cpu_ms_per_action']:.2f}",
                       f"{server['busy_percent']:.0f} %", f"{result['lost_races']:,}",
                       f"{result['lost_per_action']:.2f}",
@@ -643,7 +644,7 @@ def main(argv=None):
         os.makedirs(args.profile, exist_ok=True)
 
     import flyte_gevent
-    report = {"generated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    report = {"generated": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
               "quick": args.quick, "repeat": args.repeat, "version": flyte_gevent.__version__,
               "ours_overrides": overrides,
               "machine": machine(), "go_peer_note": go_peer_note,

@@ -413,7 +413,7 @@ def test_delay_proxy_holds_each_request_passes_answers_through_and_counts_them_b
             body = json.dumps({"name": "Proxied", "commands": [{"name": "Noop", "events": ["Done"]}]}).encode()
             started = time.monotonic()
             sock.sendall(post("/v1/packs", body, host=f"127.0.0.1:{api.port}"))
-            status, headers, _ = read_response(reader)
+            status, _, _ = read_response(reader)
             assert status == 201 and time.monotonic() - started >= 0.05
             api.queue("Proxied", "Noop", [1])
             # Pipelined, one of them chunked: the proxy follows both framings and pairs answers with requests.

@@ -8,14 +8,14 @@ starts the pack, as ``bench/run.py --server real`` does, and asserts what the se
 race per action taken, how takes overlapped, what a 204 or a persistent 500 did to them. No speed is asserted.
 """
 
+import itertools
 import logging
 
 import gevent
 import pytest
 from prometheus_client import CollectorRegistry
 
-from flyte_gevent import Client, Command, Event, EventDef, Pack, PackDef
-from flyte_gevent import _poller
+from flyte_gevent import Client, Command, Event, EventDef, Pack, PackDef, _poller
 from helpers import wait_until
 
 PACK = "Takers"
@@ -101,7 +101,7 @@ def test_takes_overlap_spaced_apart_when_the_round_trip_is_most_of_a_takes_laten
     assert lost <= 0.5 * won, f"{lost} lost races for {won} actions"
     # Taking one at a time would leave at least a latency between take arrivals.
     arrivals = sorted(r.at for r in takes(api))
-    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
     overlapped = sum(1 for gap in gaps if gap < 0.02)
     assert overlapped >= len(gaps) // 2, f"only {overlapped} of {len(arrivals)} takes overlapped another"
     # Spaced apart once the first races were lost, not sent in bursts.
@@ -158,7 +158,7 @@ def test_a_persistent_500_during_races_is_still_an_outage_and_takes_back_off(api
         outage_began = len(takes(api))
         gevent.sleep(1.0)
         during = takes(api)[outage_began:]
-        gaps = [b.at - a.at for a, b in zip(during, during[1:])]
+        gaps = [b.at - a.at for a, b in itertools.pairwise(during)]
         assert len(during) <= 4 and all(gap >= 0.45 for gap in gaps), f"not backing off: {gaps}"
         assert pack._poller.consecutive_errors >= 2, "counted for readiness"
         assert len([r for r in caplog.records if "take failed" in r.getMessage()]) == 1
