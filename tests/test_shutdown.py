@@ -220,11 +220,12 @@ def test_second_sigterm_forces_a_quick_stop(flyte_api, pack_process):
     assert process.poll() is None, "the first signal must wait for the grace period"
     started = time.monotonic()
     process.send_signal(signal.SIGTERM)
-    code, stderr = finish(process, timeout=8)
+    code, stderr = finish(process, timeout=15)
     elapsed = time.monotonic() - started
 
     assert code == 0, stderr
-    assert elapsed < 2.0, f"forced stop took {elapsed:.1f} s"
+    # Cut short: the grace period was 30 s (a forced stop leaves results a few seconds to be posted).
+    assert elapsed < 10.0, f"forced stop took {elapsed:.1f} s"
     for aid in long:
         assert flyte_api.action(aid).result["payload"] == SHUTDOWN, stderr
     assert_completed_once(flyte_api, long)
