@@ -47,10 +47,12 @@ health checks and tasks on the ``PackDef``.
 ``max_requests``, ``--reload`` — the pack stops taking actions and drains while
 gunicorn finishes the open HTTP requests; ``worker_exit`` waits for it. Running
 actions get a grace period and results a flush period that together fit the
-time gunicorn allows: ``min(graceful_timeout, timeout) - 3`` seconds, split so
-that the flush gets at most half (with the defaults, 30 s: up to 17 s of grace
-and 10 s of flush). Actions still running then are completed as FATAL "pack
-shutting down", never left PENDING.
+time gunicorn allows: ``min(graceful_timeout, timeout) - 3`` seconds, less the
+client's timeout (at most a third) kept for requests still in flight when the
+flush ends, the rest split so that the flush gets at most half (with the
+defaults, 30 s: 9 s of grace, 9 s of flush, 9 s for requests in flight).
+Actions still running then are completed as FATAL "pack shutting down", never
+left PENDING.
 
 **Know before you deploy:**
 
@@ -228,13 +230,18 @@ def shutdown_budget(pack: "Pack", cfg: "Config") -> tuple[float, float]:
 
     The worker has ``graceful_timeout`` seconds after the master's signal before
     it is killed, and must not go ``timeout`` seconds without a heartbeat when it
-    restarts on its own (``max_requests``); keep ``_EXIT_MARGIN`` of that for the
-    end of the stop, give the flush at most half the rest, the grace the others.
+    restarts on its own (``max_requests``). Of that, ``_EXIT_MARGIN`` is kept for
+    the end of the stop, and the client's timeout (at most a third of what is
+    left) for the requests still in flight when the flush ends: the pack lets
+    each have its answer — a take may have claimed an action, which must then be
+    completed — and a worker killed mid-request would strand it. The flush gets
+    at most half of the rest, the grace period the others.
     """
     limit = float(cfg.graceful_timeout)
     if cfg.timeout:
         limit = min(limit, float(cfg.timeout))
     budget = max(0.0, limit - _EXIT_MARGIN)
+    budget -= min(pack.client.timeout, budget / 3)
     flush = min(pack.flush_timeout, budget / 2)
     grace = min(pack.grace_period, budget - flush)
     return grace, flush

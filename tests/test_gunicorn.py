@@ -175,15 +175,20 @@ def test_load_pack_turns_the_health_server_off_unless_flyte_health_port_is_set()
 
 
 @pytest.mark.parametrize("graceful_timeout, timeout, expected", [
-    (30, 30, (17.0, 10.0)),     # gunicorn's defaults: the pack's 10 s flush, the rest as grace
-    (120, 30, (17.0, 10.0)),    # a restart on max_requests is bound by the heartbeat timeout
-    (120, 0, (30.0, 10.0)),     # timeout 0 disables it: the pack's own periods fit
-    (5, 30, (1.0, 1.0)),        # a short graceful_timeout is shared, the flush never more than half
+    # gunicorn's defaults: 27 s to share; 9 s kept for a request still in flight at the flush deadline to get
+    # its answer (the client's 10 s timeout, at most a third), the rest split between flush and grace
+    (30, 30, (9.0, 9.0)),
+    (120, 30, (9.0, 9.0)),      # a restart on max_requests is bound by the heartbeat timeout
+    (120, 0, (30.0, 10.0)),     # timeout 0 disables it: the pack's own periods and the 10 s for requests fit
+    (60, 0, (30.0, 10.0)),      # 57 s: 30 + 10 + 10 fit
+    (5, 30, (2 / 3, 2 / 3)),    # a short graceful_timeout is shared in thirds
 ])
 def test_shutdown_budget_fits_the_drain_into_gunicorns_deadline(graceful_timeout, timeout, expected):
-    pack = types.SimpleNamespace(grace_period=30.0, flush_timeout=10.0)
+    # After the flush deadline the pack still gives each request in flight up to the client's timeout (a take
+    # may have claimed an action): the budget keeps room for that, or gunicorn kills the worker mid-request.
+    pack = types.SimpleNamespace(grace_period=30.0, flush_timeout=10.0, client=types.SimpleNamespace(timeout=10.0))
     cfg = types.SimpleNamespace(graceful_timeout=graceful_timeout, timeout=timeout)
-    assert hooks.shutdown_budget(pack, cfg) == expected
+    assert hooks.shutdown_budget(pack, cfg) == pytest.approx(expected)
 
 
 @needs_gunicorn
