@@ -82,12 +82,11 @@ def run_demo(examples_dir: str | None = None) -> int:
             Pack(shell.make_pack_def(timeout=10).with_labels({"ABC": "123"}), Client(api.url), health_port=0,
                  polling_interval=0.5),
             Pack(jira.pack_def, Client(api.url), health_port=0, polling_interval=0.5),
-            Pack(ticker.pack_def, Client(api.url), health_port=0),
+            Pack(ticker.make_pack_def(interval=0.5), Client(api.url), health_port=0),
         ]
         for pack in packs:
             pack.start(timeout=10)
             print(f"registered pack {pack.pack_id!r:<24} health server on port {pack.health_port}", file=out)
-        packs[2].spawn(ticker.tick_forever, packs[2], 0.5)
 
         print("\nqueued actions and their results:", file=out)
         started = time.monotonic()

@@ -251,10 +251,10 @@ def test_shell_pack_main_without_api_url_exits_with_go_message(python, subproces
 
 
 def test_ticker_registers_without_commands_never_takes_and_sends_utc_ticks(flyte_api):
-    pack = Pack(ticker.pack_def, Client(flyte_api.url), health_port=None, flush_timeout=1.0)
+    # The ticking is declared on the definition, so any runner that builds a Pack from it ticks.
+    pack = Pack(ticker.make_pack_def(interval=0.2), Client(flyte_api.url), health_port=None, flush_timeout=1.0)
     try:
         pack.start()
-        pack.spawn(ticker.tick_forever, pack, 0.2)
         ticks = flyte_api.wait_for_events(3, name="Tick", timeout=3)
     finally:
         pack.stop(grace_period=0)
@@ -277,6 +277,26 @@ def test_ticker_registers_without_commands_never_takes_and_sends_utc_ticks(flyte
         times.append(moment)
     gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(times)]
     assert all(0 < gap < 1.0 for gap in gaps), gaps  # one tick per interval, in order
+
+
+def test_the_ticker_ticks_under_the_cli_too(flyte_api, python, subprocess_env):
+    env = dict(subprocess_env, FLYTE_API=flyte_api.url, TICKER_INTERVAL="0.2", FLYTE_HEALTH_PORT="off")
+    process = subprocess.Popen([python, "-m", "flyte_gevent", "run", os.path.join(EXAMPLES, "ticker_pack.py:pack_def")],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        [tick] = flyte_api.wait_for_events(1, name="Tick", timeout=15)
+        assert tick.pack_id == "Ticker"
+    finally:
+        returncode, _stdout, stderr = stop_process(process)
+    assert returncode == 0, stderr
+
+
+def test_a_bad_ticker_interval_fails_the_start_naming_it(flyte_api, python, subprocess_env):
+    env = dict(subprocess_env, FLYTE_API=flyte_api.url, TICKER_INTERVAL="soon", FLYTE_HEALTH_PORT="off")
+    result = subprocess.run([python, os.path.join(EXAMPLES, "ticker_pack.py")], env=env, capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode != 0
+    assert "TICKER_INTERVAL='soon': expected a positive number of seconds" in result.stderr.splitlines()[-1]
 
 
 def test_ticker_process_applies_labels_and_exits_0_on_sigterm(flyte_api, python, subprocess_env):
