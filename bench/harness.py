@@ -26,6 +26,7 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
 PACK_SCRIPT = os.path.join(HERE, "pack_proc.py")
 SERVER_SCRIPT = os.path.join(HERE, "loopback_api.py")
 PACK_NAME = "Bench"
@@ -36,6 +37,21 @@ WARMUP_ACTIONS = 50
 POLLING_INTERVAL = 0.5
 IDLE_POLLING_INTERVAL = 5.0
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def find_shared_peer(relative_path):
+    """*relative_path* (e.g. ``shared/peers/go-client/go-bench-pack``) in the nearest directory above the
+    repository that has it as an executable; None when none has. The peers live beside the checkout, which may
+    sit deeper than one level (a worktree, a CI clone)."""
+    directory = ROOT
+    while True:
+        parent = os.path.dirname(directory)
+        if parent == directory:
+            return None
+        directory = parent
+        candidate = os.path.join(directory, relative_path)
+        if os.access(candidate, os.X_OK):
+            return candidate
 
 
 @dataclasses.dataclass

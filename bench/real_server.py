@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 
-from harness import BenchError, _die_with_parent, cpu_seconds
+from harness import BenchError, _die_with_parent, cpu_seconds, find_shared_peer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -50,15 +50,7 @@ def find_server():
     configured = os.environ.get("FLYTE_GEVENT_REAL_SERVER")
     if configured:
         return configured if os.access(configured, os.X_OK) else None
-    directory = ROOT
-    while True:
-        parent = os.path.dirname(directory)
-        if parent == directory:
-            return None
-        directory = parent
-        candidate = os.path.join(directory, SERVER_PATH)
-        if os.access(candidate, os.X_OK):
-            return candidate
+    return find_shared_peer(SERVER_PATH)
 
 
 class ServerLog:

@@ -143,15 +143,7 @@ REPLICA_CLIENTS = ("ours",)
 
 def find_go_peer():
     """``shared/peers/go-client/go-bench-pack`` in the nearest directory above the repository that has it."""
-    directory = ROOT
-    while True:
-        parent = os.path.dirname(directory)
-        if parent == directory:
-            return None
-        directory = parent
-        candidate = os.path.join(directory, GO_PEER_PATH)
-        if os.access(candidate, os.X_OK):
-            return candidate
+    return harness.find_shared_peer(GO_PEER_PATH)
 
 
 def run_once(scenario, client, args, log_dir, attempt):

@@ -6,7 +6,6 @@ working directory, so ``cli_targets:pack_def`` imports the way a pack author's `
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import gevent
 import pytest
 
 from flyte_gevent import config
+from helpers import BackgroundProcess
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 FLYTE_GEVENT = os.path.join(os.path.dirname(sys.executable), "flyte-gevent")
@@ -36,33 +36,19 @@ def flyte_gevent(*args, env, timeout=10):
     return subprocess.run([FLYTE_GEVENT, *args], cwd=TESTS, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-class Running:
+class Running(BackgroundProcess):
     """``flyte-gevent ARGS`` left running, its output in files, so the test can act while it runs."""
 
     def __init__(self, args, env, tmp_path, command=(FLYTE_GEVENT,)):
-        self._out = open(tmp_path / "stdout", "w+")
-        self._err = open(tmp_path / "stderr", "w+")
-        self.process = subprocess.Popen([*command, *args], cwd=TESTS, env=env, stdout=self._out, stderr=self._err,
-                                        text=True)
+        super().__init__([*command, *args], env, tmp_path, cwd=TESTS)
 
     def stop(self, timeout=10):
         """SIGTERM, wait, and return ``(returncode, stdout, stderr)``."""
-        self.process.send_signal(signal.SIGTERM)
-        returncode = self.process.wait(timeout=timeout)
-        return returncode, self._read(self._out), self._read(self._err)
+        returncode = self.terminate(timeout)
+        return returncode, self.stdout(), self.stderr()
 
     def kill(self):
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=5)
-        self._out.close()
-        self._err.close()
-
-    @staticmethod
-    def _read(f):
-        f.flush()
-        f.seek(0)
-        return f.read()
+        self.close()
 
 
 def _free_port():

@@ -9,7 +9,6 @@ still in it (both leave an unlocked file behind), for an action taken from the f
 
 import logging
 import os
-import signal
 import subprocess
 import sys
 
@@ -21,7 +20,7 @@ from flyte_gevent._journal import Journal
 from flyte_gevent.errors import ConfigError, PackDefError
 from flyte_gevent.models import Command, EventDef
 from flyte_gevent.schemas import encode_event
-from helpers import wait_until
+from helpers import BackgroundProcess, wait_until
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 FLYTE_GEVENT = os.path.join(os.path.dirname(sys.executable), "flyte-gevent")
@@ -32,52 +31,22 @@ TIMEOUT = 15  # seconds any one wait on a pack process may take
 
 # -- pack processes -----------------------------------------------------------------------------------------------
 
-class PackProcess:
+class PackProcess(BackgroundProcess):
     """``flyte-gevent run crash_pack:pack_def`` as a child, its output in files so it can be read while it runs."""
 
     def __init__(self, env, directory):
-        directory.mkdir(parents=True, exist_ok=True)
-        self._out = open(directory / "stdout", "w+")
-        self._err = open(directory / "stderr", "w+")
-        self.process = subprocess.Popen([FLYTE_GEVENT, "run", "crash_pack:pack_def"], cwd=TESTS, env=env,
-                                        stdin=subprocess.DEVNULL, stdout=self._out, stderr=self._err, text=True)
-        self.pid = self.process.pid
+        super().__init__([FLYTE_GEVENT, "run", "crash_pack:pack_def"], env, directory, cwd=TESTS)
 
     def started(self):
         """Ids of the actions whose handler this process started (so their journal record was written)."""
-        return {line.split()[1] for line in self._read(self._out).splitlines() if line.startswith("started ")}
+        return {line.split()[1] for line in self.stdout().splitlines() if line.startswith("started ")}
 
     def log(self):
-        return self._read(self._err)
-
-    def kill(self):
-        """SIGKILL: nothing runs in the process any more, nothing is cleaned up."""
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=TIMEOUT)
+        return self.stderr()
 
     def stop(self):
         """SIGTERM and wait; ``(returncode, log)``."""
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=5)
-            raise AssertionError(f"the pack did not stop within {TIMEOUT} s:\n{self.log()}") from None
-        return self.process.returncode, self.log()
-
-    def close(self):
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=5)
-        self._out.close()
-        self._err.close()
-
-    @staticmethod
-    def _read(f):
-        f.flush()
-        f.seek(0)
-        return f.read()
+        return self.terminate(TIMEOUT), self.log()
 
 
 @pytest.fixture

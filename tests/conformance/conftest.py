@@ -20,23 +20,37 @@ from flyte_gevent.testing import FakeFlyteApi, FlyteServer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 REAL_SERVER_VARIABLE = "FLYTE_GEVENT_REAL_SERVER"
-SHARED_REAL_SERVER = os.path.join(os.path.dirname(ROOT), "shared", "peers", "flyte-server", "flyte-server")
+SHARED_PATH = os.path.join("shared", "peers", "flyte-server", "flyte-server")
 
 # As in tests/conftest.py: short polling, no health port, a quick stop.
 PACK_TEST_DEFAULTS = {"health_port": None, "health_host": "127.0.0.1", "polling_interval": 0.5,
                       "grace_period": 1.0, "flush_timeout": 1.0}
 
 
+def _shared_real_server():
+    """``shared/peers/flyte-server/flyte-server`` in the nearest directory above the repository that has it."""
+    directory = ROOT
+    while os.path.dirname(directory) != directory:
+        directory = os.path.dirname(directory)
+        candidate = os.path.join(directory, SHARED_PATH)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
 def real_server_binary():
     """``(path, None)`` for the real server's binary, or ``(None, why there is none)``."""
     configured = os.environ.get(REAL_SERVER_VARIABLE)
-    path = configured or SHARED_REAL_SERVER
-    if os.path.isfile(path) and os.access(path, os.X_OK):
-        return path, None
     if configured:
+        if os.path.isfile(configured) and os.access(configured, os.X_OK):
+            return configured, None
         return None, f"real Flyte server not available: {REAL_SERVER_VARIABLE}={configured!r} is not an executable file"
-    return None, (f"real Flyte server not available: {REAL_SERVER_VARIABLE} is not set and {SHARED_REAL_SERVER} "
-                  f"does not exist (set {REAL_SERVER_VARIABLE} to a flyte-server binary to run these tests on it)")
+    path = _shared_real_server()
+    if path is not None:
+        return path, None
+    return None, (f"real Flyte server not available: {REAL_SERVER_VARIABLE} is not set and no directory above "
+                  f"{ROOT} holds {SHARED_PATH} (set {REAL_SERVER_VARIABLE} to a flyte-server binary to run these "
+                  "tests on it)")
 
 
 @pytest.fixture(scope="session")
