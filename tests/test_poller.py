@@ -114,16 +114,26 @@ def test_a_take_cost_that_grows_with_the_backlog_is_followed_down(api):
     api.latency = 0.02
     wait = drained(api, 50)
     pack = start(api)
+    spacings = []
+
+    def watch():
+        while True:
+            spacings.append(getattr(pack._poller, "spacing", None) or 0.0)
+            gevent.sleep(0.005)
+
+    watcher = gevent.spawn(watch)
     try:
         ids = wait()
         spacing_at_the_end = getattr(pack._poller, "spacing", None)
     finally:
+        watcher.kill()
         pack.stop(grace_period=0)
     won, lost = len(takes(api, 200)), len(takes(api, 500))
     assert won == len(ids)
     assert lost <= 0.5 * won, f"{lost} lost races for {won} actions"
-    # At the start a take read 50 actions (25 ms); at the end, one or two.
-    assert spacing_at_the_end < 0.015
+    # At the start a take read 50 actions (25 ms more than at the end, when it reads one or two): the spacing
+    # set by the early races narrows as the takes get cheaper, whatever the machine's own latency adds.
+    assert spacing_at_the_end < 0.8 * max(spacings), (spacing_at_the_end, max(spacings))
 
 
 def test_without_races_takers_grow_while_actions_come_and_drop_to_one_after_an_empty_take(api):
