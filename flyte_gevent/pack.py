@@ -18,8 +18,9 @@ A :class:`Pack` wires these together and owns their greenlets:
 * the **stopper**, the greenlet :meth:`Pack.stop` runs the shutdown in, so
   that a stop asked for from any greenlet (a handler included) completes;
 * with a journal (``journal=``, :mod:`flyte_gevent._journal`), the **journal**
-  greenlet, which completes the actions that dead processes left in it, and
-  every minute adopts the files of processes that died since.
+  greenlet (:mod:`flyte_gevent._recovery`), which completes the actions that
+  dead processes left in it, and every minute adopts the files of processes
+  that died since.
 
 Start-up — :meth:`Pack.start` — starts the health server, registers (retrying),
 calls the ``on_start`` hooks, then starts the event sender, the poller and the
@@ -34,7 +35,6 @@ answer, closes the client's connections and returns. A second signal cuts both
 waits short. The pack is never deleted on the server: replicas share its id.
 """
 
-import collections
 import functools
 import logging
 import math
@@ -42,7 +42,6 @@ import signal
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, cast
-from urllib.parse import urlsplit
 
 import gevent
 import gevent.event
@@ -51,11 +50,12 @@ from gevent import monkey
 from gevent.pool import Group, Pool
 
 from . import config
-from ._actions import RERUN, RESTARTED, RESTARTED_MESSAGE, RESULT, SHUTDOWN_MESSAGE, ActionRunner
+from ._actions import SHUTDOWN_MESSAGE, ActionRunner
 from ._delivery import Delivery
 from ._hooks import Hooks, describe
-from ._journal import SYNC_MODES, Journal, NullJournal, Recovered
+from ._journal import SYNC_MODES, Journal, NullJournal
 from ._poller import Poller
+from ._recovery import Recovery
 from ._registration import Registrar
 from ._retry import Backoff, LogThrottle
 from .client import Client, Registration
@@ -79,7 +79,6 @@ _REGISTER_BACKOFF = (1.0, 30.0)
 _FORCED_FLUSH = 3.0          # seconds left to post results after a second signal
 _NOT_READY_AFTER_ERRORS = 5  # failed takes in a row before /readyz says 503
 _RUN_WAKEUP = 60.0           # run() wakes this often: its timer keeps gevent's loop alive
-_ADOPT_INTERVAL = 60.0       # seconds between looks for journal files of processes that died beside this one
 
 
 _P = ParamSpec("_P")
@@ -174,7 +173,6 @@ class Pack:
                               f"{', '.join(SYNC_MODES)}", "FLYTE_GEVENT_JOURNAL_SYNC")
         # Built here, opened by start(): after a fork (a gunicorn worker), never before.
         self._journal = NullJournal() if journal is None else Journal(journal, pack_def.id, sync=journal_sync)
-        self._journal_open = False
 
         self._commands = {command.name: command for command in pack_def.commands}
         self._metrics = make_metrics(metrics, pack_def.name, self._commands)
@@ -197,6 +195,10 @@ class Pack:
                                     on_change=self._progress.set)
 
         self._actions = Pool(self.max_in_flight)
+        self._recovery = Recovery(self._journal, self._commands, self._runner, self._actions, self._metrics,
+                                  pack_name=pack_def.name, stopping=self._stopping, sleep=self._sleep,
+                                  take_url=lambda: cast(Registration, self._registrar.current).take_url,
+                                  start_taking=self._start_taking, on_slot_freed=self._recovered_slot_freed)
         self._services = Group()
         self._poller: Poller | None = None
         self._stopper: gevent.Greenlet[[], None] | None = None
@@ -323,15 +325,15 @@ class Pack:
                 "'from gevent import monkey; monkey.patch_all()' at the very top of your main module "
                 "(or pass allow_unpatched=True / set FLYTE_GEVENT_ALLOW_UNPATCHED=1 if you know why not)")
         self.client.size_pools(self.max_in_flight + 2)
-        records = self._open_journal()  # before any request: a journal that cannot be used stops the start here
+        records = self._recovery.open()  # before any request: a journal that cannot be used stops the start here
         if self._stopping.is_set():
-            self._close_journal()  # stop() was called while the journal opened
+            self._recovery.close()  # stop() was called while the journal opened
             return
         try:
             if self._health_server is not None:
                 self._health_server.start()  # before registering, so liveness answers during an API outage
         except BaseException:
-            self._close_journal()
+            self._recovery.close()
             raise
         self._started = True
         self._start_failure = None
@@ -342,7 +344,7 @@ class Pack:
             self._start_failure = f"registration failed: {str(exc) or type(exc).__name__}"
             if self._health_server is not None:
                 self._health_server.stop()
-            self._close_journal()  # its records stay on disk, for the next start (or this one, tried again)
+            self._recovery.close()  # its records stay on disk, for the next start (or this one, tried again)
             raise
         if not registered or self._stopping.is_set():
             return  # stop() was called while registering
@@ -352,11 +354,9 @@ class Pack:
         sender = self._services.spawn(self._send_queued_events)
         sender.name = "event-sender"
         sender.link_exception(self._service_died)
-        waiting = self._spawn_recovered(self._plan_recovery(records))
-        if not waiting:
-            self._start_taking()
-        if self._journal_open:
-            journal = self._services.spawn(self._run_journal, waiting)
+        waiting = self._recovery.start(records)  # and takes start once every record has a slot
+        if self._recovery.is_open:
+            journal = self._services.spawn(self._recovery.run, waiting)
             journal.name = "journal"
             journal.link_exception(self._service_died)
         self._hooks.start_tasks()
@@ -592,7 +592,7 @@ class Pack:
             if unsent:
                 log.error("%d queued events not sent: the pack stopped before the Flyte API took them", unsent)
             self._finish_requests_in_flight()
-            self._close_journal()  # every action greenlet has ended: what is left stays for the next start
+            self._recovery.close()  # every action greenlet has ended: what is left stays for the next start
             if self._health_server is not None:
                 self._health_server.stop()
             self.client.close()
@@ -631,125 +631,11 @@ class Pack:
         poller.name = "poller"
         poller.link_exception(self._service_died)
 
-    # -- the journal ----------------------------------------------------------------
-
-    def _open_journal(self) -> list[Recovered]:
-        """Open the journal (when there is one) and adopt the files of dead processes: their records.
-
-        :raises ConfigError: the journal cannot be used (it is closed again).
-        """
-        if not self._journal.enabled:
-            return []
-        self._journal.open()
-        try:
-            records = self._journal.recover()
-        except BaseException:
-            self._journal.close()
-            raise
-        # Only now: a stop() while the journal opened must not close it under recover(); start() closes it then.
-        self._journal_open = True
-        return records
-
-    def _close_journal(self) -> None:
-        """Close the journal if it is open; the records still in it stay on disk for the next start."""
-        if not self._journal_open:
-            return
-        self._journal_open = False
-        try:
-            kept = self._journal.close()
-        except Exception:  # the records are on disk whatever closing failed at
-            log.exception("closing the journal in %s failed", self._journal.path)
-            return
-        if kept:
-            log.info("journal closed: %d records kept in %s for the next start", kept, self._journal.path)
-        else:
-            log.info("journal closed: every action it recorded is completed")
-
-    def _plan_recovery(self, records: list[Recovered]) -> list[tuple[Recovered, str]]:
-        """How to complete each record adopted from the journal: ``[(record, how)]``; logged and counted.
-
-        A record whose result URL is not on the origin of this pack's
-        registration links was written against another Flyte API: it is never
-        posted there (it holds the action's result), but reported and dropped.
-        """
-        if not records:
-            return []
-        take_url = cast(Registration, self._registrar.current).take_url  # records are planned once registered
-        plan: list[tuple[Recovered, str]] = []
-        counts: collections.Counter[str] = collections.Counter()
-        for record in records:
-            command = self._commands.get(record.command)
-            if not _same_origin(record.result_url, take_url):
-                how = "other_api"
-                log.error("journal record of action %s (command %r, from %s) is not for this pack's Flyte API: its "
-                          "result goes to %s, this pack talks to %s. It is not posted, and is dropped; complete the "
-                          "action there by hand if it still matters", record.action_id, record.command, record.file,
-                          _origin_text(record.result_url), _origin_text(take_url))
-                self._metrics.result_lost()
-                self._journal.remove(record.action_id)
-            elif record.result is not None:
-                how = RESULT
-            elif command is not None and command.rerun_after_crash and record.restarts == 1:
-                how = RERUN
-            else:
-                how = RESTARTED
-            counts[how] += 1
-            self._metrics.action_recovered(how)
-            log.debug("recovering action %s (command %r, taken %s, restarts %d) from %s: %s", record.action_id,
-                      record.command, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.taken_at)),
-                      record.restarts, record.file,
-                      {RESULT: "delivering its result", RERUN: "running it again",
-                       RESTARTED: f"completing it as FATAL {RESTARTED_MESSAGE!r}",
-                       "other_api": "dropped (another Flyte API)"}[how])
-            if how != "other_api":
-                plan.append((record, how))
-        log.info("recovered %d actions from the journal: %d with a result to deliver, %d to run again, %d cut short "
-                 "(completed as FATAL %r)%s", len(records), counts[RESULT], counts[RERUN], counts[RESTARTED],
-                 RESTARTED_MESSAGE, f", {counts['other_api']} for another Flyte API (dropped)"
-                 if counts["other_api"] else "")
-        return plan
-
-    def _spawn_recovered(self, plan: list[tuple[Recovered, str]]) -> list[tuple[Recovered, str]]:
-        """Spawn recovered actions into the action pool while it has free slots; the rest of *plan*."""
-        for index, (record, how) in enumerate(plan):
-            if not self._actions.free_count() or self._stopping.is_set():
-                return plan[index:]
-            greenlet = self._actions.spawn(self._runner.run_recovered, record, how)
-            greenlet.name = f"action:{record.action_id}"
-            # Linked after the pool's own link, so it runs once the slot is free: the poller only hears
-            # of the slots its own takes free.
-            greenlet.rawlink(self._recovered_slot_freed)
-        return []
-
-    def _recovered_slot_freed(self, greenlet: object) -> None:
+    def _recovered_slot_freed(self) -> None:
+        """A recovered action's slot is free: the poller only hears of the slots its own takes free."""
         self._progress.set()
         if self._poller is not None:
             self._poller.notify()
-
-    def _run_journal(self, waiting: list[tuple[Recovered, str]]) -> None:
-        """The journal greenlet: recovered actions that did not fit in the pool, then periodic adoption.
-
-        Takes start once every recovered action has a slot. Every
-        ``_ADOPT_INTERVAL`` seconds the files of processes that died since
-        (a sibling gunicorn worker that is not replaced, say) are adopted and
-        their actions completed the same way. Records not started when the
-        pack stops stay in the journal.
-        """
-        bind_pack(self.pack_def.name)
-        throttle = LogThrottle(log)
-        while not self._stopping.is_set():
-            while waiting and not self._stopping.is_set():
-                self._actions.wait_available()
-                waiting = self._spawn_recovered(waiting)
-            self._start_taking()
-            self._sleep(_ADOPT_INTERVAL)
-            if self._stopping.is_set():
-                return
-            try:
-                waiting = self._spawn_recovered(self._plan_recovery(self._journal.recover()))
-            except Exception as exc:  # noqa: BLE001 - a file that cannot be adopted now must not stop the pack
-                throttle.log(logging.ERROR, str(exc), "adopting journal files of dead processes failed (the pack "
-                             "goes on; they are tried again in %g s): %s", _ADOPT_INTERVAL, exc)
 
     @_as_the_pack
     def _on_signal(self, signum: int) -> None:
@@ -847,23 +733,3 @@ class Pack:
             finally:
                 self._events.task_done()
                 self._progress.set()
-
-
-def _origin(url: str) -> tuple[str, str, int | None] | None:
-    try:
-        parts = urlsplit(url)
-        scheme = parts.scheme.lower()
-        return scheme, (parts.hostname or "").lower(), parts.port or {"http": 80, "https": 443}.get(scheme)
-    except ValueError:
-        return None
-
-
-def _same_origin(url: str, other: str) -> bool:
-    """Whether *url* has the scheme, host and port of *other* (default ports filled in)."""
-    origin = _origin(url)
-    return origin is not None and origin == _origin(other)
-
-
-def _origin_text(url: str) -> str:
-    origin = _origin(url)
-    return f"{origin[0]}://{origin[1]}:{origin[2]}" if origin else repr(url)
