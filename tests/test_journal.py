@@ -235,6 +235,33 @@ def test_many_greenlets_write_at_once_and_exactly_the_unfinished_records_survive
     assert recovered == expected
 
 
+def test_a_steady_stream_of_takes_holds_back_neither_flush_nor_results(journals):
+    journal = journals(linger=0.005)
+    journal.taken(action("kept"))
+    journal.result("action-kept", b"its result")
+    taking = True
+
+    def taker(first):
+        # Out of step with each other: whenever the journal's thread finishes a write, more takes wait.
+        n = first
+        while taking:
+            journal.taken(action(n, payload="x" * 20_000))  # a write that takes a while
+            journal.remove(f"action-{n}")
+            n += 1
+
+    takers = [gevent.spawn_later(0.0003 * i, taker, i * 1_000_000) for i in range(8)]
+    try:
+        gevent.sleep(0.05)
+        flushing = gevent.spawn(journal.flush)
+        flushing.join(timeout=5)
+        assert flushing.successful(), "flush() waited for ever behind the takes"
+    finally:
+        taking = False
+        gevent.joinall(takers, timeout=5, raise_error=True)
+    assert journal.close() == 1
+    assert [(r.action_id, r.result) for r in journals().recover()] == [("action-kept", b"its result")]
+
+
 def test_a_stalled_disk_stalls_the_writers_not_the_hub(journals):
     journal = journals()
     stall = monkey.get_original("time", "sleep")  # a real sleep, on the journal's thread: a disk that hangs
