@@ -30,9 +30,10 @@ This module is the interface the runtime uses (:class:`Journal`, or
   last moments before it (what the kernel had not yet written back), never
   corrupt the file.
 * A result (:meth:`Journal.result`) and a removal (:meth:`Journal.remove`) are
-  queued and written within ``linger`` seconds (0.05 s by default) or with the
-  next take, whichever comes first, in one transaction with whatever else is
-  queued. A process that dies in that window leaves the record as it was: a
+  queued and written ``linger`` seconds (0.05 s by default) after the first of
+  them, in one transaction with every other result and removal queued
+  meanwhile (plus the time the thread needs for the job it is writing). A
+  process that dies in that window leaves the record as it was: a
   lost result makes the action count as cut short (FATAL or re-run); a lost
   removal makes the next start deliver a result the server already has, which
   the server refuses (500) without applying it twice.
@@ -41,23 +42,27 @@ This module is the interface the runtime uses (:class:`Journal`, or
 
 **What is not.** The one window that remains: the take's answer has arrived
 but the process dies before :meth:`Journal.taken` returns. That action stays
-PENDING, as without a journal. The window is one batch on the journal's
-thread: about 0.1–0.5 ms with ``sync="normal"`` while the pack has CPU to
-spare, plus an ``fsync`` with ``sync="full"``; when the hub is saturated
-(a backlog being taken as fast as the CPU allows) the thread waits for the GIL
-and the window grows to tens of milliseconds (``bench/journal_micro.py``
-measures it as *taken p50/p99*).
+PENDING, as without a journal. The window is the rest of the hub's loop
+iteration, then the job the thread is writing (if any), then the take's own:
+about 0.1–0.5 ms with ``sync="normal"`` while the pack has CPU to spare, plus
+an ``fsync`` with ``sync="full"``; when the hub is saturated (a backlog being
+taken as fast as the CPU allows) the iteration itself is long and the window
+grows to tens of milliseconds (``bench/journal_micro.py`` measures it as
+*taken p50/p99*).
 
 **Never blocking the hub.** SQLite calls are blocking C calls, and even a
 small WAL append can wait tens of milliseconds behind the filesystem's journal
 while an fsync runs (checkpoints do two). So none of them runs in the hub:
-every one runs on the journal's own thread. Greenlets append their operations
-to a queue; the thread takes everything queued since its last batch and
-writes it in one transaction per file, with multi-row statements, so under
-load a commit (and, with ``sync="full"``, an ``fsync``) is shared by every
-action in the batch. The greenlet that calls :meth:`Journal.taken` waits,
-cooperatively, for its batch to commit; results and removals do not wait, and
-a result whose removal lands in the same batch is not written at all.
+every one runs on the journal's own thread. And since each time that thread
+needs the GIL back from a busy hub costs both threads a wake-up, the thread
+does nothing but SQLite calls: the hub decides what to write and gathers it
+into whole *jobs*, hands over one job at a time through one lock release,
+and hears back through one loop watcher. The takes of one loop iteration
+(and those that come while the thread is busy) make one job and share its
+commit (and, with ``sync="full"``, its ``fsync``); the greenlet that calls
+:meth:`Journal.taken` waits, cooperatively, for it. Results and removals do
+not wait: they linger in a job of their own, in which a result whose record
+is removed before it was written is not written at all.
 
 Usage (what the pack runtime does)::
 
@@ -163,7 +168,7 @@ class Journal:
         adopted by :meth:`recover`.
     :param sync: ``"normal"`` (durable against process crashes) or ``"full"``
         (also against machine crashes, at the cost of an ``fsync`` per batch).
-    :param linger: seconds a queued result or removal may wait to share a
+    :param linger: seconds a queued result or removal waits to share a
         transaction with others.
 
     Nothing touches the disk before :meth:`open`. Open the journal in the
@@ -207,7 +212,7 @@ class Journal:
 
     @property
     def write_failures(self) -> int:
-        """Batches that could not be written since :meth:`open` (for metrics)."""
+        """Jobs (writes handed to the journal's thread together) that failed since :meth:`open` (for metrics)."""
         return self._writer.failures if self._writer else 0
 
     @property
@@ -359,7 +364,7 @@ class Journal:
     def flush(self) -> None:
         """Return once everything queued so far is written (per the sync mode).
 
-        :raises JournalError: the last batch could not be written.
+        :raises JournalError: some of it could not be written.
         """
         self._check_usable()
         if self._closing:
@@ -432,7 +437,19 @@ class _Writer:
     * calls (opening files, adoption, closing) are jobs of their own, after
       everything submitted before them.
 
-    Nothing here runs SQLite in the hub.
+    Jobs run in the order they were queued, except that takes may go first
+    (they only insert new rows, which nothing queued concerns), though never
+    twice in a row while other jobs wait. So a removal never overtakes an
+    older write of its record, and a call runs after everything before it.
+
+    Who writes what: the hub alone builds, queues and hands over jobs (every
+    attribute of the writer but ``_wake``'s state), and stops touching a job
+    once it is handed over; the thread touches only the handed-over job, fills
+    in its outcome and sets ``finished`` last; the hub reads the outcome only
+    after seeing ``finished`` (in the watcher's callback, or a waiter that
+    finds it set), and only then hands over the next job. So no field is ever
+    written by both sides at once, and the lock is released exactly once per
+    job the thread acquires it for. Nothing here runs SQLite in the hub.
     """
 
     def __init__(self, linger):
@@ -453,9 +470,8 @@ class _Writer:
         self._loop = hub.loop
         self._watcher = self._loop.async_()
         self._watcher.start(self._job_done)
-        self._watcher.ref = False  # held only while the thread works (see _hand_over)
-        self._timer = self._loop.timer(linger)
-        self._timer.ref = False
+        self._watcher.ref = False  # held only while the thread works (see _kick)
+        self._timer = None                # counts the lazy job's linger
         self._stopped = False
         _start_new_thread(self._run, ())
 
@@ -526,7 +542,6 @@ class _Writer:
             self._kick()
             job.wait()
             self._stopped = True
-            self._timer.close()
             self._watcher.close()
             self._reporters.join()
 
@@ -534,6 +549,9 @@ class _Writer:
         job = self._lazy
         if job is None:
             job = self._lazy = _Job()
+            # A new timer each time: a loop timer started again once it has fired fires at once.
+            self._timer = self._loop.timer(self.linger)
+            self._timer.ref = False
             self._timer.start(self._linger_over)
         if store is None:
             return None
@@ -543,10 +561,16 @@ class _Writer:
         return rows
 
     def _linger_over(self):
+        self._stop_timer()
         if self._lazy is not None:
             self._queue.append(self._lazy)
             self._lazy = None
             self._kick()
+
+    def _stop_timer(self):
+        if self._timer is not None:
+            self._timer.close()
+            self._timer = None
 
     def _seal(self):
         """Queue the urgent and the lazy jobs as they are; the jobs queued."""
@@ -556,7 +580,7 @@ class _Writer:
                 jobs.append(job)
                 self._queue.append(job)
         self._urgent = self._lazy = None
-        self._timer.stop()
+        self._stop_timer()
         return jobs
 
     def _kick(self):
@@ -602,7 +626,7 @@ class _Writer:
             log.info("journal file %s finished and removed", path)
         if not errors:
             if self._failing_since is not None:
-                log.info("journal writes work again (%d batches failed)", self.failures)
+                log.info("journal writes work again (%d jobs failed)", self.failures)
                 self._failing_since = None
             return
         self.failures += 1
@@ -610,7 +634,7 @@ class _Writer:
         if self._failing_since is None or now - self._last_failure_log >= _LOG_AGAIN:
             self._failing_since = self._failing_since or now
             self._last_failure_log = now
-            log.error("journal write failed (%d failed batches so far): %s", self.failures,
+            log.error("journal write failed (%d failed jobs so far): %s", self.failures,
                       "; ".join(str(error) for error in errors.values()))
 
     # -- on the thread -----------------------------------------------------------------------------
