@@ -457,10 +457,10 @@ elif mode == "linger":   # linger SECONDS: a result written after lingering, the
     journal.open()
     journal.taken(act(0))
     journal.result("action-0", b"written")
-    gevent.sleep(linger * 1.5)
+    gevent.sleep(linger * 1.2)
     journal.taken(act(1))
     journal.result("action-1", b"lingering")
-    gevent.sleep(linger * 0.4)  # the hub runs its timers (sys.stdin.readline() below would block it)
+    gevent.sleep(linger * 0.2)  # the hub runs its timers (sys.stdin.readline() below would block it)
     say("ready")
 elif mode == "owners":   # owners K: K journals (files) in one process, one record each
     journals = []
