@@ -12,11 +12,11 @@ locking), each with ``synchronous=NORMAL`` and ``FULL``:
   (the simplest design, and the one that blocks the hub while SQLite works);
 * ``thread``: every write is one autocommit statement handed to a one-thread
   gevent ``ThreadPool`` and waited for (off the hub, no batching);
-* ``journal``: ``flyte_gevent._journal.Journal`` as shipped: a writer greenlet
-  thread takes the writes of all greenlets queued since its last batch and writes
-  them in one transaction, with multi-row statements; *result* and *remove* are
-  queued and linger up to 50 ms
-  (``journal/l0``: the same with ``linger=0``).
+* ``journal``: ``flyte_gevent._journal.Journal`` as shipped: the hub gathers
+  the writes into jobs and a writer thread writes each job in one transaction,
+  with multi-row statements: the takes of one loop iteration (or of the time
+  the thread was busy) together, results and removals after lingering up to
+  50 ms (``journal/l0``: the same with ``linger=0``).
 
 Three workloads:
 
@@ -123,7 +123,7 @@ class _Raw:
                                                 action.result_url, PACK_ID, time.time()))
 
     def _update(self, action_id, body):
-        self._execute(_journal_files.UPDATE_SQL, (body, self.rows[action_id]))
+        self._execute(_journal_files.UPDATE_SQL, (self.rows[action_id], body))
 
     def _delete(self, action_id):
         self._execute(_journal_files.delete_sql(1), (self.rows[action_id],))
@@ -190,14 +190,13 @@ class JournalDesign:
 
 
 def _timed_write(design, write):
-    def timed(ops):
+    def timed(job):
         started = time.perf_counter()
         try:
-            return write(ops)
+            return write(job)
         finally:
             design.sqlite_max = max(design.sqlite_max, time.perf_counter() - started)
-            if any(op[1] in (_journal._TAKEN, _journal._RESULT, _journal._REMOVE) for op in ops):
-                design.commits += 1  # one transaction per file written; the benchmark writes one file
+            design.commits += len(job.writes)  # one transaction per file written
     return timed
 
 

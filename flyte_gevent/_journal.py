@@ -30,9 +30,10 @@ This module is the interface the runtime uses (:class:`Journal`, or
   last moments before it (what the kernel had not yet written back), never
   corrupt the file.
 * A result (:meth:`Journal.result`) and a removal (:meth:`Journal.remove`) are
-  queued and written within ``linger`` seconds (0.05 s by default) or with the
-  next take, whichever comes first, in one transaction with whatever else is
-  queued. A process that dies in that window leaves the record as it was: a
+  queued and written ``linger`` seconds (0.05 s by default) after the first of
+  them, in one transaction with every other result and removal queued
+  meanwhile (plus the time the thread needs for the job it is writing). A
+  process that dies in that window leaves the record as it was: a
   lost result makes the action count as cut short (FATAL or re-run); a lost
   removal makes the next start deliver a result the server already has, which
   the server refuses (500) without applying it twice.
@@ -41,23 +42,27 @@ This module is the interface the runtime uses (:class:`Journal`, or
 
 **What is not.** The one window that remains: the take's answer has arrived
 but the process dies before :meth:`Journal.taken` returns. That action stays
-PENDING, as without a journal. The window is one batch on the journal's
-thread: about 0.1–0.5 ms with ``sync="normal"`` while the pack has CPU to
-spare, plus an ``fsync`` with ``sync="full"``; when the hub is saturated
-(a backlog being taken as fast as the CPU allows) the thread waits for the GIL
-and the window grows to tens of milliseconds (``bench/journal_micro.py``
-measures it as *taken p50/p99*).
+PENDING, as without a journal. The window is the rest of the hub's loop
+iteration, then the job the thread is writing (if any), then the take's own:
+about 0.1–0.5 ms with ``sync="normal"`` while the pack has CPU to spare, plus
+an ``fsync`` with ``sync="full"``; when the hub is saturated (a backlog being
+taken as fast as the CPU allows) the iteration itself is long and the window
+grows to tens of milliseconds (``bench/journal_micro.py`` measures it as
+*taken p50/p99*).
 
 **Never blocking the hub.** SQLite calls are blocking C calls, and even a
 small WAL append can wait tens of milliseconds behind the filesystem's journal
 while an fsync runs (checkpoints do two). So none of them runs in the hub:
-every one runs on the journal's own thread. Greenlets append their operations
-to a queue; the thread takes everything queued since its last batch and
-writes it in one transaction per file, with multi-row statements, so under
-load a commit (and, with ``sync="full"``, an ``fsync``) is shared by every
-action in the batch. The greenlet that calls :meth:`Journal.taken` waits,
-cooperatively, for its batch to commit; results and removals do not wait, and
-a result whose removal lands in the same batch is not written at all.
+every one runs on the journal's own thread. And since each time that thread
+needs the GIL back from a busy hub costs both threads a wake-up, the thread
+does nothing but SQLite calls: the hub decides what to write and gathers it
+into whole *jobs*, hands over one job at a time through one lock release,
+and hears back through one loop watcher. The takes of one loop iteration
+(and those that come while the thread is busy) make one job and share its
+commit (and, with ``sync="full"``, its ``fsync``); the greenlet that calls
+:meth:`Journal.taken` waits, cooperatively, for it. Results and removals do
+not wait: they linger in a job of their own, in which a result whose record
+is removed before it was written is not written at all.
 
 Usage (what the pack runtime does)::
 
@@ -107,8 +112,7 @@ log = logging.getLogger("flyte_gevent.journal")
 
 _LOG_AGAIN = 30.0  # seconds between repeated write-failure logs
 
-# Operations queued for the writer, in the order given.
-_TAKEN, _RESULT, _REMOVE, _RETIRE, _CALL, _FLUSH, _STOP = range(7)
+_STOP = ("stop", ())  # the call that ends the journal's thread
 
 # Real threads and locks even when the program is monkey-patched.
 _start_new_thread, _allocate_lock = monkey.get_original(
@@ -164,7 +168,7 @@ class Journal:
         adopted by :meth:`recover`.
     :param sync: ``"normal"`` (durable against process crashes) or ``"full"``
         (also against machine crashes, at the cost of an ``fsync`` per batch).
-    :param linger: seconds a queued result or removal may wait to share a
+    :param linger: seconds a queued result or removal waits to share a
         transaction with others.
 
     Nothing touches the disk before :meth:`open`. Open the journal in the
@@ -208,7 +212,7 @@ class Journal:
 
     @property
     def write_failures(self) -> int:
-        """Batches that could not be written since :meth:`open` (for metrics)."""
+        """Jobs (writes handed to the journal's thread together) that failed since :meth:`open` (for metrics)."""
         return self._writer.failures if self._writer else 0
 
     @property
@@ -270,7 +274,7 @@ class Journal:
                     # The same action in two files can only come from copying files around: keep one.
                     log.warning("action %s is in journal files %s and %s; completing it once", record.action_id,
                                 self._records[record.action_id][0].db_path, store.db_path)
-                    self._writer.submit(_REMOVE, store, row_id)
+                    self._writer.delete(store, row_id)
                     continue
                 store.count += 1
                 self._records[record.action_id] = (store, row_id)
@@ -283,7 +287,7 @@ class Journal:
             if store.count:
                 self._stores.append(store)
             else:
-                self._writer.submit(_RETIRE, store)
+                self._writer.retire(store)
         return recovered
 
     def taken(self, action: "Action") -> None:
@@ -315,7 +319,7 @@ class Journal:
                   self.pack_id, time.time())
         self._records[action.id] = (own, row_id)
         own.count += 1
-        error = self._writer.submit(_TAKEN, own, row_id, params, wait=True).get(own)
+        error = self._writer.insert(own, params)
         if error is not None:
             # Not on disk; whatever else happens to this action happens without the journal.
             if self._records.pop(action.id, None) is not None:
@@ -335,7 +339,7 @@ class Journal:
             return
         where = self._records.get(action_id)
         if where is not None:
-            self._writer.submit(_RESULT, where[0], where[1], bytes(body))
+            self._writer.update(where[0], where[1], bytes(body))
 
     def remove(self, action_id: str) -> None:
         """Queue the removal of *action_id*'s record: its result was accepted or definitively refused.
@@ -352,20 +356,20 @@ class Journal:
             return
         store, row_id = where
         store.count -= 1
-        self._writer.submit(_REMOVE, store, row_id)
+        self._writer.delete(store, row_id)
         if store is not self._own and store.count == 0:
             self._stores.remove(store)
-            self._writer.submit(_RETIRE, store)
+            self._writer.retire(store)
 
     def flush(self) -> None:
         """Return once everything queued so far is written (per the sync mode).
 
-        :raises JournalError: the last batch could not be written.
+        :raises JournalError: some of it could not be written.
         """
         self._check_usable()
         if self._closing:
             raise JournalError("the journal is closed")
-        errors = self._writer.submit(_FLUSH, wait=True)
+        errors = self._writer.flush()
         if errors:
             error = next(iter(errors.values()))
             raise JournalError(str(error)) from error
@@ -415,81 +419,214 @@ class Journal:
 class _Writer:
     """The journal's own thread, and how greenlets hand it work.
 
-    A greenlet appends an operation to a deque; a take, a flush or a call
-    wakes the thread at once, while results and removals wait up to *linger*
-    seconds (a hub timer) for company. The thread takes everything queued and
-    writes it in one transaction per file, then tells the hub, through a loop
-    ``async_`` watcher, up to which operation the work is done. Nothing here
-    runs SQLite in the hub.
+    Everything that decides what to write happens in the hub; the thread only
+    runs the SQLite calls, because every time it needs the GIL back from a busy
+    hub costs both threads a wake-up. So greenlets add their operations to a
+    :class:`_Job` being filled in the hub, and the thread gets one whole job at a
+    time, through one lock release, and answers through one ``async_`` watcher
+    send:
+
+    * takes go into the *urgent* job, handed over at the end of the loop
+      iteration in which the first of them came (so takes answered together
+      share it), or, while the thread is busy, as soon as it is free: a commit
+      is shared by every take that came while the one before was written;
+    * results and removals go into the *lazy* job, handed over by a hub timer
+      *linger* seconds after the first of them: one transaction for all of
+      them, in which a result whose record is removed before it was written is
+      not written at all;
+    * calls (opening files, adoption, closing) are jobs of their own, after
+      everything submitted before them.
+
+    Jobs run in the order they were queued, except that takes may go first
+    (they only insert new rows, which nothing queued concerns), though never
+    twice in a row while other jobs wait. So a removal never overtakes an
+    older write of its record, and a call runs after everything before it.
+
+    Who writes what: the hub alone builds, queues and hands over jobs (every
+    attribute of the writer but ``_wake``'s state), and stops touching a job
+    once it is handed over; the thread touches only the handed-over job, fills
+    in its outcome and sets ``finished`` last; the hub reads the outcome only
+    after seeing ``finished`` (in the watcher's callback, or a waiter that
+    finds it set), and only then hands over the next job. So no field is ever
+    written by both sides at once, and the lock is released exactly once per
+    job the thread acquires it for. Nothing here runs SQLite in the hub.
     """
 
     def __init__(self, linger):
         self.linger = linger
-        self.failures = 0                 # batches that failed
+        self.failures = 0                 # jobs whose writes failed
         self._failing_since = None
         self._last_failure_log = 0.0
-        self._reporters = Group()         # greenlets that log what a batch did (rare)
-        self._ops = collections.deque()   # hub -> thread: [seq, kind, store, row id, value]
-        self._done = collections.deque()  # thread -> hub: (last seq, errors, retired paths)
-        self._waiting = collections.deque()  # (seq, _Wait), in seq order (hub only)
-        self._seq = 0
-        self._first_at = 0.0
-        self._urgent_seq = 0   # the last operation someone waits for (written by the hub only)
-        self._woken = False
-        self._wake = _allocate_lock()
+        self._reporters = Group()         # greenlets that log what a job did (rare)
+        self._urgent = None               # the job takes go into, not yet handed over
+        self._lazy = None                 # the job results and removals go into, not yet handed over
+        self._queue = collections.deque()  # jobs ready for the thread, in order
+        self._handed = None               # the job the thread has (one at a time)
+        self._kick_due = False            # a callback will hand the urgent job over
+        self._takes_went_last = False     # the last job handed over was an urgent one
+        self._wake = _allocate_lock()     # released once per job handed over
         self._wake.acquire()
-        loop = gevent.get_hub().loop
-        self._watcher = loop.async_()
-        self._watcher.start(self._deliver)
-        self._watcher.ref = False  # held only while a greenlet waits (see _wait_for)
-        self._timer = loop.timer(linger)
-        self._timer.ref = False
+        hub = gevent.get_hub()
+        self._loop = hub.loop
+        self._watcher = self._loop.async_()
+        self._watcher.start(self._job_done)
+        self._watcher.ref = False  # held only while the thread works (see _kick)
+        self._timer = None                # counts the lazy job's linger
         self._stopped = False
         _start_new_thread(self._run, ())
 
-    def submit(self, kind, store=None, row_id=None, value=None, wait=False):
-        """Queue one operation; with *wait*, return the errors of its batch once it is written."""
-        self._seq += 1
-        ops = self._ops
-        if not ops:
-            self._first_at = time.monotonic()
-            first = True
-        else:
-            first = False
-        ops.append((self._seq, kind, store, row_id, value))
-        if wait:
-            self._urgent_seq = self._seq
-            self._signal()
-            return self._wait_for(self._seq)
-        if first and not self._timer.active:
-            # A hub timer, not the thread, counts the linger: a take that comes
-            # first takes these along without a second wake-up of the thread.
-            self._timer.start(self._signal)
-        return None
+    # -- in the hub --------------------------------------------------------------------------------
+
+    def insert(self, store, params):
+        """Write a record and wait for it: the error its file's transaction failed with, or None."""
+        job = self._urgent
+        if job is None:
+            job = self._urgent = _Job()
+            if self._handed is None and not self._kick_due:
+                self._kick_due = True
+                self._loop.run_callback(self._kick)
+        rows = job.writes.get(store)
+        if rows is None:
+            rows = job.writes[store] = ([], {}, [])
+        rows[0].append(params)
+        return job.wait().get(store)
+
+    def update(self, store, row_id, body):
+        """Queue a record's result (replacing one queued before)."""
+        self._lazy_rows(store)[1][row_id] = body
+
+    def delete(self, store, row_id):
+        """Queue a record's removal; a result queued for it is dropped."""
+        rows = self._lazy_rows(store)
+        if rows[1]:
+            rows[1].pop(row_id, None)
+        rows[2].append(row_id)
+
+    def retire(self, store):
+        """Queue closing and deleting an adopted file, after the removals queued before."""
+        self._lazy_rows(None)
+        self._lazy.retire.append(store)
+
+    def flush(self):
+        """Wait until everything queued so far is written; the errors of those writes."""
+        jobs = [self._handed] if self._handed is not None else []
+        jobs += self._seal()
+        marker = _Job()  # nothing to write: done once every job before it is
+        self._queue.append(marker)
+        self._kick()
+        marker.wait()
+        errors = {}
+        for job in jobs:
+            errors.update(job.errors)
+        return errors
 
     def call(self, function, *args):
         """Run ``function(*args)`` on the thread, after everything queued before; its result or exception."""
-        outcome = [None, None]
-        self.submit(_CALL, value=(function, args, outcome), wait=True)
-        if outcome[1] is not None:
-            raise outcome[1]
-        return outcome[0]
+        job = _Job()
+        job.call = (function, args)
+        self._seal()
+        self._queue.append(job)
+        self._kick()
+        job.wait()
+        if job.exception is not None:
+            raise job.exception
+        return job.outcome
 
     def stop(self):
         """Write what is queued, end the thread and wait for it to finish."""
         if not self._stopped:
-            self.submit(_STOP, wait=True)
+            job = _Job()
+            job.call = _STOP
+            self._seal()
+            self._queue.append(job)
+            self._kick()
+            job.wait()
             self._stopped = True
-            self._timer.close()
             self._watcher.close()
             self._reporters.join()
+
+    def _lazy_rows(self, store):
+        job = self._lazy
+        if job is None:
+            job = self._lazy = _Job()
+            # A new timer each time: a loop timer started again once it has fired fires at once.
+            self._timer = self._loop.timer(self.linger)
+            self._timer.ref = False
+            self._timer.start(self._linger_over)
+        if store is None:
+            return None
+        rows = job.writes.get(store)
+        if rows is None:
+            rows = job.writes[store] = ([], {}, [])
+        return rows
+
+    def _linger_over(self):
+        self._stop_timer()
+        if self._lazy is not None:
+            self._queue.append(self._lazy)
+            self._lazy = None
+            self._kick()
+
+    def _stop_timer(self):
+        if self._timer is not None:
+            self._timer.close()
+            self._timer = None
+
+    def _seal(self):
+        """Queue the urgent and the lazy jobs as they are; the jobs queued."""
+        jobs = []
+        for job in (self._urgent, self._lazy):
+            if job is not None:
+                jobs.append(job)
+                self._queue.append(job)
+        self._urgent = self._lazy = None
+        self._stop_timer()
+        return jobs
+
+    def _kick(self):
+        """Hand the thread its next job if it is free.
+
+        Takes may go before the jobs queued (they only insert new rows, which
+        nothing queued concerns), but never twice in a row while others wait:
+        a steady stream of takes must not hold back results, removals, calls
+        or a flush for ever.
+        """
+        self._kick_due = False
+        if self._handed is not None:
+            return
+        job = self._urgent
+        if job is not None and not (self._takes_went_last and self._queue):
+            self._urgent = None
+            self._takes_went_last = True
+        elif self._queue:
+            job = self._queue.popleft()
+            self._takes_went_last = False
+        else:
+            return
+        self._handed = job
+        self._watcher.ref = True  # keep the loop alive while the thread works
+        self._wake.release()
+
+    def _job_done(self):
+        """In the hub (the watcher's callback): wake the job's waiters, report, hand over the next one."""
+        job = self._handed
+        if job is None or not job.finished:
+            return  # a send that was coalesced with an earlier one
+        self._handed = None
+        self._watcher.ref = False
+        if job.event is not None:
+            job.event.set()
+        if job.errors or job.retired or self._failing_since is not None:
+            # Logged from a greenlet: a handler's lock may not be waited for in the hub.
+            self._reporters.spawn(self._report, job.errors, job.retired)
+        self._kick()
 
     def _report(self, errors, retired):
         for path in retired:
             log.info("journal file %s finished and removed", path)
         if not errors:
             if self._failing_since is not None:
-                log.info("journal writes work again (%d batches failed)", self.failures)
+                log.info("journal writes work again (%d jobs failed)", self.failures)
                 self._failing_since = None
             return
         self.failures += 1
@@ -497,149 +634,88 @@ class _Writer:
         if self._failing_since is None or now - self._last_failure_log >= _LOG_AGAIN:
             self._failing_since = self._failing_since or now
             self._last_failure_log = now
-            log.error("journal write failed (%d failed batches so far): %s", self.failures,
+            log.error("journal write failed (%d failed jobs so far): %s", self.failures,
                       "; ".join(str(error) for error in errors.values()))
-
-    def _signal(self):
-        if not self._woken:
-            self._woken = True
-            self._wake.release()
-
-    def _wait_for(self, seq):
-        wait = _Wait()
-        self._waiting.append((seq, wait))
-        self._watcher.ref = True  # keep the loop alive while the thread works for us
-        wait.event.wait()
-        return wait.errors
-
-    def _deliver(self):
-        """In the hub: wake the greenlets whose operations are written."""
-        done, waiting = self._done, self._waiting
-        while done:
-            last_seq, errors, retired = done.popleft()
-            while waiting and waiting[0][0] <= last_seq:
-                wait = waiting.popleft()[1]
-                wait.errors = errors
-                wait.event.set()
-            if errors or retired or self._failing_since is not None:
-                # Logged from a greenlet: a handler's lock may not be waited for in the hub.
-                self._reporters.spawn(self._report, errors, retired)
-        if not waiting:
-            self._watcher.ref = False
 
     # -- on the thread -----------------------------------------------------------------------------
 
     def _run(self):
-        ops, linger, wake = self._ops, self.linger, self._wake
-        drained = 0  # the last operation taken off the queue
+        wake, send = self._wake, self._watcher.send
         while True:
-            if not ops:
-                woken = wake.acquire()
-            elif self._urgent_seq > drained or time.monotonic() >= self._first_at + linger:
-                batch = []
-                while ops:
-                    batch.append(ops.popleft())
-                drained = batch[-1][0]
-                if self._work(batch):
-                    return
-                continue
-            else:
-                # Only results and removals queued: the hub's timer, or a take, says when.
-                woken = wake.acquire(timeout=max(self._first_at + linger - time.monotonic(), 0.001))
-            if woken:
-                # Only now: the hub releases the lock again only after seeing this.
-                self._woken = False
-
-    def _work(self, batch):
-        """Write *batch*, running calls in their place; True once the stop operation is reached."""
-        try:
-            return self._write_batch(batch)
-        except BaseException as exc:  # noqa: BLE001 - a bug here must not leave greenlets waiting for ever
-            error = JournalError(f"journal writer failed: {exc!r}")
-            for op in batch:
-                if op[1] == _CALL and op[4][2][1] is None:
-                    op[4][2][1] = error  # the outcome a caller reads
-            self._finish(batch[-1][0], {op[2]: error for op in batch}, [])
-            return any(op[1] == _STOP for op in batch)
-
-    def _write_batch(self, batch):
-        start = 0
-        for index, op in enumerate(batch):
-            kind = op[1]
-            if kind in (_CALL, _STOP):
-                if index > start:
-                    self._finish(batch[index - 1][0], *_write(batch[start:index]))
-                if kind == _STOP:
-                    self._finish(op[0], {}, [])
-                    return True
-                function, args, outcome = op[4]
-                try:
-                    outcome[0] = function(*args)
-                except BaseException as exc:  # noqa: BLE001 - handed to the greenlet that asked
-                    outcome[1] = exc
-                self._finish(op[0], {}, [])
-                start = index + 1
-        if start < len(batch):
-            self._finish(batch[-1][0], *_write(batch[start:]))
-        return False
-
-    def _finish(self, last_seq, errors, retired):
-        self._done.append((last_seq, errors, retired))
-        self._watcher.send()
+            wake.acquire()
+            job = self._handed
+            stop = job.call is _STOP
+            if not stop:
+                job.run()
+            job.finished = True
+            send()
+            if stop:
+                return
 
 
-class _Wait:
-    __slots__ = ("errors", "event")
+class _Job:
+    """What the thread does in one go: writes to journal files, or one call; and who waits for it.
+
+    Built in the hub, run on the thread (:meth:`run`), read in the hub again
+    once ``finished``.
+    """
+
+    __slots__ = ("call", "errors", "event", "exception", "finished", "outcome", "retire", "retired", "writes")
 
     def __init__(self):
-        self.event = gevent.event.Event()
-        self.errors = None
+        self.writes = {}    # store -> (rows to insert, {row id: result}, row ids to delete)
+        self.retire = []    # adopted stores to close and delete after the writes
+        self.call = None    # (function, args), or _STOP
+        self.event = None   # set once finished, when someone waits
+        self.finished = False
+        self.errors = {}    # store -> JournalError of its failed transaction
+        self.retired = []   # paths of the files deleted
+        self.outcome = self.exception = None
+
+    def wait(self):
+        """Wait (cooperatively) until the thread has done this job; its errors."""
+        if not self.finished:
+            if self.event is None:
+                self.event = gevent.event.Event()
+            self.event.wait()
+        return self.errors
+
+    def run(self):
+        """On the thread: do the job. Never raises: what fails is kept for the greenlets waiting for it."""
+        if self.call is not None:
+            function, args = self.call
+            try:
+                self.outcome = function(*args)
+            except BaseException as exc:  # noqa: BLE001 - handed to the greenlet that asked
+                self.exception = exc
+            return
+        try:
+            _write(self)
+        except BaseException as exc:  # noqa: BLE001 - a bug here must not leave greenlets waiting for ever
+            error = JournalError(f"journal writer failed: {exc!r}")
+            self.errors = dict.fromkeys(self.writes, error) or {None: error}
 
 
 # -- functions that run on the journal's thread ------------------------------------------------------
 
-def _write(ops):
-    """Write queued operations: one transaction per file, then delete emptied adopted files.
+def _write(job):
+    """Write *job*: one transaction per file, then delete its emptied adopted files.
 
-    Returns ``(errors, retired)``: the error of each file whose transaction
-    failed, and the paths of the files deleted. Runs on the journal thread and
-    never raises: whatever fails is reported to the greenlets waiting for it.
+    Fills ``job.errors`` (the error of each file whose transaction failed) and
+    ``job.retired`` (the paths of the files deleted).
     """
-    work = {}
-    retire = []
-    for _, kind, store, row_id, value in ops:
-        if kind == _FLUSH:
-            continue
-        if kind == _RETIRE:
-            retire.append(store)
-            continue
-        inserts, updates, deletes = work.setdefault(store, ([], [], []))
-        if kind == _TAKEN:
-            inserts.append(value)
-        elif kind == _RESULT:
-            updates.append((value, row_id))
-        else:
-            deletes.append(row_id)
-    errors = {}
-    for store, (inserts, updates, deletes) in work.items():
-        if deletes and updates:
-            # A result whose record goes in the same batch was delivered at once: don't write it.
-            gone = set(deletes)
-            updates = [update for update in updates if update[1] not in gone]
+    for store, (inserts, updates, deletes) in job.writes.items():
         try:
             store.apply(inserts, updates, deletes)
         except Exception as exc:  # noqa: BLE001 - reported to the waiters, never lost in the thread
-            errors[store] = exc if isinstance(exc, JournalError) else JournalError(f"{store.db_path}: {exc!r}")
-    retired = []
-    for store in retire:
+            job.errors[store] = exc if isinstance(exc, JournalError) else JournalError(f"{store.db_path}: {exc!r}")
+    for store in job.retire:
         try:
             store.release(delete=True)
         except OSError as exc:
-            errors[store] = JournalError(f"cannot remove finished journal file {store.db_path}: {exc}")
+            job.errors[store] = JournalError(f"cannot remove finished journal file {store.db_path}: {exc}")
         else:
-            retired.append(store.db_path)
-    return errors, retired
-
+            job.retired.append(store.db_path)
 
 
 # -- fork safety -----------------------------------------------------------------------------------

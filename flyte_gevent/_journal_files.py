@@ -98,7 +98,7 @@ CREATE TABLE actions (
     restarts INTEGER NOT NULL DEFAULT 0
 );
 """
-UPDATE_SQL = "UPDATE actions SET result = ? WHERE id = ?"
+UPDATE_SQL = "UPDATE actions SET result = ?2 WHERE id = ?1"  # (row id, result): a dict's items
 # One encoder for every input: json.dumps with arguments builds a new one per call. ASCII
 # escapes keep lone surrogates (valid in JSON text, not in UTF-8) storable.
 encode_input = json.JSONEncoder(separators=(",", ":")).encode
@@ -279,13 +279,17 @@ class Store:
         return records, meta
 
     def apply(self, inserts, updates, deletes):
-        """Write one batch in one transaction (runs on the journal thread)."""
+        """Write one batch in one transaction (runs on the journal thread).
+
+        *inserts* are parameter tuples of new records; *updates* maps row ids to
+        results; *deletes* lists row ids.
+        """
         statements = []
         for start in range(0, len(inserts), _ROWS_PER_INSERT):
             rows = inserts[start:start + _ROWS_PER_INSERT]
             statements.append((insert_sql(len(rows)), [value for row in rows for value in row]))
         if updates:
-            statements.append((UPDATE_SQL, updates))
+            statements.append((UPDATE_SQL, updates.items()))
         for start in range(0, len(deletes), _ROWS_PER_DELETE):
             rows = deletes[start:start + _ROWS_PER_DELETE]
             # Sizes rounded up to a power of two (an id repeated in IN () changes nothing), so that

@@ -235,6 +235,33 @@ def test_many_greenlets_write_at_once_and_exactly_the_unfinished_records_survive
     assert recovered == expected
 
 
+def test_a_steady_stream_of_takes_holds_back_neither_flush_nor_results(journals):
+    journal = journals(linger=0.005)
+    journal.taken(action("kept"))
+    journal.result("action-kept", b"its result")
+    taking = True
+
+    def taker(first):
+        # Out of step with each other: whenever the journal's thread finishes a write, more takes wait.
+        n = first
+        while taking:
+            journal.taken(action(n, payload="x" * 20_000))  # a write that takes a while
+            journal.remove(f"action-{n}")
+            n += 1
+
+    takers = [gevent.spawn_later(0.0003 * i, taker, i * 1_000_000) for i in range(8)]
+    try:
+        gevent.sleep(0.05)
+        flushing = gevent.spawn(journal.flush)
+        flushing.join(timeout=5)
+        assert flushing.successful(), "flush() waited for ever behind the takes"
+    finally:
+        taking = False
+        gevent.joinall(takers, timeout=5, raise_error=True)
+    assert journal.close() == 1
+    assert [(r.action_id, r.result) for r in journals().recover()] == [("action-kept", b"its result")]
+
+
 def test_a_stalled_disk_stalls_the_writers_not_the_hub(journals):
     journal = journals()
     stall = monkey.get_original("time", "sleep")  # a real sleep, on the journal's thread: a disk that hangs
@@ -424,6 +451,17 @@ if mode == "own":        # own COUNT [WITH_RESULTS [FIRST]]: write, say so, then
         journal.result(f"action-{n}", f"result-{n}".encode())
     journal.flush()
     say("ready", journal.file)
+elif mode == "linger":   # linger SECONDS: a result written after lingering, then one just queued
+    linger = float(args[0])
+    journal = Journal(directory, pack, linger=linger)
+    journal.open()
+    journal.taken(act(0))
+    journal.result("action-0", b"written")
+    gevent.sleep(linger * 1.2)
+    journal.taken(act(1))
+    journal.result("action-1", b"lingering")
+    gevent.sleep(linger * 0.2)  # the hub runs its timers (sys.stdin.readline() below would block it)
+    say("ready")
 elif mode == "owners":   # owners K: K journals (files) in one process, one record each
     journals = []
     for n in range(int(args[0])):
@@ -524,6 +562,15 @@ def test_a_live_owners_file_is_not_adoptable_and_a_killed_owners_is(children, jo
     assert [(r.action_id, r.result) for r in records] == [("action-0", b"result-0"), ("action-1", None),
                                                           ("action-2", None)]
     assert survivor.recover() == []  # once
+
+
+def test_every_result_lingers_before_it_is_written_not_only_the_first(children, journals, tmp_path):
+    directory = tmp_path / "journal"
+    owner = children("linger", directory, 0.5)
+    owner.read("ready")
+    owner.kill()  # well within the second result's linger: it is not written yet
+    assert [(r.action_id, r.result) for r in journals(directory).recover()] == [("action-0", b"written"),
+                                                                                ("action-1", None)]
 
 
 def test_empty_leftovers_of_dead_processes_are_cleaned_up(children, journals, tmp_path):
