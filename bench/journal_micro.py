@@ -66,7 +66,7 @@ import gevent.threadpool  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from flyte_gevent import _journal, _journal_files  # noqa: E402
+from flyte_gevent import _journal, _journal_files, _journal_writer  # noqa: E402
 from flyte_gevent.models import Action  # noqa: E402
 
 PACK_ID = "Bench"
@@ -302,8 +302,8 @@ def measure(make_design, workload, count):
     try:
         design = make_design(directory)
         if isinstance(design, JournalDesign):
-            original = _journal._write
-            _journal._write = _timed_write(design, original)
+            original = _journal_writer._write
+            _journal_writer._write = _timed_write(design, original)
         gevent.sleep(0.05)  # let start-up writes settle
         latencies = []
         ticker, pauses = Ticker(), GCPauses()
@@ -318,7 +318,7 @@ def measure(make_design, workload, count):
         gap, gc_pause = ticker.stop(), pauses.stop()
         design.close()
         if isinstance(design, JournalDesign):
-            _journal._write = original
+            _journal_writer._write = original
         latencies.sort()
         return {
             "cpu_us": cpu / count * 1e6,
