@@ -327,15 +327,18 @@ class _Connection:
         else:
             self._tls_call(self._tls.write, deadline, data)
 
-    def read(self, deadline, wait_first=False):
-        """The next bytes from the server, ``b""`` once it closed; *wait_first*: none can have arrived yet."""
+    def read(self, deadline):
+        """The next bytes from the server, ``b""`` once it closed.
+
+        The socket is read before waiting: on a busy pack the answer has often
+        arrived by then, and a failed read costs less than a pass through the
+        event loop.
+        """
         if self._tls is not None:
             try:
                 return self._tls_call(self._tls.read, deadline, _RECV_SIZE)
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                 return b""  # closed, with or without TLS's close_notify (as ssl's suppress_ragged_eofs reads it)
-        if wait_first:
-            self._wait(self._readable, deadline)
         sock = self.sock
         while True:
             try:
@@ -532,7 +535,7 @@ class HTTPPool:
         received = 0
         try:
             while not reader.complete:
-                chunk = conn.read(deadline, wait_first=not received)
+                chunk = conn.read(deadline)
                 if not chunk:
                     if reader.ends_at_close():
                         break  # complete, and the connection is finished with
