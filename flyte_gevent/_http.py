@@ -31,10 +31,9 @@ When a request is sent a second time, and why that is safe even for a result
 process the first copy.
 
 * A pooled connection that the server has closed (or that holds unexpected
-  bytes) is seen before anything is written to it, by the event loop while it
-  is idle or by a read that does not wait as it leaves the pool (see
-  :meth:`_Connection.resume`), and is discarded; the request goes on another
-  connection. This is not a resend: nothing was sent.
+  bytes) is seen before anything is written to it, with a ``poll()`` that takes
+  no time, and is discarded; the request goes on another connection. This is
+  not a resend: nothing was sent.
 * Writing the request on a pooled connection fails (the server closed it while
   the request was being written): the server never had the whole request, and a
   server cannot act on a request it has not completely received, so it is sent
@@ -53,6 +52,7 @@ process the first copy.
 import socket
 import ssl
 import time
+from select import POLLIN
 from urllib.parse import quote, urlsplit
 
 import gevent.socket
@@ -76,11 +76,9 @@ __all__ = [
 _PlainSocket = monkey.get_original("socket", "socket")
 _READ, _WRITE = 1, 2  # event loop watcher events
 
-# An idle connection whose watcher saw nothing is still asked directly before
-# reuse once it has been idle this long: long enough for a server's keep-alive
-# timeout (seconds, at the least) to have closed it, so a close arriving just
-# as the connection leaves the pool is looked for where it is likely.
-_RECHECK_AFTER = 1.0
+# The blocking original even when gevent patched select: the idle check must not
+# wait, and poll() has no limit on descriptor numbers (select() fails above 1023).
+_poll = monkey.get_original("select", "poll")
 
 # Connections idle longer than this are closed rather than reused: load
 # balancers commonly drop flows idle for 60 s, some without telling either end,
@@ -218,18 +216,19 @@ class _Connection:
     takes, that was a quarter of the client's time. A pool's connections are
     therefore used by the greenlets of one thread (hub).
 
-    While the connection sits idle in the pool, its read watcher listens: the
-    server closing it, resetting it or sending anything marks it stale with no
-    system call made (a TLS record carrying no application data, such as a TLS
-    1.3 session ticket, is read and leaves it usable).
+    Whether an idle connection is still good is asked of the socket as it
+    leaves the pool, with a ``poll()`` that does not wait, rather than left to
+    the read watcher while it sits idle: a greenlet can be resumed (by an event
+    being set, say) before the loop polls again, so a close that arrived since
+    the last poll would go unseen and the request be sent on a dead connection.
 
     TLS runs over the same socket through an :class:`ssl.SSLObject` and two
     memory buffers, so one set of waits serves both; what the TLS layer asks
     for (to read before it can write, say) is done in :meth:`_tls_call`.
     """
 
-    __slots__ = ("_incoming", "_loop", "_outgoing", "_readable", "_rested_in", "_tls", "_writable", "hub", "parser",
-                 "reader", "released_at", "sock", "stale")
+    __slots__ = ("_idle_check", "_incoming", "_loop", "_outgoing", "_readable", "_tls", "_writable", "hub", "parser",
+                 "reader", "released_at", "sock")
 
     def __init__(self, sock, hub, tls=None, incoming=None, outgoing=None):
         sock.setblocking(False)
@@ -238,14 +237,14 @@ class _Connection:
         self._loop = hub.loop
         self._tls, self._incoming, self._outgoing = tls, incoming, outgoing
         self._readable = self._loop.io(sock.fileno(), _READ)
-        self._readable.ref = False  # an idle connection does not keep the loop running; a wait's timer does
+        self._readable.ref = False  # a wait's timer keeps the loop running
         self._writable = None
         self.reader = _Reader()
         self.parser = httptools.HttpResponseParser(self.reader)
         self.reader.parser = self.parser
         self.released_at = 0.0
-        self._rested_in = 0  # the event loop's iteration when the connection went idle
-        self.stale = False
+        self._idle_check = _poll()
+        self._idle_check.register(sock.fileno(), POLLIN)  # POLLHUP and POLLERR are always reported
 
     def close(self):
         """Stop and close the watchers and the socket (in the connection's own hub)."""
@@ -260,43 +259,19 @@ class _Connection:
     # -- in the pool ------------------------------------------------------------
 
     def rest(self):
-        """Go idle: from now on, anything arriving from the server marks the connection stale."""
+        """Go idle in the pool."""
         self.released_at = time.monotonic()
-        self._rested_in = getattr(self._loop, "iteration", None)
-        self._readable.start(self._stirred)
 
-    def resume(self, now):
-        """Leave the pool; whether the connection can carry a request (neither closed by the peer nor holding bytes).
-
-        The watcher has seen what arrived up to the event loop's last poll,
-        once the loop has polled and run its callbacks since the connection went
-        idle (two iterations: the first's callbacks may not all have run yet).
-        Otherwise (a greenlet reusing the connection without having yielded), or
-        when the connection has been idle long enough for a server's
-        keep-alive timeout to have closed it, the socket is also asked directly,
-        with a read that does not wait.
-        """
-        self._readable.stop()
-        if self.stale:
-            return False
-        iteration = getattr(self._loop, "iteration", None)  # libev's; a loop without it is always asked
-        if iteration is not None and iteration - self._rested_in >= 2 and now - self.released_at < _RECHECK_AFTER:
-            return True
-        if self._tls is not None:
+    def resume(self):
+        """Leave the pool; whether the connection can carry a request (neither closed by the peer nor holding bytes)."""
+        if self._tls is None:
+            return not self._idle_check.poll(0)  # readable: end of stream, a reset, or bytes nobody asked for
+        # TLS records can arrive on an idle connection without application data (a
+        # TLS 1.3 session ticket), or have come with the response's last bytes and
+        # wait in the buffer unread (the server's close_notify).
+        if self._idle_check.poll(0) or self._incoming.pending:
             return self._tls_still_open()
-        try:
-            self.sock.recv(1, socket.MSG_PEEK)
-        except BlockingIOError:
-            return True
-        except OSError:
-            return False
-        return False  # end of stream, or bytes nobody asked for
-
-    def _stirred(self):
-        # Called by the event loop (in the hub) while the connection is idle and readable.
-        if self._tls is None or not self._tls_still_open():
-            self.stale = True
-            self._readable.stop()
+        return not self._tls.pending()
 
     def _tls_still_open(self):
         """Read what arrived without waiting; only TLS records without application data leave the connection open."""
@@ -581,7 +556,7 @@ class HTTPPool:
         now = time.monotonic()
         while idle:
             conn = idle.pop()
-            if now - conn.released_at < _MAX_IDLE and conn.resume(now):
+            if now - conn.released_at < _MAX_IDLE and conn.resume():
                 return conn
             conn.close()
         return None
