@@ -213,8 +213,9 @@ class _Connection:
     and for each wait a timer set to what is left of the request's deadline.
     gevent's cooperative socket would arm a ``gevent.Timeout`` for every wait
     and go through a Python layer for every call; on the path every action
-    takes, that was a quarter of the client's time. A pool's connections are
-    therefore used by the greenlets of one thread (hub).
+    takes, that was up to a quarter of the client's time. A connection is
+    therefore used only in the hub (thread) that made it: the pool keeps idle
+    connections per hub (see :class:`_Origin`).
 
     Whether an idle connection is still good is asked of the socket as it
     leaves the pool, with a ``poll()`` that does not wait, rather than left to
