@@ -55,8 +55,10 @@ import time
 from select import POLLIN
 from urllib.parse import quote, urlsplit
 
+import gevent.socket
 import httptools
-from gevent import monkey
+from gevent import get_hub, monkey
+from gevent.hub import Waiter
 from gevent.lock import BoundedSemaphore
 
 __all__ = [
@@ -68,6 +70,11 @@ __all__ = [
     "Response",
     "ResponseTooLarge",
 ]
+
+# The standard library's socket class even when gevent patched it: connections
+# are plain non-blocking sockets that do their own waiting (see _Connection).
+_PlainSocket = monkey.get_original("socket", "socket")
+_READ, _WRITE = 1, 2  # event loop watcher events
 
 # The blocking original even when gevent patched select: the idle check must not
 # wait, and poll() has no limit on descriptor numbers (select() fails above 1023).
@@ -198,13 +205,41 @@ class _Reader:
 
 
 class _Connection:
-    """One socket to an origin and the response parser that lives as long as it does."""
+    """One socket to an origin, the response parser that lives as long as it does, and the waiting on it.
 
-    __slots__ = ("_idle_check", "parser", "reader", "released_at", "sock", "tls")
+    The socket is a plain non-blocking one, and the connection does its own
+    waiting on the event loop of the hub it was made in: one read watcher for
+    its whole life (and a write watcher, made when a write first has to wait),
+    and for each wait a timer set to what is left of the request's deadline.
+    gevent's cooperative socket would arm a ``gevent.Timeout`` for every wait
+    and go through a Python layer for every call; on the path every action
+    takes, that was up to a quarter of the client's time. A connection is
+    therefore used only in the hub (thread) that made it: the pool keeps idle
+    connections per hub (see :class:`_Origin`).
 
-    def __init__(self, sock, tls):
+    Whether an idle connection is still good is asked of the socket as it
+    leaves the pool, with a ``poll()`` that does not wait, rather than left to
+    the read watcher while it sits idle: a greenlet can be resumed (by an event
+    being set, say) before the loop polls again, so a close that arrived since
+    the last poll would go unseen and the request be sent on a dead connection.
+
+    TLS runs over the same socket through an :class:`ssl.SSLObject` and two
+    memory buffers, so one set of waits serves both; what the TLS layer asks
+    for (to read before it can write, say) is done in :meth:`_tls_call`.
+    """
+
+    __slots__ = ("_idle_check", "_incoming", "_loop", "_outgoing", "_readable", "_tls", "_writable", "hub", "parser",
+                 "reader", "released_at", "sock")
+
+    def __init__(self, sock, hub, tls=None, incoming=None, outgoing=None):
+        sock.setblocking(False)
         self.sock = sock
-        self.tls = tls
+        self.hub = hub
+        self._loop = hub.loop
+        self._tls, self._incoming, self._outgoing = tls, incoming, outgoing
+        self._readable = self._loop.io(sock.fileno(), _READ)
+        self._readable.ref = False  # a wait's timer keeps the loop running
+        self._writable = None
         self.reader = _Reader()
         self.parser = httptools.HttpResponseParser(self.reader)
         self.reader.parser = self.parser
@@ -213,35 +248,165 @@ class _Connection:
         self._idle_check.register(sock.fileno(), POLLIN)  # POLLHUP and POLLERR are always reported
 
     def close(self):
+        """Stop and close the watchers and the socket (in the connection's own hub)."""
         self.reader.parser = None  # break the reference cycle now rather than at the next GC
+        for watcher in (self._readable, self._writable):
+            if watcher is not None:
+                watcher.stop()
+                watcher.close()
+        self._readable = self._writable = None
         self.sock.close()
 
-    def looks_open(self):
-        """Whether the idle connection can carry a request: the peer has neither closed it nor sent anything."""
-        if not self._idle_check.poll(0):
-            return not (self.tls and self.sock.pending())
-        if not self.tls:
-            return False  # end of stream, a reset, or bytes nobody asked for
-        # TLS records can arrive on an idle connection without application data
-        # (a TLS 1.3 session ticket): read without waiting to find out.
-        self.sock.settimeout(0)
+    # -- in the pool ------------------------------------------------------------
+
+    def rest(self):
+        """Go idle in the pool."""
+        self.released_at = time.monotonic()
+
+    def resume(self):
+        """Leave the pool; whether the connection can carry a request (neither closed by the peer nor holding bytes)."""
+        if self._tls is None:
+            return not self._idle_check.poll(0)  # readable: end of stream, a reset, or bytes nobody asked for
+        # TLS records can arrive on an idle connection without application data (a
+        # TLS 1.3 session ticket), or have come with the response's last bytes and
+        # wait in the buffer unread (the server's close_notify).
+        if self._idle_check.poll(0) or self._incoming.pending:
+            return self._tls_still_open()
+        return not self._tls.pending()
+
+    def _tls_still_open(self):
+        """Read what arrived without waiting; only TLS records without application data leave the connection open."""
         try:
-            self.sock.recv(1)
-        except (ssl.SSLWantReadError, BlockingIOError):
-            return True
+            data = self.sock.recv(_RECV_SIZE)
+        except BlockingIOError:
+            data = None
         except OSError:
             return False
-        return False
+        if data == b"":
+            return False
+        if data:
+            self._incoming.write(data)
+        try:
+            self._tls.read(1)
+        except ssl.SSLWantReadError:
+            return True
+        except OSError:
+            pass
+        return False  # application data, a close_notify, or a broken record
+
+    # -- one request ----------------------------------------------------------------
+
+    def write(self, data, deadline):
+        """Write all of *data* by *deadline*; raises ``OSError`` (``TimeoutError`` when out of time)."""
+        if self._tls is None:
+            self._send(data, deadline)
+        else:
+            self._tls_call(self._tls.write, deadline, data)
+
+    def read(self, deadline):
+        """The next bytes from the server, ``b""`` once it closed.
+
+        The socket is read before waiting: on a busy pack the answer has often
+        arrived by then, and a failed read costs less than a pass through the
+        event loop.
+        """
+        if self._tls is not None:
+            try:
+                return self._tls_call(self._tls.read, deadline, _RECV_SIZE)
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                return b""  # closed, with or without TLS's close_notify (as ssl's suppress_ragged_eofs reads it)
+        sock = self.sock
+        while True:
+            try:
+                return sock.recv(_RECV_SIZE)
+            except BlockingIOError:
+                self._wait(self._readable, deadline)
+
+    def handshake(self, deadline):
+        self._tls_call(self._tls.do_handshake, deadline)
+
+    def _send(self, data, deadline):
+        sock = self.sock
+        sent = 0
+        view = None
+        while True:
+            try:
+                sent += sock.send(data if view is None else view[sent:])
+            except BlockingIOError:
+                if self._writable is None:
+                    self._writable = self._loop.io(sock.fileno(), _WRITE)
+                    self._writable.ref = False
+                self._wait(self._writable, deadline)
+                continue
+            if sent >= len(data):
+                return
+            view = memoryview(data)
+
+    def _tls_call(self, operation, deadline, *args):
+        """Run a TLS operation to its end: send what it produces, receive what it waits for."""
+        while True:
+            try:
+                result = operation(*args)
+            except ssl.SSLWantReadError:
+                self._flush(deadline)  # what the TLS layer has to say before it can go on
+                self._tls_receive(deadline)
+            else:
+                self._flush(deadline)
+                return result
+
+    def _flush(self, deadline):
+        if self._outgoing.pending:
+            self._send(self._outgoing.read(), deadline)
+
+    def _tls_receive(self, deadline):
+        if self._incoming.eof:
+            raise ConnectionAbortedError("the connection closed during the TLS exchange")
+        while True:
+            try:
+                data = self.sock.recv(_RECV_SIZE)
+            except BlockingIOError:
+                self._wait(self._readable, deadline)
+                continue
+            if data:
+                self._incoming.write(data)
+            else:
+                self._incoming.write_eof()
+            return
+
+    def _wait(self, watcher, deadline):
+        """Park this greenlet until *watcher* is ready; ``TimeoutError`` once *deadline* passes first."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("timed out")
+        waiter = Waiter(self.hub)
+        timer = self._loop.timer(remaining)
+        watcher.start(waiter.switch, True)
+        timer.start(waiter.switch, False)
+        try:
+            ready = waiter.get()
+        finally:
+            watcher.stop()
+            timer.close()
+        if not ready:
+            raise TimeoutError("timed out")
 
 
 class _Origin:
+    """Where requests go, the connections open to it at once, and its idle connections per hub.
+
+    A connection waits on the event loop of the hub (thread) that made it, so
+    each hub reuses only its own; a pool used from several threads keeps idle
+    connections for each.
+    """
+
     __slots__ = ("host", "idle", "port", "scheme", "slots")
 
     def __init__(self, scheme, host, port, max_connections):
         self.scheme = scheme
         self.host = host
         self.port = port
-        self.idle = []  # LIFO of _Connection: the most recently used is the least likely to have been dropped
+        # hub -> LIFO of _Connection: the most recently used is the least likely to have been dropped
+        self.idle = {}
         self.slots = BoundedSemaphore(max_connections)  # connections open at once
 
 
@@ -297,20 +462,29 @@ class HTTPPool:
             raise RequestNotSent(f"no free connection within {self.timeout:g} s "
                                  f"({self.max_connections} in use)", timed_out=True)
         try:
-            return self._exchange(origin, data, time.monotonic() + self.timeout)
+            return self._exchange(origin, get_hub(), data, time.monotonic() + self.timeout)
         finally:
             origin.slots.release()
 
     def close(self):
-        """Close every idle connection."""
+        """Close every idle connection (those of another thread's hub in that thread, when its loop next runs)."""
+        here = get_hub()
         for origin in self._origins.values():
-            while origin.idle:
-                origin.idle.pop().close()
+            for hub, idle in list(origin.idle.items()):
+                del origin.idle[hub]
+                if hub is here:
+                    for conn in idle:
+                        conn.close()
+                elif hub.loop is not None:  # its watchers belong to that thread's loop, which may be running
+                    hub.loop.run_callback_threadsafe(_close_all, idle)
+                else:  # that hub was destroyed, and its loop's watchers with it
+                    for conn in idle:
+                        conn.sock.close()
 
     # -- one request ---------------------------------------------------------
 
-    def _exchange(self, origin, data, deadline):
-        conn = self._idle_connection(origin)
+    def _exchange(self, origin, hub, data, deadline):
+        conn = self._idle_connection(origin, hub)
         if conn is not None:
             try:
                 _send(conn, data, deadline)
@@ -321,7 +495,7 @@ class HTTPPool:
                 if response.status != 408:
                     return self._finish(origin, conn, response)
                 conn.close()  # an idle connection timed out by the server: it did not get our request
-        conn = self._connect(origin, deadline)
+        conn = self._connect(origin, hub, deadline)
         try:
             _send(conn, data, deadline)
         except _SendFailed as exc:
@@ -332,16 +506,12 @@ class HTTPPool:
         return self._finish(origin, conn, self._receive(conn, deadline))
 
     def _receive(self, conn, deadline):
-        reader, parser, sock = conn.reader, conn.parser, conn.sock
+        reader, parser = conn.reader, conn.parser
         reader.reset()
         received = 0
         try:
             while not reader.complete:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError("timed out")
-                sock.settimeout(remaining)
-                chunk = sock.recv(_RECV_SIZE)
+                chunk = conn.read(deadline)
                 if not chunk:
                     if reader.ends_at_close():
                         break  # complete, and the connection is finished with
@@ -368,45 +538,63 @@ class HTTPPool:
         return response
 
     def _finish(self, origin, conn, response):
-        if not conn.reader.keep_alive or len(origin.idle) >= self.maxsize:
+        idle = origin.idle.get(conn.hub)
+        if idle is None:
+            idle = origin.idle[conn.hub] = []
+        if not conn.reader.keep_alive or len(idle) >= self.maxsize:
             conn.close()
         else:
-            conn.released_at = time.monotonic()
-            origin.idle.append(conn)
+            conn.rest()
+            idle.append(conn)
         return response
 
     # -- connections ---------------------------------------------------------
 
-    def _idle_connection(self, origin):
+    def _idle_connection(self, origin, hub):
+        idle = origin.idle.get(hub)
+        if not idle:
+            return None
         now = time.monotonic()
-        while origin.idle:
-            conn = origin.idle.pop()
-            if now - conn.released_at < _MAX_IDLE and conn.looks_open():
+        while idle:
+            conn = idle.pop()
+            if now - conn.released_at < _MAX_IDLE and conn.resume():
                 return conn
             conn.close()
         return None
 
-    def _connect(self, origin, deadline):
+    def _connect(self, origin, hub, deadline):
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise RequestNotSent("cannot connect: no time left", timed_out=True)
         try:
-            sock = socket.create_connection((origin.host, origin.port), timeout=remaining)
+            # gevent's connect (its resolver, every address in turn, the timeout); the socket is then
+            # handed over to a plain one, which the connection waits on itself.
+            connected = gevent.socket.create_connection((origin.host, origin.port), timeout=remaining)
         except OSError as exc:
             raise RequestNotSent(f"cannot connect: {_describe(exc)}", timed_out=isinstance(exc, TimeoutError)) \
                 from None
+        sock = _PlainSocket(connected.family, connected.type, connected.proto, fileno=connected.detach())
+        conn = None
         try:
             # One write per request, but a request larger than a segment must
             # not wait for the peer's delayed ACK (40 ms on Linux).
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if origin.scheme == "https":
-                sock.settimeout(max(deadline - time.monotonic(), 0.001))
-                sock = self._tls_context().wrap_socket(sock, server_hostname=origin.host)
-        except OSError as exc:  # ssl.SSLError (a failed verification too) is an OSError
-            sock.close()
+            if origin.scheme != "https":
+                return _Connection(sock, hub)
+            incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+            tls = self._tls_context().wrap_bio(incoming, outgoing, server_hostname=origin.host)
+            conn = _Connection(sock, hub, tls, incoming, outgoing)
+            conn.handshake(deadline)
+            return conn
+        except BaseException as exc:  # killed mid-handshake too: nothing is left open
+            if conn is not None:
+                conn.close()
+            else:
+                sock.close()
+            if not isinstance(exc, OSError):  # ssl.SSLError (a failed verification too) is an OSError
+                raise
             raise RequestNotSent(f"cannot connect: {_describe(exc)}", timed_out=isinstance(exc, TimeoutError)) \
                 from None
-        return _Connection(sock, origin.scheme == "https")
 
     def _resolve(self, url):
         """``(origin, request target, Host header)`` for *url*.
@@ -505,20 +693,18 @@ def _header_block(items):
 
 
 def _send(conn, data, deadline):
-    # send() rather than sendall(): a request almost always fits the socket
-    # buffer, and gevent's sendall() asks the kernel for the buffer size first
-    # (one more system call per request).
-    sock = conn.sock
     try:
-        sent = 0
-        while sent < len(data):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError("timed out")
-            sock.settimeout(remaining)
-            sent += sock.send(data if not sent else memoryview(data)[sent:])
+        conn.write(data, deadline)
     except OSError as exc:
         raise _SendFailed() from exc
+    except BaseException:  # the greenlet was killed mid-write: part of a request is on the connection
+        conn.close()
+        raise
+
+
+def _close_all(connections):
+    for conn in connections:
+        conn.close()
 
 
 def _describe(exc):

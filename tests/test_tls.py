@@ -17,6 +17,9 @@ from gevent.pywsgi import WSGIServer
 from gevent.server import StreamServer
 
 from flyte_gevent import Client, Command, ConfigError, Event, EventDef, FlyteConnectionError, PackDef
+from flyte_gevent._http import HTTPPool
+from helpers import wait_until
+from rawserver import CLOSE, RawServer, reply
 
 DONE = EventDef("Done")
 PACK_DEF = PackDef("Tls", commands=[Command("Run", lambda input: Event(DONE), [DONE])])
@@ -215,3 +218,58 @@ def test_an_unreadable_ca_file_is_a_config_error(tmp_path):
     garbage.write_text("not a certificate")
     with pytest.raises(ConfigError, match="cannot load CA certificates"):
         Client("https://flyte.example", ca_file=str(garbage))
+
+
+def _server_context(pki):
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(pki["cert"], pki["key"])
+    return context
+
+
+@pytest.mark.parametrize("ending", ["close_notify", "fin"])
+def test_a_pooled_tls_connection_the_server_closed_is_seen_before_sending(pki, ending):
+    # The server ends the idle connection, with TLS's close_notify or with a bare FIN: the next
+    # request goes on a new connection and nothing fails.
+    def answer_then_end(channel, request):
+        channel.send(b"HTTP/1.1 202 X\r\nContent-Length: 0\r\n\r\n")  # keep-alive by the headers...
+        if ending == "close_notify":
+            channel.sock = channel.sock.unwrap()  # ...but the server says goodbye right after
+        return CLOSE
+
+    with RawServer(answer_then_end, reply(201), ssl_context=_server_context(pki)) as server:
+        client = Client(server.url, timeout=2.0, ca_file=pki["ca"])
+        client.post_event(f"{server.url}/v1/packs/P/events", b"{}")
+        gevent.sleep(0.05)  # the goodbye arrives while the connection is idle in the pool
+        client.post_event(f"{server.url}/v1/packs/P/events", b"{}")
+    assert [r.connection for r in server.requests] == [0, 1]
+
+
+def test_a_request_killed_during_the_tls_handshake_closes_its_connection(pki):
+    # The server accepts but never answers the handshake; the request is killed while it waits.
+    accepted, ended = [], []
+
+    def handle(sock, address):
+        accepted.append(address)
+        sock.settimeout(3)
+        try:
+            while sock.recv(65536):  # the ClientHello, then the end of stream once the client closes
+                pass
+            ended.append(True)
+        except OSError:
+            ended.append(False)
+
+    server = StreamServer(("127.0.0.1", 0), handle)
+    server.start()
+    try:
+        pool = HTTPPool(timeout=5.0, tls_context=lambda: ssl.create_default_context(cafile=pki["ca"]))
+        request = gevent.spawn(pool.request, "POST", f"https://127.0.0.1:{server.server_port}/x", b"{}")
+        wait_until(lambda: accepted, timeout=2)
+        gevent.sleep(0.05)
+        assert not request.dead
+        request.kill(timeout=1)
+        assert request.dead
+        wait_until(lambda: ended, timeout=3)
+        assert ended == [True]  # closed, not left open
+        pool.close()
+    finally:
+        server.stop(timeout=0)

@@ -6,11 +6,15 @@ scripted bytes and records each request and the connection it came on.
 
 import json
 import os
+import socket
 import subprocess
 import time
 
 import gevent
+import gevent.event
 import pytest
+from gevent import monkey
+from gevent.server import StreamServer
 
 from flyte_gevent import (
     Client,
@@ -22,6 +26,7 @@ from flyte_gevent import (
     config,
 )
 from flyte_gevent._http import HTTPPool, RequestNotSent
+from helpers import wait_until
 from rawserver import CLOSE, RESET, RESET_BEFORE_BODY, RawServer, reply
 
 AID = "5f0c1d2e3a4b5c6d7e8f9012"
@@ -259,6 +264,160 @@ def test_a_pooled_connection_the_server_closed_is_seen_before_sending(ending):
         gevent.sleep(0.05)  # the FIN or RST arrives while the connection is idle in the pool
         result(server, client)
     assert [r.connection for r in server.requests] == [0, 1]  # each result arrived exactly once
+
+
+# A real thread and the standard library's blocking sockets, which go on while the test's hub is blocked.
+_real_socket = monkey.get_original("socket", "socket")
+_start_thread, _real_lock, _real_sleep = monkey.get_original("_thread", "start_new_thread"), \
+    monkey.get_original("_thread", "allocate_lock"), monkey.get_original("time", "sleep")
+
+
+def _thread_server(*answers):
+    """A loopback server in a real thread: answers one request per accepted connection with *answers*, in order,
+    then closes that connection; returns ``(url, closed)``, *closed* a lock released when the first one closed."""
+    listener = _real_socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.settimeout(5)
+    closed = _real_lock()
+    closed.acquire()
+
+    def serve():
+        with listener:
+            for number, answer in enumerate(answers):
+                try:
+                    sock, _ = listener.accept()
+                except OSError:
+                    return
+                with sock:
+                    sock.settimeout(5)
+                    head = b""
+                    while b"\r\n\r\n" not in head:
+                        data = sock.recv(65536)
+                        if not data:
+                            break
+                        head += data
+                    sock.sendall(answer)
+                if number == 0:
+                    closed.release()
+
+    _start_thread(serve, ())
+    return f"http://127.0.0.1:{listener.getsockname()[1]}", closed
+
+
+def test_a_close_arriving_while_the_hub_is_busy_is_seen_before_sending():
+    # The FIN arrives while this greenlet computes (the event loop does not run): the idle
+    # connection must still not carry the next request, which would then fail unanswered.
+    url, closed = _thread_server(head(202, "Content-Length: 0"), head(201, "Content-Length: 0"))
+    pool = HTTPPool(timeout=2.0)
+    assert pool.request("POST", f"{url}/a", b"null").status == 202
+    assert closed.acquire(timeout=2)
+    _real_sleep(0.05)  # blocks the hub: the loop does not poll while the FIN arrives
+    assert pool.request("POST", f"{url}/b", b"null").status == 201
+    pool.close()
+
+
+def test_a_pool_used_from_another_thread_makes_connections_of_that_thread():
+    # A connection waits on the event loop of the thread that made it; another thread gets its own.
+    with RawServer(*[reply(204)] * 4) as server:
+        pool = HTTPPool(timeout=2.0)
+        url = f"{server.url}/take"
+        assert pool.request("POST", url, b"null").status == 204
+        outcome = []
+        done = _real_lock()
+        done.acquire()
+
+        def other_thread():
+            try:
+                outcome.append(pool.request("POST", url, b"null").status)
+            except Exception as exc:  # noqa: BLE001  # the test reports it
+                outcome.append(repr(exc))
+            finally:
+                done.release()
+
+        _start_thread(other_thread, ())
+        # The server runs in this hub: let it serve while the other thread waits for its answer.
+        deadline = time.monotonic() + 2
+        while not done.acquire(blocking=False):
+            assert time.monotonic() < deadline, "the other thread did not finish"
+            gevent.sleep(0.01)
+        assert outcome == [204]
+        assert pool.request("POST", url, b"null").status == 204
+        pool.close()
+    assert [r.connection for r in server.requests] == [0, 1, 0]
+
+
+def _stop(stop, request, waiting):
+    """Run *request* and stop it once *waiting()*: ``kill`` it, or let a ``caller_timeout`` of the caller's own end it.
+
+    The caller's timeout is a fixed 0.3 s: the tests first warm up what connecting needs (the resolver's thread).
+    """
+    if stop == "kill":
+        greenlet = gevent.spawn(request)
+        wait_until(waiting, timeout=2)
+        gevent.sleep(0.05)
+        assert not greenlet.dead
+        greenlet.kill(timeout=1)
+        assert greenlet.dead
+    else:
+        with pytest.raises(gevent.Timeout):
+            with gevent.Timeout(0.3):
+                request()
+        assert waiting()
+
+
+@pytest.mark.parametrize("stop", ["kill", "caller_timeout"])
+def test_a_request_stopped_waiting_for_its_answer_closes_its_connection(stop):
+    # Its connection is closed at once, never reused: the next request goes on a new one.
+    ended = []
+
+    def never_answer(channel, request):
+        ended.append(channel.sock.recv(1) == b"")  # returns when the client closes the connection
+        return CLOSE
+
+    with RawServer(reply(204), never_answer, reply(201)) as server:
+        pool = HTTPPool(timeout=5.0)
+        assert pool.request("POST", f"{server.url}/a", b"null").status == 204
+        _stop(stop, lambda: pool.request("POST", f"{server.url}/b", b"null"), lambda: len(server.requests) == 2)
+        wait_until(lambda: ended == [True])  # the client closed the connection
+        assert pool.request("POST", f"{server.url}/c", b"null").status == 201
+        pool.close()
+    assert [(r.target, r.connection) for r in server.requests] == [("/a", 0), ("/b", 0), ("/c", 1)]
+
+
+def _reading_to_the_end(stopped, accepted, ended):
+    """A server's handler that reads nothing until *stopped* is set, then all the client sent; *accepted* gets
+    each connection, *ended* whether the client closed it (end of stream within two seconds)."""
+    def handle(sock, address):
+        accepted.append(address)
+        stopped.wait(2)
+        sock.settimeout(2)
+        try:
+            while sock.recv(1 << 20):
+                pass
+            ended.append(True)
+        except OSError:
+            ended.append(False)
+    return handle
+
+
+@pytest.mark.parametrize("stop", ["kill", "caller_timeout"])
+def test_a_request_stopped_while_writing_closes_its_connection(stop):
+    # The server reads nothing, so a request larger than the socket buffers waits to be written.
+    stopped, accepted, ended = gevent.event.Event(), [], []
+    server = StreamServer(("127.0.0.1", 0), _reading_to_the_end(stopped, accepted, ended))
+    server.start()
+    try:
+        pool = HTTPPool(timeout=5.0)
+        socket.getaddrinfo("127.0.0.1", server.server_port)  # the resolver's thread is started
+        _stop(stop, lambda: pool.request("POST", f"http://127.0.0.1:{server.server_port}/big", b"x" * (64 << 20)),
+              lambda: len(accepted) == 1)
+        stopped.set()
+        wait_until(lambda: ended, timeout=3)
+        assert ended == [True]  # closed by the client, not left open half-written
+        pool.close()
+    finally:
+        server.stop(timeout=0)
 
 
 def test_a_failed_write_on_a_pooled_connection_is_sent_again_on_a_new_one():
