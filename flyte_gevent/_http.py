@@ -1,13 +1,13 @@
 """The keep-alive HTTP/1.1 transport for the requests made for every action: take, result and event.
 
 Why not ``requests`` or ``http.client``: per take+result pair on loopback,
-``requests`` costs about 2.7 ms of client CPU and ``http.client`` about 0.46 ms,
+``requests`` costs about 2.3 ms of client CPU and ``http.client`` about 0.48 ms,
 half of it in writing headers and body with two ``send()`` calls (a loopback
 ``send()`` costs far more than a ``recv()`` on the virtual machines packs run
 on) and in ``email.feedparser``. Here each request is serialized into one buffer
-and written with one ``sendall()``, and responses are parsed by ``httptools``
-(llhttp, the parser of Node.js and uvicorn): about 0.15 ms per pair
-(``bench/transport_micro.py``). Discovery and registration keep using
+and written with one ``send()``, responses are parsed by ``httptools`` (llhttp,
+the parser of Node.js and uvicorn), and each connection does its own waiting
+(see :class:`_Connection`): about 0.18 ms per pair (``bench/transport_micro.py``). Discovery and registration keep using
 ``requests``, which also serves every request when a proxy is configured.
 
 What a request guarantees:
