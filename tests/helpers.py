@@ -22,17 +22,21 @@ class BackgroundProcess:
 
     def __init__(self, command, env, directory, cwd=None):
         directory.mkdir(parents=True, exist_ok=True)
-        self._out = open(directory / "stdout", "w+")
-        self._err = open(directory / "stderr", "w+")
+        self._out_path, self._err_path = directory / "stdout", directory / "stderr"
+        # Append mode, and read through files of their own: the child's writes always go to the end, whatever
+        # reading does (a file shared with the child shares its offset, and a read seeking back to the start
+        # made the child's next lines overwrite its first ones).
+        self._out = open(self._out_path, "a")
+        self._err = open(self._err_path, "a")
         self.process = subprocess.Popen(command, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=self._out,
                                         stderr=self._err, text=True)
         self.pid = self.process.pid
 
     def stdout(self):
-        return self._read(self._out)
+        return self._out_path.read_text()
 
     def stderr(self):
-        return self._read(self._err)
+        return self._err_path.read_text()
 
     def terminate(self, timeout=10):
         """SIGTERM, then wait up to *timeout* seconds (then kill and fail); the return code."""
@@ -55,8 +59,3 @@ class BackgroundProcess:
         self._out.close()
         self._err.close()
 
-    @staticmethod
-    def _read(f):
-        f.flush()
-        f.seek(0)
-        return f.read()

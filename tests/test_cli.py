@@ -304,7 +304,7 @@ def test_sigterm_while_the_api_is_unreachable_still_exits_0(cli_env, tmp_path):
     running = Running(["run", "cli_targets:pack_def"], cli_env, tmp_path)
     try:
         deadline = time.monotonic() + 10
-        while "cannot register" not in Running._read(running._err) and time.monotonic() < deadline:
+        while "cannot register" not in running.stderr() and time.monotonic() < deadline:
             gevent.sleep(0.05)
         returncode, _, stderr = running.stop()
     finally:
