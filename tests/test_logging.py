@@ -221,13 +221,12 @@ def test_the_quick_start_pack_run_as_a_script_logs_to_stderr_and_names_its_healt
     script = tmp_path / "jira.py"
     script.write_text(_readme_quick_start_pack())
     env = _script_env(subprocess_env, FLYTE_HEALTH_PORT="0", FLYTE_GEVENT_HEALTH_HOST="127.0.0.1")
-    with open(tmp_path / "stderr", "w+") as err:
+    with open(tmp_path / "stderr", "a") as err:  # append: the reads below never move where the child writes
         process = subprocess.Popen([python, str(script)], env=env, stdout=subprocess.PIPE, stderr=err, text=True)
         try:
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:
-                err.seek(0)
-                text = err.read()
+                text = (tmp_path / "stderr").read_text()
                 if "cannot register" in text and "health server listening" in text:
                     break
                 gevent.sleep(0.05)
@@ -241,8 +240,7 @@ def test_the_quick_start_pack_run_as_a_script_logs_to_stderr_and_names_its_healt
             if process.poll() is None:
                 process.kill()
                 process.wait()
-        err.seek(0)
-        text = err.read()
+        text = (tmp_path / "stderr").read_text()
     assert re.search(r"WARNING flyte_gevent\.pack: cannot register pack 'JiraPack' yet, retrying", text), text
     assert "pack 'JiraPack' stopped" in text
     assert "FLYTE_GEVENT_LOG_LEVEL" in text  # the first line says how to change or turn off this default

@@ -144,15 +144,15 @@ def test_the_url_checker_runs_as_a_script_with_its_hooks(flyte_api, web, python,
                FLYTE_GEVENT_HEALTH_HOST="127.0.0.1", FLYTE_GEVENT_POLLING_INTERVAL="0.5",
                URL_CHECKER_WATCH=web.url("/orders"), URL_CHECKER_INTERVAL="0.2")
     action = flyte_api.enqueue("UrlChecker", "checkUrl", {"url": web.url("/ok")}, labels={"env": "script"})
-    with open(tmp_path / "stderr", "w+") as err:
+    with open(tmp_path / "stderr", "a") as err:  # append: the reads below never move where the child writes
         process = subprocess.Popen([python, SCRIPT], env=env,
                                    stderr=err, stdout=subprocess.DEVNULL)
         try:
             assert flyte_api.wait_for_result(action, timeout=10).payload["status"] == 200
             (down,) = flyte_api.wait_for_events(1, name="UrlDown", timeout=10)
             assert down.pack_id == "UrlChecker.env.script"
-            err.seek(0)
-            port = re.search(r"health server listening on 127\.0\.0\.1:(\d+)", err.read()).group(1)
+            port = re.search(r"health server listening on 127\.0\.0\.1:(\d+)",
+                             (tmp_path / "stderr").read_text()).group(1)
             assert _health(port)["Watcher"]["status"]["down"] == [web.url("/orders")]
             process.send_signal(signal.SIGTERM)
             assert process.wait(timeout=10) == 0
@@ -160,7 +160,6 @@ def test_the_url_checker_runs_as_a_script_with_its_hooks(flyte_api, web, python,
             if process.poll() is None:
                 process.kill()
                 process.wait()
-        err.seek(0)
-        text = err.read()
+        text = (tmp_path / "stderr").read_text()
     assert "Traceback" not in text and "pack 'UrlChecker' stopped" in text
     assert "watcher stopped: 1 URL watched, 1 down" in text, text
