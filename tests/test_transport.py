@@ -350,7 +350,8 @@ def test_a_pool_used_from_another_thread_makes_connections_of_that_thread():
 def _stop(stop, request, waiting):
     """Run *request* and stop it once *waiting()*: ``kill`` it, or let a ``caller_timeout`` of the caller's own end it.
 
-    The caller's timeout is a fixed 0.3 s: the tests first warm up what connecting needs (the resolver's thread).
+    The caller's timeout is a fixed 1 s, long enough for the server to have accepted the connection on a loaded
+    machine: the tests first warm up what connecting needs (the resolver's thread) and build large bodies before.
     """
     if stop == "kill":
         greenlet = gevent.spawn(request)
@@ -361,7 +362,7 @@ def _stop(stop, request, waiting):
         assert greenlet.dead
     else:
         with pytest.raises(gevent.Timeout):
-            with gevent.Timeout(0.3):
+            with gevent.Timeout(1.0):
                 request()
         assert waiting()
 
@@ -410,7 +411,8 @@ def test_a_request_stopped_while_writing_closes_its_connection(stop):
     try:
         pool = HTTPPool(timeout=5.0)
         socket.getaddrinfo("127.0.0.1", server.server_port)  # the resolver's thread is started
-        _stop(stop, lambda: pool.request("POST", f"http://127.0.0.1:{server.server_port}/big", b"x" * (64 << 20)),
+        big = b"x" * (64 << 20)
+        _stop(stop, lambda: pool.request("POST", f"http://127.0.0.1:{server.server_port}/big", big),
               lambda: len(accepted) == 1)
         stopped.set()
         wait_until(lambda: ended, timeout=3)
