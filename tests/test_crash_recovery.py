@@ -353,8 +353,8 @@ def test_recovered_actions_that_do_not_fit_in_the_pool_go_first_and_takes_wait_f
 def test_a_running_pack_adopts_the_journal_of_a_process_that_died_beside_it(
         flyte_api, take, make_pack, journal_dir, monkeypatch):
     monkeypatch.setattr("flyte_gevent._recovery._ADOPT_INTERVAL", 0.2)
+    action = take("Hold")  # before the pack runs: it would race the test's take for the action
     pack = make_pack(pack_def, start=True, journal=str(journal_dir))
-    action = take("Hold")
     left_by_a_dead_process(journal_dir, (action, None))  # a sibling worker, killed, that nobody restarts
     assert flyte_api.wait_for_result(action.id).payload == RESTARTED
     pack.stop()
