@@ -99,11 +99,13 @@ def test_takes_overlap_spaced_apart_when_the_round_trip_is_most_of_a_takes_laten
     won, lost = len(takes(api, 200)), len(takes(api, 500))
     assert won == len(ids)
     assert lost <= 0.5 * won, f"{lost} lost races for {won} actions"
-    # Taking one at a time would leave at least a latency between take arrivals.
+    # Taking one at a time would leave at least a latency (30 ms) between take arrivals, so no gap would be
+    # under 20 ms; overlapping takes leave about half of them under it (a quarter is asked for: on a loaded
+    # machine the pack's own latency widens some of them).
     arrivals = sorted(r.at for r in takes(api))
     gaps = [b - a for a, b in itertools.pairwise(arrivals)]
     overlapped = sum(1 for gap in gaps if gap < 0.02)
-    assert overlapped >= len(gaps) // 2, f"only {overlapped} of {len(arrivals)} takes overlapped another"
+    assert overlapped >= len(gaps) // 4, f"only {overlapped} of {len(arrivals)} takes overlapped another"
     # Spaced apart once the first races were lost, not sent in bursts.
     assert sum(1 for gap in gaps[10:] if gap < 0.001) <= 2, gaps
 
