@@ -36,7 +36,7 @@ from marshmallow import ValidationError
 
 from ._journal import NullJournal
 from ._retry import LogThrottle
-from .errors import redact_urls
+from .errors import describe, redact_urls
 from .log import bind_action
 from .models import FATAL, Event, fatal_event
 from .schemas import encode_event, flatten_errors
@@ -126,7 +126,7 @@ class ActionRunner:
         except Exception as exc:  # noqa: BLE001 - a bug (or a broken log handler) inside delivery
             self._metrics.result_lost()
             _log_quietly(logging.ERROR, "result %r for action %s may be lost: delivering it failed: %s", event_name,
-                         action.id, _describe(exc), exc_info=(type(exc), exc, exc.__traceback__))
+                         action.id, describe(exc), exc_info=(type(exc), exc, exc.__traceback__))
         finally:
             self._finished(action, outcome, duration)
 
@@ -161,7 +161,7 @@ class ActionRunner:
                     self._deliver(action, record.result, _event_name(record.result))
                 except Exception as exc:  # noqa: BLE001 - a bug inside delivery: the record stays for the next start
                     _log_quietly(logging.ERROR, "recovered result for action %s may be lost: delivering it failed: "
-                                 "%s", action.id, _describe(exc), exc_info=(type(exc), exc, exc.__traceback__))
+                                 "%s", action.id, describe(exc), exc_info=(type(exc), exc, exc.__traceback__))
             else:
                 self.run(action, failure=None if how == RERUN else RESTARTED_MESSAGE)
         finally:
@@ -189,7 +189,7 @@ class ActionRunner:
             self._metrics.action_unjournaled()
             self._journal_throttle.log(logging.ERROR, str(exc), "action %s runs without its journal record: if "
                                        "this process dies before its result is posted, it stays PENDING: %s",
-                                       action.id, _describe(exc))
+                                       action.id, describe(exc))
 
     def _encode(self, action, event, outcome):
         """The one place an action's result is fixed: ``(event name, body to post, outcome)``; the journal keeps it."""
@@ -212,7 +212,7 @@ class ActionRunner:
                 self._journal.remove(action.id)
             except Exception as exc:  # noqa: BLE001 - the record stays; the next start posts it, and gets a 500
                 _log_quietly(logging.ERROR, "the journal record of action %s cannot be removed: %s", action.id,
-                             _describe(exc))
+                             describe(exc))
 
     def _finished(self, action, outcome, duration):
         """The action is done with: its one result was delivered or given up on (and said so)."""
@@ -309,9 +309,9 @@ class ActionRunner:
         if isinstance(exc, GreenletExit):  # the pack killed this greenlet at the end of its stop
             event = fatal_event(SHUTDOWN_MESSAGE)
         else:
-            event = fatal_event(f"flyte_gevent could not complete the action: {redact_urls(_describe(exc))}")
+            event = fatal_event(f"flyte_gevent could not complete the action: {redact_urls(describe(exc))}")
         _log_quietly(logging.ERROR, "completing action %s as FATAL after an unexpected error: %s", action.id,
-                     _describe(exc), exc_info=(type(exc), exc, exc.__traceback__))
+                     describe(exc), exc_info=(type(exc), exc, exc.__traceback__))
         return event.name, encode_event(event)
 
 
@@ -331,10 +331,3 @@ def _log_quietly(level, message, *args, exc_info=None):
     except Exception:  # noqa: BLE001 - nothing is left to report it to
         pass
 
-
-def _describe(exc):
-    try:
-        text = str(exc)
-    except Exception:  # noqa: BLE001 - an exception whose str() fails still gets named
-        text = ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

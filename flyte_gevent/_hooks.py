@@ -27,10 +27,11 @@ import gevent
 from gevent.pool import Group
 
 from ._retry import Backoff
+from .errors import describe
 from .log import bind_pack
 from .models import hook_name
 
-__all__ = ["Hooks", "describe"]
+__all__ = ["Hooks"]
 
 log = logging.getLogger("flyte_gevent.hooks")
 
@@ -195,8 +196,3 @@ def _bound_check(check, pack):
     bound.__name__ = bound.__qualname__ = hook_name(check)  # what the health JSON names it by when it fails
     return bound
 
-
-def describe(exc):
-    """``"ValueError: text"``, or the type's name alone for an exception without text."""
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -61,6 +61,8 @@ from gevent import get_hub, monkey
 from gevent.hub import Waiter
 from gevent.lock import BoundedSemaphore
 
+from .errors import describe
+
 __all__ = [
     "DEFAULT_MAX_RESPONSE_SIZE",
     "BadResponse",
@@ -501,7 +503,7 @@ class HTTPPool:
         except _SendFailed as exc:
             conn.close()
             cause = exc.__cause__
-            raise RequestNotSent(f"writing the request failed: {_describe(cause)}",
+            raise RequestNotSent(f"writing the request failed: {describe(cause)}",
                                  timed_out=isinstance(cause, TimeoutError)) from None
         return self._finish(origin, conn, self._receive(conn, deadline))
 
@@ -571,7 +573,7 @@ class HTTPPool:
             # handed over to a plain one, which the connection waits on itself.
             connected = gevent.socket.create_connection((origin.host, origin.port), timeout=remaining)
         except OSError as exc:
-            raise RequestNotSent(f"cannot connect: {_describe(exc)}", timed_out=isinstance(exc, TimeoutError)) \
+            raise RequestNotSent(f"cannot connect: {describe(exc)}", timed_out=isinstance(exc, TimeoutError)) \
                 from None
         sock = _PlainSocket(connected.family, connected.type, connected.proto, fileno=connected.detach())
         conn = None
@@ -593,7 +595,7 @@ class HTTPPool:
                 sock.close()
             if not isinstance(exc, OSError):  # ssl.SSLError (a failed verification too) is an OSError
                 raise
-            raise RequestNotSent(f"cannot connect: {_describe(exc)}", timed_out=isinstance(exc, TimeoutError)) \
+            raise RequestNotSent(f"cannot connect: {describe(exc)}", timed_out=isinstance(exc, TimeoutError)) \
                 from None
 
     def _resolve(self, url):
@@ -706,7 +708,3 @@ def _close_all(connections):
     for conn in connections:
         conn.close()
 
-
-def _describe(exc):
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -28,15 +28,15 @@ from .errors import ConfigError, PackDefError, redact_url
 if TYPE_CHECKING:
     from .pack import Pack
 
-__all__ = ["DEFAULT_ATTRIBUTES", "Settings", "build_pack", "load_target", "pack_definition", "resolve_settings"]
+__all__ = ["DEFAULT_ATTRIBUTES", "Settings", "build_pack", "load_target", "pack_definition", "resolve_settings",
+           "shown"]
 
 log = logging.getLogger(__name__)
 
 #: The names tried, in this order, for a target given without ``:attr``.
 DEFAULT_ATTRIBUTES = ("pack_def", "pack", "create_pack")
 
-#: The settings a runner resolves for the pack it builds (those of the Client, the Pack and the labels).
-PACK_SETTINGS = frozenset(s.name for s in config.SETTINGS if s.target in ("client", "pack", "labels"))
+PACK_SETTINGS = config.PACK_SETTINGS  # the settings a runner resolves for the pack it builds
 
 _HOOKS_HINT = ("declare the pack's health checks, background tasks and start/stop hooks on it with "
                "@pack_def.health_check, @pack_def.background, @pack_def.on_start and @pack_def.on_stop")
@@ -63,10 +63,11 @@ class Settings(collections.abc.Mapping[str, Any]):
         return len(self._values)
 
     def __repr__(self):
-        return f"Settings({ {name: _shown(name, value) for name, value in self._values.items()}!r})"
+        return f"Settings({ {name: shown(name, value) for name, value in self._values.items()}!r})"
 
 
-def _shown(name, value):
+def shown(name, value):
+    """*value* of setting *name* as it may be shown (--print-config, ``repr``): secrets hidden, URL credentials cut."""
     if config.setting(name).secret and value:
         return "<redacted>"
     return redact_url(value) if isinstance(value, str) else value

@@ -31,8 +31,9 @@ from ._target import (  # noqa: E402
     load_target,
     pack_definition,
     resolve_settings,
+    shown,
 )
-from .errors import ConfigError, FlyteError, redact_url  # noqa: E402
+from .errors import ConfigError, FlyteError  # noqa: E402
 from .models import hook_name  # noqa: E402
 
 __all__ = ["build_pack", "load_target", "main"]
@@ -196,7 +197,7 @@ def _print_config(target: object, flags: dict[str, Any], spec: str) -> int:
     values = config.from_environ(names={s.name for s in config.SETTINGS}, overrides=flags)
     pack_def = pack_definition(target, Settings({name: values[name] for name in PACK_SETTINGS}), spec)
     for setting in config.SETTINGS:
-        print(f"{setting.name} = {_shown(setting, values[setting.name])!r}")
+        print(f"{setting.name} = {shown(setting.name, values[setting.name])!r}")
     print(f"pack = {pack_def.name!r}")
     for name, hooks in (("on_start", pack_def.start_hooks), ("on_stop", pack_def.stop_hooks),
                         ("background", pack_def.background_tasks), ("health_checks", pack_def.health_checks)):
@@ -216,12 +217,6 @@ def _raised_in_authors_code(exc: BaseException) -> bool:
         frame = frame.tb_next
     return False
 
-
-def _shown(setting: config.Setting, value: object) -> object:
-    """*value* as --print-config may show it: secrets hidden, credentials cut out of any URL."""
-    if setting.secret and value:
-        return "<redacted>"
-    return redact_url(value) if isinstance(value, str) else value
 
 
 def _check(args: argparse.Namespace) -> int:

@@ -24,6 +24,7 @@ from .models import path_problem
 
 __all__ = [
     "MIN_POLLING_INTERVAL",
+    "PACK_SETTINGS",
     "SETTINGS",
     "Setting",
     "check_count",
@@ -295,6 +296,9 @@ SETTINGS = (
 )
 
 _BY_NAME = {setting.name: setting for setting in SETTINGS}
+
+#: The settings that make a pack: its Client's, the Pack's own, and the labels (what a runner resolves for it).
+PACK_SETTINGS = frozenset(s.name for s in SETTINGS if s.target in ("client", "pack", "labels"))
 
 
 def read(setting: Setting, text: str, source: str) -> Any:

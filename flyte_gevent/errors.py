@@ -34,6 +34,15 @@ __all__ = [
 _BODY_EXCERPT = 200
 
 
+def describe(exc: BaseException) -> str:
+    """``"ValueError: text"``, or the type's name alone for an exception without text (or whose text fails)."""
+    try:
+        text = str(exc)
+    except Exception:  # noqa: BLE001 - an exception whose str() fails still gets named
+        text = ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 class ConfigError(ValueError):
     """A configuration value is missing or malformed.
 

@@ -46,6 +46,7 @@ from gevent.pool import Pool
 from gevent.pywsgi import WSGIHandler, WSGIServer
 
 from .errors import ConfigError
+from .models import hook_name
 
 if TYPE_CHECKING:
     from .client import Client
@@ -112,19 +113,16 @@ def flyte_api_health_check(client: "Client") -> Check:
     return FlyteApi
 
 
-def _check_name(check: object) -> str:
-    return getattr(check, "__name__", None) or type(check).__name__
-
 
 def _run_check(check: Check) -> tuple[str, Health]:
     try:
         result = check()
     except Exception as exc:  # noqa: BLE001 - a failing check reports unhealthy, naming its exception
-        return _check_name(check), Health(False, f"{type(exc).__name__}: {exc}")
+        return hook_name(check), Health(False, f"{type(exc).__name__}: {exc}")
     if (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], str)
             and isinstance(result[1], Health)):
         return result
-    return _check_name(check), Health(False, f"check returned {type(result).__name__}, expected (name, Health)")
+    return hook_name(check), Health(False, f"check returned {type(result).__name__}, expected (name, Health)")
 
 
 class HealthApp:
@@ -151,7 +149,7 @@ class HealthApp:
         seen: set[int] = set()
         for check in self.checks:
             if id(check) in seen:
-                raise ConfigError(f"health_checks: the health check {_check_name(check)!r} is listed twice",
+                raise ConfigError(f"health_checks: the health check {hook_name(check)!r} is listed twice",
                                   "health_checks")
             seen.add(id(check))
 
@@ -194,7 +192,7 @@ class HealthApp:
             if greenlet.successful():
                 name, health = cast("tuple[str, Health]", greenlet.value)
             else:
-                name = _check_name(check)
+                name = hook_name(check)
                 health = Health(False, f"health check timed out after {self.check_timeout:g} s")
             results[self._unique(name, results)] = {"healthy": bool(health.healthy), "status": health.status}
         healthy = all(entry["healthy"] for entry in results.values())

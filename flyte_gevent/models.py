@@ -116,11 +116,11 @@ def _text_problem(what: str, text: object, safe: Iterable[str], where: str,
 def _url_problems(what: str, url: object) -> list[str]:
     if url is None:
         return []
-    if not isinstance(url, str):  # the validator would raise TypeError, with the same outcome
+    if not isinstance(url, str):  # the validator would raise TypeError
         return [f"{what} {url!r} is not an http(s) URL"]
     try:
         validators.URL(require_tld=False, schemes={"http", "https"})(url)
-    except (ValidationError, TypeError):
+    except ValidationError:
         return [f"{what} {url!r} is not an http(s) URL"]
     return []
 

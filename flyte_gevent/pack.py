@@ -52,14 +52,14 @@ from gevent.pool import Group, Pool
 from . import config
 from ._actions import SHUTDOWN_MESSAGE, ActionRunner
 from ._delivery import Delivery
-from ._hooks import Hooks, describe
+from ._hooks import Hooks
 from ._journal import SYNC_MODES, Journal, NullJournal
 from ._poller import Poller
 from ._recovery import Recovery
 from ._registration import Registrar
 from ._retry import Backoff, LogThrottle
 from .client import Client, Registration
-from .errors import ConfigError, DeliveryError, FlyteError, NotPatchedError, NotRegisteredError
+from .errors import ConfigError, DeliveryError, FlyteError, NotPatchedError, NotRegisteredError, describe
 from .health import HealthApp, HealthServer
 from .log import bind_pack, configure_from_environ, pack_context
 from .metrics import make_metrics
@@ -233,7 +233,7 @@ class Pack:
         :raises ConfigError: a variable is missing or malformed; the message names it.
         """
         with pack_context(getattr(pack_def, "name", None)):  # what reading the settings logs is about this pack
-            wanted = {s.name for s in config.SETTINGS if s.target in ("client", "pack", "labels")}
+            wanted = config.PACK_SETTINGS
             settings = {k: v for k, v in overrides.items() if k in wanted}
             values = config.from_environ(environ, names=wanted, overrides=settings)
             client = Client(values["api"], timeout=values["timeout"], insecure=values["insecure"],
