@@ -47,9 +47,6 @@ class Running(BackgroundProcess):
         returncode = self.terminate(timeout)
         return returncode, self.stdout(), self.stderr()
 
-    def kill(self):
-        self.close()
-
 
 def _free_port():
     with socket.socket() as s:
@@ -84,7 +81,7 @@ def test_run_takes_actions_for_each_kind_of_target_and_exits_0_after_sigterm(tar
         assert returncode == 0, stderr
         assert "stopped" in stderr and "Traceback" not in stderr
     finally:
-        running.kill()
+        running.close()
 
 
 def test_run_flags_win_over_the_environment(flyte_api, cli_env, tmp_path):
@@ -109,7 +106,7 @@ def test_run_flags_win_over_the_environment(flyte_api, cli_env, tmp_path):
         flyte_api.wait_for_results(ids, timeout=1)
         returncode, _, stderr = running.stop()
     finally:
-        running.kill()
+        running.close()
     assert returncode == 0, stderr
 
     records = [json.loads(line) for line in stderr.splitlines() if line.strip()]  # --log-format json won
@@ -135,7 +132,7 @@ def test_a_factory_is_given_the_resolved_settings_and_its_definition_runs_with_t
         payload = flyte_api.wait_for_result(action, timeout=10).payload
         returncode, _, stderr = running.stop()
     finally:
-        running.kill()
+        running.close()
     assert returncode == 0, stderr
     shown = payload.pop("repr")
     assert payload == {"labels": {"team": "flag"}, "health_port": None, "api": flyte_api.url, "grace_period": 2}
@@ -191,7 +188,7 @@ def test_the_url_checker_runs_with_its_hooks_and_every_flag_applies(flyte_api, c
         assert checks["Watcher"]["healthy"] and checks["Watcher"]["status"]["down"] == [web.url("/orders")]
         returncode, _, stderr = running.stop()
     finally:
-        running.kill()
+        running.close()
         web.stop()
     assert returncode == 0, stderr
     records = [json.loads(line) for line in stderr.splitlines() if line.strip()]     # --log-format
@@ -308,7 +305,7 @@ def test_sigterm_while_the_api_is_unreachable_still_exits_0(cli_env, tmp_path):
             gevent.sleep(0.05)
         returncode, _, stderr = running.stop()
     finally:
-        running.kill()
+        running.close()
     assert returncode == 0, stderr
     assert "cannot register" in stderr and "stopped" in stderr
 
