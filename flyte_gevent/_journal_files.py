@@ -41,7 +41,6 @@ import datetime
 import fcntl
 import functools
 import json
-import logging
 import os
 import re
 import secrets
@@ -68,7 +67,6 @@ __all__ = [
     "storable",
 ]
 
-log = logging.getLogger("flyte_gevent.journal")
 
 SCHEMA_VERSION = 1
 """The schema this module writes; files with a higher ``user_version`` are refused."""

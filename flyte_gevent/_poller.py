@@ -141,7 +141,6 @@ class Poller:
         self.resume_at = 0.0       # no take before this (monotonic): backoff, or the polling interval
         self._hold_until = 0.0     # no take before this either: the pause after losing to a replica
         self._next_start = 0.0     # no take that would overlap another before this
-        self._last_start = 0.0
         self._started = 0          # takes started so far
         self._overlap_wins = 0
         self._failed_probes = 0
@@ -183,7 +182,6 @@ class Poller:
                 return start_at - now
             overlaps = self.taking > 0
             self._started += 1
-            self._last_start = now
             self._next_start = now + self.spacing
             self.taking += 1
             # Linked after the pool's own link, so it runs once the slot is free.

@@ -23,7 +23,6 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 import gevent
 import gevent.event
@@ -32,6 +31,7 @@ from gevent.pool import Pool
 from ._actions import RERUN, RESTARTED, RESTARTED_MESSAGE, RESULT, ActionRunner
 from ._journal import Journal, NullJournal, Recovered
 from ._retry import LogThrottle
+from .client import _origin
 from .log import bind_pack
 
 if TYPE_CHECKING:
@@ -133,11 +133,13 @@ class Recovery:
         if not records:
             return []
         take_url = self._take_url()
+        take_origin = _origin(take_url)
         plan: Plan = []
         counts: collections.Counter[str] = collections.Counter()
         for record in records:
             command = self._commands.get(record.command)
-            if not _same_origin(record.result_url, take_url):
+            result_origin = _origin(record.result_url)
+            if result_origin is None or result_origin != take_origin:
                 how = _OTHER_API
                 log.error("journal record of action %s (command %r, from %s) is not for this pack's Flyte API: its "
                           "result goes to %s, this pack talks to %s. It is not posted, and is dropped; complete the "
@@ -205,21 +207,6 @@ class Recovery:
 
     def _slot_freed(self, greenlet: Any) -> None:
         self._on_slot_freed()
-
-
-def _origin(url: str) -> tuple[str, str, int | None] | None:
-    try:
-        parts = urlsplit(url)
-        scheme = parts.scheme.lower()
-        return scheme, (parts.hostname or "").lower(), parts.port or {"http": 80, "https": 443}.get(scheme)
-    except ValueError:
-        return None
-
-
-def _same_origin(url: str, other: str) -> bool:
-    """Whether *url* has the scheme, host and port of *other* (default ports filled in)."""
-    origin = _origin(url)
-    return origin is not None and origin == _origin(other)
 
 
 def _origin_text(url: str) -> str:
