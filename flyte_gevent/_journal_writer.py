@@ -124,6 +124,7 @@ class Writer:
     def flush(self):
         """Wait until everything queued so far is written; the errors of those writes."""
         jobs = [self._handed] if self._handed is not None else []
+        jobs += self._queue  # queued before: a lingering job whose timer ran while the thread was busy
         jobs += self._seal()
         marker = Job()  # nothing to write: done once every job before it is
         self._queue.append(marker)

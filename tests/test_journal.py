@@ -297,6 +297,22 @@ def test_a_failed_write_raises_journal_error_and_the_journal_goes_on(journals, c
     assert [r.action_id for r in journals().recover()] == ["action-1", "action-2"]
 
 
+
+def test_flush_raises_for_a_write_that_failed_while_the_thread_was_busy_with_another_job(journals):
+    journal = journals(linger=0.01)
+    journal.taken(action(1))
+    own = journal._own  # white box, as above: SQLite refuses writes once the file may not grow
+    pages = journal._writer.call(lambda: own.conn.execute("PRAGMA page_count").fetchone()[0])
+    journal._writer.call(lambda: own.conn.execute(f"PRAGMA max_page_count = {pages}"))
+    busy = gevent.spawn(journal._writer.call, monkey.get_original("time", "sleep"), 0.3)  # the thread is busy...
+    gevent.sleep(0.05)
+    journal.result("action-1", json.dumps({"big": "x" * 100_000}).encode())
+    gevent.sleep(0.05)  # ... when the result's linger ends: its job waits in the queue
+    with pytest.raises(JournalError, match="full"):
+        journal.flush()
+    busy.join(timeout=5)
+    journal._writer.call(lambda: own.conn.execute("PRAGMA max_page_count = 1073741823"))
+
 def test_calls_after_close_do_not_touch_the_disk(journals):
     journal = journals()
     journal.taken(action(1))
