@@ -317,12 +317,7 @@ class _Connection:
                 return self._tls_call(self._tls.read, deadline, _RECV_SIZE)
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                 return b""  # closed, with or without TLS's close_notify (as ssl's suppress_ragged_eofs reads it)
-        sock = self.sock
-        while True:
-            try:
-                return sock.recv(_RECV_SIZE)
-            except BlockingIOError:
-                self._wait(self._readable, deadline)
+        return self._recv(deadline)
 
     def handshake(self, deadline):
         self._tls_call(self._tls.do_handshake, deadline)
@@ -363,17 +358,20 @@ class _Connection:
     def _tls_receive(self, deadline):
         if self._incoming.eof:
             raise ConnectionAbortedError("the connection closed during the TLS exchange")
+        data = self._recv(deadline)
+        if data:
+            self._incoming.write(data)
+        else:
+            self._incoming.write_eof()
+
+    def _recv(self, deadline):
+        """The next bytes the socket has, waiting for them if none has come yet; ``b""`` once the peer closed."""
+        sock = self.sock
         while True:
             try:
-                data = self.sock.recv(_RECV_SIZE)
+                return sock.recv(_RECV_SIZE)
             except BlockingIOError:
                 self._wait(self._readable, deadline)
-                continue
-            if data:
-                self._incoming.write(data)
-            else:
-                self._incoming.write_eof()
-            return
 
     def _wait(self, watcher, deadline):
         """Park this greenlet until *watcher* is ready; ``TimeoutError`` once *deadline* passes first."""
@@ -475,8 +473,7 @@ class HTTPPool:
             for hub, idle in list(origin.idle.items()):
                 del origin.idle[hub]
                 if hub is here:
-                    for conn in idle:
-                        conn.close()
+                    _close_all(idle)
                 elif hub.loop is not None:  # its watchers belong to that thread's loop, which may be running
                     hub.loop.run_callback_threadsafe(_close_all, idle)
                 else:  # that hub was destroyed, and its loop's watchers with it
@@ -635,7 +632,7 @@ class HTTPPool:
         target = parts.path or "/"
         if parts.query:
             target += "?" + parts.query
-        if not target.isascii() or not target.isprintable() or " " in target:
+        if not _printable_ascii(target):
             target = quote(target, safe=_TARGET_SAFE)
         if len(self._targets) > 1_000:  # only repeated URLs (take, events) are worth keeping
             self._targets.clear()
@@ -652,8 +649,12 @@ def _plain_target(target):
 
     That is, printable ASCII without a space, a fragment or an empty query.
     """
-    return target.isascii() and target.isprintable() and " " not in target and "#" not in target \
-        and not target.endswith("?")
+    return _printable_ascii(target) and "#" not in target and not target.endswith("?")
+
+
+def _printable_ascii(text):
+    """Whether *text* can go into a request line as it is: printable ASCII without a space."""
+    return text.isascii() and text.isprintable() and " " not in text
 
 
 def _serialize(method, target, host, headers, body):

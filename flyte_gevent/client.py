@@ -29,8 +29,9 @@ from gevent.lock import Semaphore
 from marshmallow import ValidationError
 from requests.adapters import HTTPAdapter
 
-from . import __version__, _http
+from . import __version__
 from ._http import DEFAULT_MAX_RESPONSE_SIZE, BadResponse, HTTPPool, RequestNotSent, ResponseTooLarge
+from ._http import Headers as _ResponseHeaders  # what HTTPPool answers carry, beside a plain mapping
 from .config import API_URL_QUERY_PROBLEM, check_count, check_seconds, check_token, read_token_file
 from .errors import (
     ConfigError,
@@ -87,7 +88,7 @@ class Registration(NamedTuple):
     pack_url: str | None
 
 
-Headers = Mapping[str, str] | _http.Headers
+Headers = Mapping[str, str] | _ResponseHeaders
 Answer = tuple[int, Headers, bytes]
 
 _LINKS_DOCUMENT = LinksDocumentSchema()
