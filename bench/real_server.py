@@ -5,7 +5,7 @@
 ``flyte-server`` process (``../shared/peers/flyte-server``, storage in memory) started with
 :meth:`flyte_gevent.testing.FlyteServer.launch`. What differs is how actions come to exist: a real server creates
 them only from flows, so :meth:`~RealServerSource.queue_batch` creates them all (one flow, one event each) and
-waits until every one is NEW, before any pack runs; :func:`harness.run_prequeued` then starts the pack.
+waits until every one is NEW, before any pack runs; :func:`harness.measure_prequeued` then starts the pack.
 
 What it measures, without adding a request of its own while a batch drains:
 
@@ -247,7 +247,7 @@ class RealBatch:
         self._start = self._source.stats()
 
     def wait_done(self, timeout, alive):
-        """Wait until every action has its result; the report :func:`harness.run_prequeued` summarizes: per
+        """Wait until every action has its result; the report :func:`harness.measure_prequeued` summarizes: per
         action ``created``, ``taken`` and ``completed`` times (seconds since the epoch, to the millisecond),
         ``fatal``, ``results`` (how many each action got: exactly one each), and the server's CPU, takes and
         lost races over the window."""
@@ -272,14 +272,10 @@ class RealBatch:
             times["created"].append(by_state["NEW"][0])
             times["taken"].append(by_state["PENDING"][0])
             times["completed"].append(max(finished))
-        start = self._start or {"cpu_s": end["cpu_s"], "taken": 0, "lost": 0, "proxies": []}
-        proxies = []
-        for before, after in zip(start["proxies"], end["proxies"]):
-            proxies.append({key: after["statuses"].get(key, 0) - before["statuses"].get(key, 0)
-                            for key in after["statuses"]})
+        start = self._start or {"cpu_s": end["cpu_s"], "taken": 0, "lost": 0}
         return {"actions": dict(times, fatal=sum(a.state == "FATAL" for a in actions)), "results": results,
                 "real_window": {"cpu_s": end["cpu_s"] - start["cpu_s"], "taken": end["taken"] - start["taken"],
-                                "lost": end["lost"] - start["lost"], "proxies": proxies, "proxy_totals": end["proxies"],
+                                "lost": end["lost"] - start["lost"], "proxy_totals": end["proxies"],
                                 "queue_seconds": self.queue_seconds}}
 
 

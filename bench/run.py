@@ -97,7 +97,6 @@ class Row:
     target: float | None = None  # the ratio ours / Go must be at least (higher) or at most (lower) this
     limit: float | None = None  # ours alone must be at most (lower) or at least (higher) this
     unit: str = ""  # of the limit
-    ours_only: bool = False  # a figure of ours alone (Go has no such run or number)
 
     def describe_target(self):
         sign = "≥" if self.better == "higher" else "≤"
@@ -128,9 +127,9 @@ ROWS = [
     Row("real_cpu", "real server: pack CPU per action", "real", "cpu_ms_per_action", "lower"),
     Row("real_server_cpu", "real server: server CPU per action", "real", "server_cpu_ms_per_action", "lower"),
     Row("real_replicas_share", "real server, {replicas} replicas: smallest share of the takes", "real_replicas",
-        "smallest_share", "higher", limit=0.25, unit=" of an even split", ours_only=True),
+        "smallest_share", "higher", limit=0.25, unit=" of an even split"),
     Row("real_replicas_once", "real server, {replicas} replicas: results per action", "real_replicas",
-        "results_per_action_max", "lower", limit=1, unit=" (exactly one each)", ours_only=True),
+        "results_per_action_max", "lower", limit=1, unit=" (exactly one each)"),
 ]
 
 #: The headline number of a scenario, whose median run ``--repeat`` reports.
