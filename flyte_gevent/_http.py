@@ -661,19 +661,18 @@ def _serialize(method, target, host, headers, body):
     block = _header_block(tuple(headers.items()) if headers else ())
     length = f"Content-Length: {len(body) if body else 0}\r\n" if body is not None or method not in ("GET", "HEAD") \
         else ""
-    head = f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n{block}{length}\r\n"
     try:
-        head = head.encode("latin-1")  # the target and host are ASCII (see _resolve), the block was checked
+        start = f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n".encode("latin-1")  # ASCII (see _resolve)
     except UnicodeEncodeError:
         raise ValueError("the request line holds a character outside latin-1") from None
-    return head + body if body else head
+    return b"".join((start, block, f"{length}\r\n".encode("ascii"), body or b""))
 
 
-_header_blocks: dict[tuple[tuple[str, str], ...], str] = {}
+_header_blocks: dict[tuple[tuple[str, str], ...], bytes] = {}
 
 
 def _header_block(items):
-    """The header lines of *items* (``(name, value)`` pairs), checked and rendered once per set of headers.
+    """The header lines of *items* (``(name, value)`` pairs), checked and encoded once per set of headers.
 
     The same few sets come again and again (one per token value).
     """
@@ -684,9 +683,8 @@ def _header_block(items):
             if "\n" in value or "\r" in value:
                 raise ValueError(f"the {name} header holds a line break")  # never the value: it may be a token
             lines.append(f"{name}: {value}\r\n")
-        block = "".join(lines)
         try:
-            block.encode("latin-1")
+            block = "".join(lines).encode("latin-1")
         except UnicodeEncodeError:
             raise ValueError("a header holds a character outside latin-1") from None  # without the value
         if len(_header_blocks) > 64:  # a rotating token makes new ones

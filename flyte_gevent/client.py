@@ -136,7 +136,7 @@ class _Token:
     def __init__(self, jwt: Token | None = None, jwt_file: str | None = None) -> None:
         self._provider = jwt if callable(jwt) else None
         self._file = jwt_file
-        self._value: str | None = None
+        self._header: str | None = None  # the Authorization header's value
         self._secrets: collections.deque[str] = collections.deque(maxlen=self._REMEMBERED)
         self._lock = Semaphore()
         self.generation = 0
@@ -157,7 +157,7 @@ class _Token:
 
     def current(self) -> tuple[int, str | None]:
         """``(generation, header value or None)`` to send a request with."""
-        return self.generation, (f"Bearer {self._value}" if self._value else None)
+        return self.generation, self._header
 
     def refresh(self, generation: int) -> str | None:
         """After a 401 for a request sent with *generation*: the header value to resend it with.
@@ -176,7 +176,9 @@ class _Token:
         return scrub(text, self._secrets)
 
     def _set(self, value: str | None) -> None:
-        self._value = value
+        # Built once per token, not per request: the same string each time is hashed once (the transport's
+        # header cache is keyed by it) and compared by identity.
+        self._header = f"Bearer {value}" if value else None
         if value and value not in self._secrets:
             self._secrets.append(value)
 
