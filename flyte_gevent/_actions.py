@@ -92,7 +92,6 @@ class ActionRunner:
         self._cancelled = False
         self._undeclared = set()
         self._declared_names = {}  # command name -> (its output_events, their names)
-        self._recovered = set()   # ids of actions adopted from the journal being completed here
         self._journal_throttle = LogThrottle(log)
 
     @property
@@ -100,18 +99,20 @@ class ActionRunner:
         """Handlers running now (actions being delivered or not yet started are not counted)."""
         return len(self._in_handler)
 
-    def run(self, action, failure=None):
+    def run(self, action, failure=None, *, recovered=False):
         """Run *action* in the current greenlet and deliver its one result; returns once delivery ended.
 
         :param failure: complete the action as FATAL with this message without
             running a handler (a malformed action).
+        :param recovered: the action was adopted from a dead process's journal
+            (see :meth:`run_recovered`).
         """
         getcurrent().name = f"action:{action.id}"
         bind_action(action, self._pack_name)
         started = time.monotonic()
         outcome = "error"
         try:
-            self._taken(action)
+            self._taken(action, recovered)
             if failure is not None:
                 event, outcome = fatal_event(failure), "error"
             else:
@@ -122,13 +123,13 @@ class ActionRunner:
             outcome = "error"
         duration = time.monotonic() - started
         try:
-            self._deliver(action, body, event_name)  # delivery ended: accepted, refused or lost
+            self._deliver(action, body, event_name, recovered)  # delivery ended: accepted, refused or lost
         except Exception as exc:  # noqa: BLE001 - a bug (or a broken log handler) inside delivery
             self._metrics.result_lost()
             _log_quietly(logging.ERROR, "result %r for action %s may be lost: delivering it failed: %s", event_name,
                          action.id, describe(exc), exc_info=(type(exc), exc, exc.__traceback__))
         finally:
-            self._finished(action, outcome, duration)
+            self._finished(action, outcome, duration, recovered)
 
     def cancel_handlers(self):
         """Complete every handler still running as FATAL "pack shutting down", and any action run later."""
@@ -152,20 +153,16 @@ class ActionRunner:
         delivery takes a 500 as proof that the dead process had completed it.
         """
         action = record.action
-        self._recovered.add(action.id)
+        if how != RESULT:
+            self.run(action, failure=None if how == RERUN else RESTARTED_MESSAGE, recovered=True)
+            return
+        getcurrent().name = f"action:{action.id}"
+        bind_action(action, self._pack_name)
         try:
-            if how == RESULT:
-                getcurrent().name = f"action:{action.id}"
-                bind_action(action, self._pack_name)
-                try:
-                    self._deliver(action, record.result, _event_name(record.result))
-                except Exception as exc:  # noqa: BLE001 - a bug inside delivery: the record stays for the next start
-                    _log_quietly(logging.ERROR, "recovered result for action %s may be lost: delivering it failed: "
-                                 "%s", action.id, describe(exc), exc_info=(type(exc), exc, exc.__traceback__))
-            else:
-                self.run(action, failure=None if how == RERUN else RESTARTED_MESSAGE)
-        finally:
-            self._recovered.discard(action.id)
+            self._deliver(action, record.result, _event_name(record.result), recovered=True)
+        except Exception as exc:  # noqa: BLE001 - a bug inside delivery: the record stays for the next start
+            _log_quietly(logging.ERROR, "recovered result for action %s may be lost: delivering it failed: "
+                         "%s", action.id, describe(exc), exc_info=(type(exc), exc, exc.__traceback__))
 
     def _cancel(self, greenlet):
         if greenlet in self._in_handler and not greenlet.dead:
@@ -173,14 +170,14 @@ class ActionRunner:
 
     # -- the three recorded points ---------------------------------------------------
 
-    def _taken(self, action):
+    def _taken(self, action, recovered):
         """The one place an action becomes the pack's to complete (it is PENDING on the server).
 
         With a journal, the action is written down before its handler runs;
         when that fails, it runs all the same, unprotected (logged and counted).
         An action adopted from a dead process's journal is on disk already.
         """
-        if action.id in self._recovered:
+        if recovered:
             return
         self._metrics.action_taken(action.command)
         try:
@@ -204,9 +201,9 @@ class ActionRunner:
         self._journal.result(action.id, body)
         return name, body, outcome
 
-    def _deliver(self, action, body, event_name):
+    def _deliver(self, action, body, event_name, recovered):
         """Deliver the result; once the answers settle it, its journal record goes (else the next start retries)."""
-        delivered = self._delivery.deliver_result(action, body, event_name, recovered=action.id in self._recovered)
+        delivered = self._delivery.deliver_result(action, body, event_name, recovered=recovered)
         if delivered.settled:  # accepted, or refused for good
             try:
                 self._journal.remove(action.id)
@@ -214,9 +211,9 @@ class ActionRunner:
                 _log_quietly(logging.ERROR, "the journal record of action %s cannot be removed: %s", action.id,
                              describe(exc))
 
-    def _finished(self, action, outcome, duration):
+    def _finished(self, action, outcome, duration, recovered):
         """The action is done with: its one result was delivered or given up on (and said so)."""
-        if action.id in self._recovered:
+        if recovered:
             return  # counted by outcome of its recovery, not as this process's action
         self._metrics.action_completed(action.command, outcome, duration)
 
