@@ -125,11 +125,7 @@ class Writer:
         """Wait until everything queued so far is written; the errors of those writes."""
         jobs = [self._handed] if self._handed is not None else []
         jobs += self._queue  # queued before: a lingering job whose timer ran while the thread was busy
-        jobs += self._seal()
-        marker = Job()  # nothing to write: done once every job before it is
-        self._queue.append(marker)
-        self._kick()
-        marker.wait()
+        jobs += self._run_after_the_rest(Job())  # a job with nothing to write: done once every job before it is
         errors = {}
         for job in jobs:
             errors.update(job.errors)
@@ -139,10 +135,7 @@ class Writer:
         """Run ``function(*args)`` on the thread, after everything queued before; its result or exception."""
         job = Job()
         job.call = (function, args)
-        self._seal()
-        self._queue.append(job)
-        self._kick()
-        job.wait()
+        self._run_after_the_rest(job)
         if job.exception is not None:
             raise job.exception
         return job.outcome
@@ -152,13 +145,18 @@ class Writer:
         if not self._stopped:
             job = Job()
             job.call = _STOP
-            self._seal()
-            self._queue.append(job)
-            self._kick()
-            job.wait()
+            self._run_after_the_rest(job)
             self._stopped = True
             self._watcher.close()
             self._reporters.join()
+
+    def _run_after_the_rest(self, job):
+        """Queue *job* after everything submitted so far and wait until the thread has done it; the jobs sealed."""
+        sealed = self._seal()
+        self._queue.append(job)
+        self._kick()
+        job.wait()
+        return sealed
 
     def _lazy_rows(self, store):
         job = self._lazy
