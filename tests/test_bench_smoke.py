@@ -33,17 +33,12 @@ REAL_SCENARIOS = ["real", "real_rtt20", "real_replicas"]
 
 
 def real_server_binary():
-    """The Flyte server binary the bench would use, or None: as ``bench/real_server.py`` finds it."""
-    configured = os.environ.get("FLYTE_GEVENT_REAL_SERVER")
-    if configured:
-        return configured if os.access(configured, os.X_OK) else None
-    directory = ROOT
-    while os.path.dirname(directory) != directory:
-        directory = os.path.dirname(directory)
-        candidate = os.path.join(directory, "shared", "peers", "flyte-server", "flyte-server")
-        if os.access(candidate, os.X_OK):
-            return candidate
-    return None
+    """The Flyte server binary the bench would use, or None: what ``bench/real_server.find_server()`` finds."""
+    bench = os.path.join(ROOT, "bench")
+    if bench not in sys.path:
+        sys.path.append(bench)  # the bench's own modules import each other by name
+    import real_server  # only when a test asks: it imports the bench's harness
+    return real_server.find_server()
 
 
 def _run_bench(args, env, timeout):
