@@ -11,6 +11,7 @@ import pytest
 
 from flyte_gevent import Event, EventDef, PackDef, current_action
 from flyte_gevent.log import ActionContextFilter, JsonFormatter, configure
+from helpers import BackgroundProcess
 
 done = EventDef("Done")
 handler_log = logging.getLogger("mypack.handlers")  # the pack author's own logger
@@ -214,33 +215,28 @@ def _readme_quick_start_pack():
 def test_the_quick_start_pack_run_as_a_script_logs_to_stderr_and_names_its_health_port(tmp_path, python,
                                                                                       subprocess_env):
     import re
-    import signal
     import time
     import urllib.request
 
     script = tmp_path / "jira.py"
     script.write_text(_readme_quick_start_pack())
     env = _script_env(subprocess_env, FLYTE_HEALTH_PORT="0", FLYTE_GEVENT_HEALTH_HOST="127.0.0.1")
-    with open(tmp_path / "stderr", "a") as err:  # append: the reads below never move where the child writes
-        process = subprocess.Popen([python, str(script)], env=env, stdout=subprocess.PIPE, stderr=err, text=True)
-        try:
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                text = (tmp_path / "stderr").read_text()
-                if "cannot register" in text and "health server listening" in text:
-                    break
-                gevent.sleep(0.05)
-            port = re.search(r"health server listening on 127\.0\.0\.1:(\d+)", text)
-            assert port, text
-            with urllib.request.urlopen(f"http://127.0.0.1:{port.group(1)}/livez", timeout=3) as response:
-                assert response.status == 200
-            process.send_signal(signal.SIGTERM)
-            assert process.wait(timeout=10) == 0
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-        text = (tmp_path / "stderr").read_text()
+    child = BackgroundProcess([python, str(script)], env, tmp_path / "child")
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            text = child.stderr()
+            if "cannot register" in text and "health server listening" in text:
+                break
+            gevent.sleep(0.05)
+        port = re.search(r"health server listening on 127\.0\.0\.1:(\d+)", text)
+        assert port, text
+        with urllib.request.urlopen(f"http://127.0.0.1:{port.group(1)}/livez", timeout=3) as response:
+            assert response.status == 200
+        assert child.terminate(timeout=10) == 0
+    finally:
+        child.close()
+    text = child.stderr()
     assert re.search(r"WARNING flyte_gevent\.pack: cannot register pack 'JiraPack' yet, retrying", text), text
     assert "pack 'JiraPack' stopped" in text
     assert "FLYTE_GEVENT_LOG_LEVEL" in text  # the first line says how to change or turn off this default

@@ -7,8 +7,6 @@ The URLs it checks and watches are served by tests/web_targets.py on loopback.
 import json
 import os
 import re
-import signal
-import subprocess
 import urllib.error
 import urllib.request
 
@@ -17,6 +15,7 @@ import pytest
 
 from flyte_gevent import ConfigError
 from flyte_gevent.testing import run_handler
+from helpers import BackgroundProcess
 from web_targets import WebTargets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -144,22 +143,16 @@ def test_the_url_checker_runs_as_a_script_with_its_hooks(flyte_api, web, python,
                FLYTE_GEVENT_HEALTH_HOST="127.0.0.1", FLYTE_GEVENT_POLLING_INTERVAL="0.5",
                URL_CHECKER_WATCH=web.url("/orders"), URL_CHECKER_INTERVAL="0.2")
     action = flyte_api.enqueue("UrlChecker", "checkUrl", {"url": web.url("/ok")}, labels={"env": "script"})
-    with open(tmp_path / "stderr", "a") as err:  # append: the reads below never move where the child writes
-        process = subprocess.Popen([python, SCRIPT], env=env,
-                                   stderr=err, stdout=subprocess.DEVNULL)
-        try:
-            assert flyte_api.wait_for_result(action, timeout=10).payload["status"] == 200
-            (down,) = flyte_api.wait_for_events(1, name="UrlDown", timeout=10)
-            assert down.pack_id == "UrlChecker.env.script"
-            port = re.search(r"health server listening on 127\.0\.0\.1:(\d+)",
-                             (tmp_path / "stderr").read_text()).group(1)
-            assert _health(port)["Watcher"]["status"]["down"] == [web.url("/orders")]
-            process.send_signal(signal.SIGTERM)
-            assert process.wait(timeout=10) == 0
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-        text = (tmp_path / "stderr").read_text()
+    child = BackgroundProcess([python, SCRIPT], env, tmp_path / "child")
+    try:
+        assert flyte_api.wait_for_result(action, timeout=10).payload["status"] == 200
+        (down,) = flyte_api.wait_for_events(1, name="UrlDown", timeout=10)
+        assert down.pack_id == "UrlChecker.env.script"
+        port = re.search(r"health server listening on 127\.0\.0\.1:(\d+)", child.stderr()).group(1)
+        assert _health(port)["Watcher"]["status"]["down"] == [web.url("/orders")]
+        assert child.terminate(timeout=10) == 0
+    finally:
+        child.close()
+    text = child.stderr()
     assert "Traceback" not in text and "pack 'UrlChecker' stopped" in text
     assert "watcher stopped: 1 URL watched, 1 down" in text, text
