@@ -149,8 +149,8 @@ def run_once(scenario, client, args, log_dir, attempt):
     """One measured run of *client* in *scenario*, each process fresh."""
     suffix = f"-{attempt + 1}" if args.repeat > 1 else ""
     name = f"{scenario.name}-{client}{suffix}"
+    profile = os.path.join(args.profile, f"{name}.prof") if args.profile else None
     if scenario.server == "real":
-        profile = os.path.join(args.profile, f"{name}.prof") if args.profile else None
         return run_real(scenario, client, args, os.path.join(log_dir, name), profile)
     source = LoopbackSource(os.path.join(log_dir, f"{name}-api.log"))
     try:
@@ -158,7 +158,6 @@ def run_once(scenario, client, args, log_dir, attempt):
         if client == "go":
             pack = GoPack(args.go_peer, source.url, scenario, log)
         else:
-            profile = os.path.join(args.profile, f"{name}.prof") if args.profile else None
             overrides = args.ours
             if client == JOURNAL_CLIENT:
                 journal = tempfile.mkdtemp(prefix="flyte-bench-journal-")
@@ -642,7 +641,7 @@ def main(argv=None):
               "go_peer": {"path": os.path.abspath(args.go_peer), "sha256": _sha256(args.go_peer)} if args.go_peer
               else None,
               "flyte_server": {"path": os.path.abspath(args.flyte_server), "sha256": _sha256(args.flyte_server)}
-              if getattr(args, "flyte_server", None) else None,
+              if args.flyte_server else None,
               "scenarios": []}
     started = time.monotonic()
     for scenario in chosen:
