@@ -2,7 +2,8 @@
 
 A take is a commitment (Flyte hands an action out once), so the poller takes
 only while a slot of the action pool is free: each take runs in a greenlet of
-that pool, which goes on to run the action it took.
+that pool, which goes on to run the action it took, and then to the next take
+while one may start at once (see :meth:`Poller._taker`).
 
 **What the server tells.** A take answered 200 brought an action; 204, there
 was none; 500, while takes keep bringing actions, means the take *lost a race*:
@@ -52,6 +53,7 @@ and readiness fails. The decisions are made in :meth:`Poller._on_action`,
 where :meth:`~Poller._take_and_run` hands it to the runner.
 """
 
+import contextvars
 import logging
 import math
 import random
@@ -173,20 +175,30 @@ class Poller:
 
     def _start_takes(self):
         """Start every take that may start now; the seconds until the next may, or None (when something changes)."""
-        pool = self._pool
-        while not self._stopping.is_set() and self.taking < self._most_in_flight() and pool.free_count() > 0:
-            now = time.monotonic()
-            # The spacing keeps takes in flight at once apart; a take with none in flight races none of ours.
-            start_at = max(self.resume_at, self._hold_until, self._next_start if self.taking else 0.0)
-            if now < start_at:
-                return start_at - now
-            overlaps = self.taking > 0
-            self._started += 1
-            self._next_start = now + self.spacing
-            self.taking += 1
+        while self._pool.free_count() > 0:
+            take, wait = self._claim_take()
+            if take is None:
+                return wait
             # Linked after the pool's own link, so it runs once the slot is free.
-            pool.spawn(self._take_and_run, now, self._started, overlaps).rawlink(self._slot_freed)
+            self._pool.spawn(self._taker, take).rawlink(self._slot_freed)
         return None
+
+    def _claim_take(self):
+        """Count a take as started if one may start now: ``(take, None)``, where *take* is the arguments of
+        :meth:`_take_and_run`; else ``(None, seconds until one may)``, or ``(None, None)`` until something changes.
+        """
+        if self._stopping.is_set() or self.taking >= self._most_in_flight():
+            return None, None
+        now = time.monotonic()
+        # The spacing keeps takes in flight at once apart; a take with none in flight races none of ours.
+        start_at = max(self.resume_at, self._hold_until, self._next_start if self.taking else 0.0)
+        if now < start_at:
+            return None, start_at - now
+        overlaps = self.taking > 0
+        self._started += 1
+        self._next_start = now + self.spacing
+        self.taking += 1
+        return (now, self._started, overlaps), None
 
     def _most_in_flight(self):
         if not self.spacing:
@@ -202,6 +214,20 @@ class Poller:
     def _slot_freed(self, greenlet):
         self._changed.set()
         self._on_change()
+
+    def _taker(self, take):
+        """A slot's greenlet: a take and its action, then the next take while one may start at once.
+
+        Going on in the same greenlet spares a greenlet (and its frame stack) per action while a backlog
+        lasts; the slot is freed when no take may start at once. Each take and its action run in a fresh
+        ``contextvars`` context, as in a greenlet of their own: what a handler binds there (the log
+        context included) is gone for the next one.
+        """
+        current = gevent.getcurrent()
+        while take is not None:
+            current.name = "taking"  # the runner names it after the action it runs
+            contextvars.Context().run(self._take_and_run, *take)
+            take, _ = self._claim_take()
 
     def _take_and_run(self, started, number, overlaps):
         """One take, then the action it brought (if any), in this greenlet.

@@ -195,3 +195,40 @@ def test_replicas_share_the_backlog_each_action_once_and_their_races_are_quiet(a
     assert takes(api, 500), "the replicas did race"
     noisy = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert not noisy, noisy
+
+
+# -- a slot's greenlet goes on taking -------------------------------------------------------------
+
+
+def test_a_slots_greenlet_takes_and_runs_a_backlog_in_turn_each_action_in_a_fresh_context(api, caplog):
+    """While a backlog lasts, the greenlet that ran an action makes the next take itself; what an action bound in
+    its contextvars (the log context included) is gone for the next take and action, as in a new greenlet."""
+    from contextvars import ContextVar
+
+    from flyte_gevent.log import ActionContextFilter
+
+    caplog.set_level(logging.WARNING, logger="flyte_gevent.poller")
+    caplog.handler.addFilter(ActionContextFilter())
+    bound = ContextVar("bound", default=None)
+    ran = []
+
+    def remember(input):
+        ran.append((gevent.getcurrent(), bound.get()))
+        bound.set(input["n"])
+        if len(ran) == 5:
+            api.fail("take", 503, times=1)  # the take after this action fails, and is logged
+        return Event(done, {"n": input["n"]})
+
+    ids = [api.enqueue(PACK, "Echo", {"n": n}) for n in range(5)]
+    pack = Pack(PackDef(PACK, commands=[Command("Echo", remember, [done])]), Client(api.url, timeout=5.0),
+                polling_interval=0.2, health_port=None, metrics=CollectorRegistry(), max_in_flight=1)
+    pack.start(timeout=5)
+    try:
+        api.wait_for_results(ids)
+        wait_until(lambda: any("take failed" in r.getMessage() for r in caplog.records), 3, "the failed take logged")
+    finally:
+        pack.stop(grace_period=0)
+    assert len({greenlet for greenlet, _ in ran}) == 1, "one slot: one greenlet ran the five actions in turn"
+    assert [value for _, value in ran] == [None] * 5, "each action starts with nothing bound by the one before"
+    failed = [r for r in caplog.records if "take failed" in r.getMessage()]
+    assert [r.action_id for r in failed] == [None], "the take after an action is logged without that action"
