@@ -305,18 +305,24 @@ class _Connection:
         else:
             self._tls_call(self._tls.write, deadline, data)
 
-    def read(self, deadline):
+    def read(self, deadline, answer_due=False):
         """The next bytes from the server, ``b""`` once it closed.
 
-        The socket is read before waiting: on a busy pack the answer has often
-        arrived by then, and a failed read costs less than a pass through the
-        event loop.
+        :param answer_due: the first read after a request was sent. The answer
+            cannot be there yet (the server needs a scheduling round at the
+            least), so a plain connection waits until the socket is readable
+            before reading: a read that fails costs a system call and an
+            exception, more than the pass through the event loop it would save.
+            Later reads try the socket first: the rest of a response has often
+            arrived with its start.
         """
         if self._tls is not None:
             try:
                 return self._tls_call(self._tls.read, deadline, _RECV_SIZE)
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                 return b""  # closed, with or without TLS's close_notify (as ssl's suppress_ragged_eofs reads it)
+        if answer_due:
+            self._wait(self._readable, deadline)
         return self._recv(deadline)
 
     def handshake(self, deadline):
@@ -510,7 +516,7 @@ class HTTPPool:
         received = 0
         try:
             while not reader.complete:
-                chunk = conn.read(deadline)
+                chunk = conn.read(deadline, answer_due=not received)
                 if not chunk:
                     if reader.ends_at_close():
                         break  # complete, and the connection is finished with
