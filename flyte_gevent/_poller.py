@@ -35,6 +35,12 @@ can only lose, or slow the first down on a busy server).
   narrows towards another try at overlapping: 4 % per action taken, halved
   after each try that lost its races before taking 16 actions, so a server
   where overlapping never pays is tried less and less often.
+* *Only where it may pay*: overlapping gains at most a round trip per take, so
+  takes overlap (and the spacing narrows towards a try) only while the round
+  trip (:attr:`flyte_gevent.Client.round_trip`, the floor of recent request
+  times) is at least 0.3 of a take's latency. On loopback a take of the real
+  server is nearly all *D* and they never do: each try there lost races and
+  cost the server a read of the backlog for each.
 * *The next take leaves first*: taking one at a time, a take that brought an
   action starts the next before its action runs, so neither the handler nor
   the result post delays it.
@@ -90,6 +96,11 @@ _PROBE_NARROW = 0.04
 _PROBE_CONFIRM = 16
 _MAX_FAILED_PROBES = 6
 _MAX_SPACING = 1.0
+# Overlapping takes gains at most a round trip per take (the server serves a pack's takes one after another,
+# each in its time D), and each try at it loses races, which cost the server a read of the backlog each: takes
+# overlap only while the round trip is at least this share of a take's latency. On loopback the real server's
+# round trip is about a tenth of a take's latency; 20 ms away, three quarters.
+_MIN_ROUND_TRIP_SHARE = 0.3
 # After a race lost to a replica, the next take waits up to (1 + n) steps of a take's latency, a step at least
 # this long: a server answering 500 to every take (an outage not yet recognized as one) is not hammered.
 _MIN_HOLD_STEP = 0.01
@@ -102,7 +113,8 @@ _LATENCY_WEIGHT = 0.2
 class Poller:
     """Keeps takes in flight while slots of the action pool are free; :meth:`run` is its service greenlet.
 
-    :param client: makes the takes (``take(take_url)``).
+    :param client: makes the takes (``take(take_url)``), and tells the network's round trip
+        (``round_trip``, seconds; see :attr:`flyte_gevent.Client.round_trip`).
     :param registrar: the pack's registration: ``current.take_url``,
         ``reregister(failed, why)`` after a 404, ``confirmed()`` after a take
         was answered (see :class:`flyte_gevent.pack.Registrar`).
@@ -208,8 +220,13 @@ class Poller:
         return min(self.target, math.ceil(self.latency / self.spacing))
 
     def _overlapping(self):
-        """Whether takes may overlap: races were lost, and the spacing leaves room for two takes in a latency."""
-        return 0.0 < self.spacing <= _OVERLAP_BELOW * self.latency
+        """Whether takes may overlap: races were lost, the spacing leaves room for two takes in a latency, and
+        overlapping may pay."""
+        return 0.0 < self.spacing <= _OVERLAP_BELOW * self.latency and self._overlap_may_pay()
+
+    def _overlap_may_pay(self):
+        """Whether the round trip is a large enough share of a take's latency for overlapping takes to gain."""
+        return self._client.round_trip >= _MIN_ROUND_TRIP_SHARE * self.latency
 
     def _slot_freed(self, greenlet):
         self._changed.set()
@@ -308,7 +325,7 @@ class Poller:
                 self._overlap_wins += 1
                 if self._overlap_wins >= _PROBE_CONFIRM:
                     self._failed_probes = 0
-            else:
+            elif self._overlap_may_pay():
                 self.spacing *= 1.0 - _PROBE_NARROW / 2 ** self._failed_probes
             self.spacing = min(self.spacing, self.latency)
         if self.spacing < _MIN_SPACING:

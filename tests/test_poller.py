@@ -86,6 +86,22 @@ def test_takes_that_would_only_race_go_one_at_a_time_and_few_races_are_lost(api)
     assert in_flight_at_once(api, 0.009) <= 2
 
 
+def test_with_a_round_trip_a_small_share_of_a_takes_latency_takes_never_try_overlapping_again(api):
+    # The real server on loopback: a take is nearly all the server's read of the backlog, which overlapping
+    # takes cannot shorten (it serves them one after another), so after the first lost race nothing is gained by
+    # trying again, and each try loses races (the strategy before the round-trip share tried every few actions).
+    api.race_window = 0.004
+    wait = drained(api, 150)
+    pack = start(api)
+    try:
+        ids = wait()
+    finally:
+        pack.stop(grace_period=0)
+    won, lost = len(takes(api, 200)), len(takes(api, 500))
+    assert won == len(ids)
+    assert lost <= 3, f"{lost} lost races for {won} actions: takes kept trying to overlap"
+
+
 def test_takes_overlap_spaced_apart_when_the_round_trip_is_most_of_a_takes_latency(api):
     # 30 ms of network per request, 3 ms between a take's read and its claim: several takes fit in one latency.
     api.latency = 0.03
