@@ -100,7 +100,7 @@ _MAX_SPACING = 1.0
 # each in its time D), and each try at it loses races, which cost the server a read of the backlog each: takes
 # overlap only while the round trip is at least this share of a take's latency. On loopback the real server's
 # round trip is about a tenth of a take's latency; 20 ms away, three quarters.
-_MIN_ROUND_TRIP_SHARE = 0.3
+_MIN_ROUND_TRIP_SHARE = 0.5
 # After a race lost to a replica, the next take waits up to (1 + n) steps of a take's latency, a step at least
 # this long: a server answering 500 to every take (an outage not yet recognized as one) is not hammered.
 _MIN_HOLD_STEP = 0.01
