@@ -248,3 +248,28 @@ def test_a_slots_greenlet_takes_and_runs_a_backlog_in_turn_each_action_in_a_fres
     assert [value for _, value in ran] == [None] * 5, "each action starts with nothing bound by the one before"
     failed = [r for r in caplog.records if "take failed" in r.getMessage()]
     assert [r.action_id for r in failed] == [None], "the take after an action is logged without that action"
+
+
+def test_taking_one_at_a_time_the_next_take_leaves_before_the_action_just_taken_runs(api):
+    """The taker makes the next take at once and the action runs in a greenlet of its own: handlers and result
+    posts never hold up the takes behind them."""
+    ran = []
+
+    def slow(input):
+        ran.append((input["n"], gevent.getcurrent()))
+        gevent.sleep(0.1)
+        return Event(done, {"n": input["n"]})
+
+    ids = [api.enqueue(PACK, "Echo", {"n": n}) for n in range(5)]
+    pack = Pack(PackDef(PACK, commands=[Command("Echo", slow, [done])]), Client(api.url, timeout=5.0),
+                polling_interval=0.2, health_port=None, metrics=CollectorRegistry(), max_takers=1)
+    pack.start(timeout=5)
+    try:
+        api.wait_for_results(ids)
+    finally:
+        pack.stop(grace_period=0)
+    brought = [r.at for r in takes(api, 200)]
+    first_result = min(r.at for r in api.requests_for("result"))
+    assert len(brought) == 5 and max(brought) < first_result, "all five taken before the first handler ended"
+    assert len({greenlet for _, greenlet in ran}) == 5, "each action ran in a greenlet of its own"
+    assert all(api.actions[aid].result_posts == 1 for aid in ids)
