@@ -38,7 +38,7 @@ can only lose, or slow the first down on a busy server).
 * *Only where it may pay*: overlapping gains at most a round trip per take, so
   takes overlap (and the spacing narrows towards a try) only while the round
   trip (:attr:`flyte_gevent.Client.round_trip`, the floor of recent request
-  times) is at least 0.3 of a take's latency. On loopback a take of the real
+  times) is at least half a take's latency. On loopback a take of the real
   server is nearly all *D* and they never do: each try there lost races and
   cost the server a read of the backlog for each.
 * *The next take leaves first*: taking one at a time, the greenlet whose take
@@ -100,7 +100,8 @@ _MAX_SPACING = 1.0
 # Overlapping takes gains at most a round trip per take (the server serves a pack's takes one after another,
 # each in its time D), and each try at it loses races, which cost the server a read of the backlog each: takes
 # overlap only while the round trip is at least this share of a take's latency. On loopback the real server's
-# round trip is about a tenth of a take's latency; 20 ms away, three quarters.
+# round trip (its quickest answers, which include some work of its own) is a tenth to a third of a take's
+# latency, the most towards the end of a backlog; 20 ms away, two thirds to three quarters.
 _MIN_ROUND_TRIP_SHARE = 0.5
 # After a race lost to a replica, the next take waits up to (1 + n) steps of a take's latency, a step at least
 # this long: a server answering 500 to every take (an outage not yet recognized as one) is not hammered.

@@ -714,3 +714,19 @@ def test_connections_to_the_api_are_capped_and_requests_queue_for_a_free_one(fly
 def test_max_connections_must_be_a_positive_whole_number(value):
     with pytest.raises(ConfigError, match="max_connections"):
         Client("http://flyte:8080", max_connections=value)
+
+
+def test_round_trip_is_the_floor_of_recent_request_times(flyte_api, client, registration):
+    assert client.round_trip > 0.0  # registration was answered
+    flyte_api.latency = 0.05
+    for _ in range(3):
+        client.take(registration.take_url)
+    floor = client.round_trip
+    assert floor < 0.05, "slower answers raise the floor only slowly"
+    flyte_api.latency = 0.0
+    client.take(registration.take_url)
+    assert client.round_trip < floor, "a quicker answer lowers it at once"
+    quick = client.round_trip
+    flyte_api.latency = 0.2
+    client.take(registration.take_url)
+    assert quick < client.round_trip < quick + 0.05 * 0.2, "one slow answer moves it 2 % of the way"
