@@ -41,10 +41,9 @@ can only lose, or slow the first down on a busy server).
   times) is at least half a take's latency. On loopback a take of the real
   server is nearly all *D* and they never do: each try there lost races and
   cost the server a read of the backlog for each.
-* *The next take leaves first*: taking one at a time, the greenlet whose take
-  brought an action makes the next take at once and hands the action to a new
-  greenlet, so neither the handler nor the result post nor a greenlet's start
-  delays it.
+* *The next take leaves first*: taking one at a time, a take that brought an
+  action starts the next before its action runs, so neither the handler nor
+  the result post delays it.
 * *Replicas*: a take that lost a race while no other take of this pack was in
   flight lost it to another process. The poller then waits a random time of up
   to (1 + n) take latencies (n: races lost to replicas since its last action;
@@ -249,27 +248,14 @@ class Poller:
             # copies aside while the action waits (about 0.8 KB more per action in flight).
             current.gr_context = contextvars.Context()
             started, number, overlaps = take
-            take = self._take_and_run(started, number, overlaps)
-            if take is None:
-                take, _ = self._claim_take()
-
-    def _run_handed_over(self, action):
-        """A slot's greenlet for an action its taker handed over (see :meth:`_take_and_run`), then a taker."""
-        self._run_action(action)
-        take, _ = self._claim_take()
-        if take is not None:
-            self._taker(take)
+            self._take_and_run(started, number, overlaps)
+            take, _ = self._claim_take()
 
     def _take_and_run(self, started, number, overlaps):
-        """One take, then the action it brought (if any), in this greenlet; or the next take, for this greenlet.
+        """One take, then the action it brought (if any), in this greenlet.
 
         *started* is when the take was started, *number* its place among the takes started so far, *overlaps*
         whether another take was in flight then: together they tell whether a lost race was lost to our own.
-
-        Taking one at a time, a take that brought an action hands it to a new greenlet of the pool and returns
-        the next take (already counted as started), which this greenlet makes at once: the new greenlet starts
-        only once this one waits for the take's answer, so neither its start, nor the handler, nor the result
-        post delays the next take. Otherwise it returns ``None``.
         """
         registration = self._registrar.current
         failure = None
@@ -306,16 +292,18 @@ class Poller:
                 self._on_idle()
                 return
             self._on_action()
-            if not self.taking and self._pool.free_count() > 0:
-                take, _ = self._claim_take()
-                if take is not None:
-                    # From here the action is the runner's, to one result, in the new greenlet (the pool is
-                    # killed only after the flush deadline and two client timeouts, long after it starts).
-                    self._pool.spawn(self._run_handed_over, action).rawlink(self._slot_freed)
-                    return take
-        # From here the action is the runner's, to one result.
+            # With no other take in flight, start the next one before this action runs, and let it leave
+            # first: taking one at a time, a handler and its result post then never delay the next take.
+            started_before = self._started
+            if not self.taking:
+                self._start_takes()
+            if self._started != started_before:
+                try:
+                    gevent.sleep(0)
+                except GreenletExit:
+                    pass  # killed in between: the action still gets its one result from the runner below
+        # The one place where an action has been taken: from here it is the runner's, to one result.
         self._run_action(action, failure=failure)
-        return None
 
     # -- the strategy ---------------------------------------------------------------
 
