@@ -198,7 +198,11 @@ def test_replicas_share_the_backlog_each_action_once_and_their_races_are_quiet(a
     caplog.set_level(logging.INFO, logger="flyte_gevent")
     api.race_window = 0.005
     wait = drained(api, 60)
-    replicas = [start(api, "a"), start(api, "b")]
+    # Started together, as replicas of one deployment are: one started a few hundred milliseconds ahead would
+    # take most of a 60-action backlog alone before the other registered.
+    starting = [gevent.spawn(start, api, tag) for tag in "ab"]
+    gevent.joinall(starting, raise_error=True)
+    replicas = [greenlet.value for greenlet in starting]
     try:
         ids = wait()
     finally:
