@@ -96,7 +96,7 @@ CREATE TABLE actions (
     restarts INTEGER NOT NULL DEFAULT 0
 );
 """
-UPDATE_SQL = "UPDATE actions SET result = ?2 WHERE id = ?1"  # (row id, result): a dict's items
+UPDATE_SQL = "UPDATE actions SET result = ? WHERE id = ?"  # (result, row id); not ?2/?1, which 3.14 refuses
 # One encoder for every input: json.dumps with arguments builds a new one per call. ASCII
 # escapes keep lone surrogates (valid in JSON text, not in UTF-8) storable.
 encode_input = json.JSONEncoder(separators=(",", ":")).encode
@@ -287,7 +287,7 @@ class Store:
             rows = inserts[start:start + _ROWS_PER_INSERT]
             statements.append((insert_sql(len(rows)), [value for row in rows for value in row]))
         if updates:
-            statements.append((UPDATE_SQL, updates.items()))
+            statements.append((UPDATE_SQL, [(result, row_id) for row_id, result in updates.items()]))
         for start in range(0, len(deletes), _ROWS_PER_DELETE):
             rows = deletes[start:start + _ROWS_PER_DELETE]
             # Sizes rounded up to a power of two (an id repeated in IN () changes nothing), so that

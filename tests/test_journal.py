@@ -80,6 +80,24 @@ def test_records_round_trip_to_the_next_process_with_their_results(journals, tmp
     assert len(second) == 3
 
 
+def test_results_are_written_with_placeholders_every_python_accepts(journals):
+    """Python 3.12 warns, and 3.14 refuses, numbered placeholders (``?1``) bound from a sequence."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        journal = journals()
+        journal.taken(action(1))
+        journal.taken(action(2))
+        journal.result("action-1", b'{"event":"Done","payload":1}')
+        journal.result("action-2", b'{"event":"Done","payload":2}')
+        journal.flush()
+        assert journal.close() == 2
+    assert [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)] == []
+    results = {r.action_id: r.result for r in journals().recover()}
+    assert results == {"action-1": b'{"event":"Done","payload":1}', "action-2": b'{"event":"Done","payload":2}'}
+
+
 def test_removed_records_are_gone_and_an_empty_journal_leaves_no_file(journals, tmp_path):
     journal = journals()
     for n in range(5):
