@@ -14,6 +14,7 @@ import random
 import signal
 import sqlite3
 import subprocess
+import warnings
 
 import gevent
 import pytest
@@ -82,8 +83,6 @@ def test_records_round_trip_to_the_next_process_with_their_results(journals, tmp
 
 def test_results_are_written_with_placeholders_every_python_accepts(journals):
     """Python 3.12 warns, and 3.14 refuses, numbered placeholders (``?1``) bound from a sequence."""
-    import warnings
-
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         journal = journals()

@@ -29,12 +29,25 @@ def pack_def(tag="a"):
     return PackDef(PACK, commands=[Command("Echo", echo, [done])])
 
 
-def start(api, tag="a", **options):
+def start(api, tag="a", *, definition=None, **options):
+    """A started pack of *definition* (by default :func:`pack_def` with *tag*) against *api*."""
     options = {"polling_interval": 0.5, "health_port": None, "flush_timeout": 1.0, "grace_period": 0.5,
                "metrics": CollectorRegistry(), **options}
-    pack = Pack(pack_def(tag), Client(api.url, timeout=5.0), **options)
+    pack = Pack(definition or pack_def(tag), Client(api.url, timeout=5.0), **options)
     pack.start(timeout=5)
     return pack
+
+
+def drain(api, count):
+    """Queue *count* actions, start a pack, wait until all have results and stop it: ``(ids, won, lost)``, the
+    takes answered 200 and 500."""
+    wait = drained(api, count)
+    pack = start(api)
+    try:
+        ids = wait()
+    finally:
+        pack.stop(grace_period=0)
+    return ids, len(takes(api, 200)), len(takes(api, 500))
 
 
 def drained(api, count, timeout=10.0):
@@ -72,13 +85,7 @@ def test_takes_that_would_only_race_go_one_at_a_time_and_few_races_are_lost(api)
     # Every take holds its action 10 ms before claiming it and the network is instant: a second take in flight
     # can only pick the same action and lose.
     api.race_window = 0.01
-    wait = drained(api, 40)
-    pack = start(api)
-    try:
-        ids = wait()
-    finally:
-        pack.stop(grace_period=0)
-    won, lost = len(takes(api, 200)), len(takes(api, 500))
+    ids, won, lost = drain(api, 40)
     assert won == len(ids) and all(api.actions[aid].result_posts == 1 for aid in ids), "each action taken once"
     # The first race sets the spacing and a try or two at overlapping confirms it does not pay; the old strategy
     # (every lost race back to one taker, then up again one per action) lost about one race per action here.
@@ -91,13 +98,7 @@ def test_with_a_round_trip_a_small_share_of_a_takes_latency_takes_never_try_over
     # takes cannot shorten (it serves them one after another), so after the first lost race nothing is gained by
     # trying again, and each try loses races (the strategy before the round-trip share tried every few actions).
     api.race_window = 0.004
-    wait = drained(api, 150)
-    pack = start(api)
-    try:
-        ids = wait()
-    finally:
-        pack.stop(grace_period=0)
-    won, lost = len(takes(api, 200)), len(takes(api, 500))
+    ids, won, lost = drain(api, 150)
     assert won == len(ids)
     assert lost <= 3, f"{lost} lost races for {won} actions: takes kept trying to overlap"
 
@@ -106,13 +107,7 @@ def test_takes_overlap_spaced_apart_when_the_round_trip_is_most_of_a_takes_laten
     # 30 ms of network per request, 3 ms between a take's read and its claim: several takes fit in one latency.
     api.latency = 0.03
     api.race_window = 0.003
-    wait = drained(api, 60)
-    pack = start(api)
-    try:
-        ids = wait()
-    finally:
-        pack.stop(grace_period=0)
-    won, lost = len(takes(api, 200)), len(takes(api, 500))
+    ids, won, lost = drain(api, 60)
     assert won == len(ids)
     assert lost <= 0.5 * won, f"{lost} lost races for {won} actions"
     # Taking one at a time would leave at least a latency (30 ms) between take arrivals, so no gap would be
@@ -240,9 +235,8 @@ def test_a_slots_greenlet_takes_and_runs_a_backlog_in_turn_each_action_in_a_fres
         return Event(done, {"n": input["n"]})
 
     ids = [api.enqueue(PACK, "Echo", {"n": n}) for n in range(5)]
-    pack = Pack(PackDef(PACK, commands=[Command("Echo", remember, [done])]), Client(api.url, timeout=5.0),
-                polling_interval=0.2, health_port=None, metrics=CollectorRegistry(), max_in_flight=1)
-    pack.start(timeout=5)
+    pack = start(api, definition=PackDef(PACK, commands=[Command("Echo", remember, [done])]), polling_interval=0.2,
+                 max_in_flight=1)
     try:
         api.wait_for_results(ids)
         wait_until(lambda: any("take failed" in r.getMessage() for r in caplog.records), 3, "the failed take logged")
@@ -255,8 +249,8 @@ def test_a_slots_greenlet_takes_and_runs_a_backlog_in_turn_each_action_in_a_fres
 
 
 def test_taking_one_at_a_time_the_next_take_leaves_before_the_action_just_taken_runs(api):
-    """The taker makes the next take at once and the action runs in a greenlet of its own: handlers and result
-    posts never hold up the takes behind them."""
+    """A take that brought an action starts the next take, in a new greenlet, before its action runs: handlers and
+    result posts never hold up the takes behind them, and each action runs in the greenlet that took it."""
     ran = []
 
     def slow(input):
@@ -265,9 +259,8 @@ def test_taking_one_at_a_time_the_next_take_leaves_before_the_action_just_taken_
         return Event(done, {"n": input["n"]})
 
     ids = [api.enqueue(PACK, "Echo", {"n": n}) for n in range(5)]
-    pack = Pack(PackDef(PACK, commands=[Command("Echo", slow, [done])]), Client(api.url, timeout=5.0),
-                polling_interval=0.2, health_port=None, metrics=CollectorRegistry(), max_takers=1)
-    pack.start(timeout=5)
+    pack = start(api, definition=PackDef(PACK, commands=[Command("Echo", slow, [done])]), polling_interval=0.2,
+                 max_takers=1)
     try:
         api.wait_for_results(ids)
     finally:
