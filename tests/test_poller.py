@@ -192,9 +192,12 @@ def test_a_persistent_500_during_races_is_still_an_outage_and_takes_back_off(api
 def test_replicas_share_the_backlog_each_action_once_and_their_races_are_quiet(api, caplog):
     caplog.set_level(logging.INFO, logger="flyte_gevent")
     api.race_window = 0.005
-    wait = drained(api, 60)
+    # Which replica wins a race is a matter of timing, so each one's share is drawn by chance, in runs: the backlog
+    # is long enough for the lead to change hands many times (of 60 actions, a replica took under a tenth in 1 to
+    # 2 runs in 20).
+    wait = drained(api, 400, timeout=20.0)
     # Started together, as replicas of one deployment are: one started a few hundred milliseconds ahead would
-    # take most of a 60-action backlog alone before the other registered.
+    # take much of the backlog alone before the other registered.
     starting = [gevent.spawn(start, api, tag) for tag in "ab"]
     gevent.joinall(starting, raise_error=True)
     replicas = [greenlet.value for greenlet in starting]
@@ -206,7 +209,7 @@ def test_replicas_share_the_backlog_each_action_once_and_their_races_are_quiet(a
     results = [api.actions[aid].result for aid in ids]
     by_tag = {tag: sum(1 for r in results if r["payload"] == {"tag": tag}) for tag in "ab"}
     assert sum(by_tag.values()) == len(ids) == len(takes(api, 200)), "each action taken and completed once"
-    assert min(by_tag.values()) >= 6, f"a replica hardly took any: {by_tag}"
+    assert min(by_tag.values()) >= len(ids) // 10, f"a replica hardly took any: {by_tag}"
     assert takes(api, 500), "the replicas did race"
     noisy = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert not noisy, noisy
