@@ -41,9 +41,12 @@ can only lose, or slow the first down on a busy server).
   times) is at least half a take's latency. On loopback a take of the real
   server is nearly all *D* and they never do: each try there lost races and
   cost the server a read of the backlog for each.
-* *The next take leaves first*: taking one at a time, a take that brought an
-  action starts the next before its action runs, so neither the handler nor
-  the result post delays it.
+* *The next take leaves first*: taking one at a time, the greenlet whose take
+  brought an action hands the action to a greenlet of its own and makes the
+  next take at once, so neither the handler, the result post nor a switch
+  between greenlets delays it. On loopback the real server serves a pack's takes
+  one after another, and the drain rate follows the time from a take's answer
+  to the next take one for one (``bench/run.py --server real``).
 * *Replicas*: a take that lost a race while no other take of this pack was in
   flight lost it to another process. The poller then waits a random time of up
   to (1 + n) take latencies (n: races lost to replicas since its last action;
@@ -130,6 +133,7 @@ class Poller:
     :param on_change: called when a take ended or a slot was freed (shutdown waits for those).
 
     :ivar taking: takes in flight.
+    :ivar handing_over: actions taken and handed to a greenlet of their own that has not run them yet.
     :ivar target: takes that may be in flight (before the spacing's limit).
     :ivar spacing: least seconds between the starts of two takes in flight at once; 0 until a race is lost.
     :ivar latency: a take's latency in seconds, smoothed over the last few answered takes.
@@ -151,6 +155,7 @@ class Poller:
         self._on_change = on_change
         self.target = 1
         self.taking = 0
+        self.handing_over = 0
         self.spacing = 0.0
         self.latency = 0.0
         self.resume_at = 0.0       # no take before this (monotonic): backoff, or the polling interval
@@ -233,29 +238,38 @@ class Poller:
         self._changed.set()
         self._on_change()
 
-    def _taker(self, take):
-        """A slot's greenlet: a take and its action, then the next take while one may start at once.
+    def _taker(self, take, handed_over=None):
+        """A slot's greenlet: a take and its action (or an action *handed_over* by another), then the next take
+        while one may start at once.
 
         Going on in the same greenlet spares a greenlet (and its frame stack) per action while a backlog
-        lasts; the slot is freed when no take may start at once. Each take and its action run in a fresh
-        ``contextvars`` context, as in a greenlet of their own: what a handler binds there (the log
-        context included) is gone for the next one.
+        lasts; the slot is freed when no take may start at once. Taking one at a time, the action instead
+        goes to a greenlet of its own and this one goes on taking (see :meth:`_take_and_run`). Each take
+        and its action run in a fresh ``contextvars`` context, as in a greenlet of their own: what a
+        handler binds there (the log context included) is gone for the next one.
         """
         current = gevent.getcurrent()
+        if handed_over is not None:
+            self.handing_over -= 1
+            self._run_action(handed_over)
+            take, _ = self._claim_take()
         while take is not None:
             current.name = "taking"  # the runner names it after the action it runs
             # Not Context.run(), nor a call with *args: a call through C adds to the C stack that greenlet
             # copies aside while the action waits (about 0.8 KB more per action in flight).
             current.gr_context = contextvars.Context()
             started, number, overlaps = take
-            self._take_and_run(started, number, overlaps)
-            take, _ = self._claim_take()
+            take = self._take_and_run(started, number, overlaps)
+            if take is None:
+                take, _ = self._claim_take()
 
     def _take_and_run(self, started, number, overlaps):
-        """One take, then the action it brought (if any), in this greenlet.
+        """One take, then the action it brought (if any), in this greenlet; or the next take, claimed.
 
         *started* is when the take was started, *number* its place among the takes started so far, *overlaps*
         whether another take was in flight then: together they tell whether a lost race was lost to our own.
+        Returns ``None``, or, when the action was handed to a greenlet of its own, the next take (already
+        counted as started, see :meth:`_claim_take`), for this greenlet to make at once.
         """
         registration = self._registrar.current
         failure = None
@@ -292,18 +306,28 @@ class Poller:
                 self._on_idle()
                 return
             self._on_action()
-            # With no other take in flight, start the next one before this action runs, and let it leave
-            # first: taking one at a time, a handler and its result post then never delay the next take.
+        # The one place where an action has been taken: from here it is the runner's, to one result, run in
+        # this greenlet or in the one it is handed over to.
+        if failure is None and self._most_in_flight() == 1 and self._pool.free_count() > 0:
+            # Taking one at a time: if the next take may start now, the action gets a greenlet of its own
+            # (it runs once this one waits) and this one goes straight on to that take. Neither the handler,
+            # its result post nor a greenlet switch then stands between a take's answer and the next take.
+            take, _ = self._claim_take()
+            if take is not None:
+                self.handing_over += 1  # until it runs, a stop waits for it as for a take in flight
+                self._pool.spawn(self._taker, None, action).rawlink(self._slot_freed)
+                return take
+        if failure is None and not self.taking:
+            # Several takes may be in flight but none is: start them before this action runs.
             started_before = self._started
-            if not self.taking:
-                self._start_takes()
+            self._start_takes()
             if self._started != started_before:
                 try:
-                    gevent.sleep(0)
+                    gevent.sleep(0)  # let them leave first
                 except GreenletExit:
                     pass  # killed in between: the action still gets its one result from the runner below
-        # The one place where an action has been taken: from here it is the runner's, to one result.
         self._run_action(action, failure=failure)
+        return None
 
     # -- the strategy ---------------------------------------------------------------
 

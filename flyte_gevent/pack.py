@@ -528,7 +528,8 @@ class Pack:
         return "registered" if self.registered else ("starting" if self._started else "new")
 
     def _taking(self) -> int:
-        return self._poller.taking if self._poller is not None else 0
+        """Takes in flight, and actions taken but not yet run (each is about to be: a stop waits for them)."""
+        return self._poller.taking + self._poller.handing_over if self._poller is not None else 0
 
     def _next_stage(self) -> None:
         stage, self._stage = self._stage, gevent.event.Event()

@@ -252,8 +252,9 @@ def test_a_slots_greenlet_takes_and_runs_a_backlog_in_turn_each_action_in_a_fres
 
 
 def test_taking_one_at_a_time_the_next_take_leaves_before_the_action_just_taken_runs(api):
-    """A take that brought an action starts the next take, in a new greenlet, before its action runs: handlers and
-    result posts never hold up the takes behind them, and each action runs in the greenlet that took it."""
+    """A take that brought an action hands it to a greenlet of its own and makes the next take before the action
+    runs: handlers and result posts never hold up the takes behind them, and each action runs in a greenlet of its
+    own."""
     ran = []
 
     def slow(input):
