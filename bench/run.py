@@ -207,8 +207,9 @@ def run_real(scenario, client, args, log_prefix, profile=None):
 
 
 def run_repeated(scenario, clients, args, log_dir):
-    """Run every client ``--repeat`` times, taking turns (so both meet the same load); per client, the run with
-    the median headline number, with the median of every row's metric over all runs in ``medians``."""
+    """Run every client ``--repeat`` times, taking turns in an order that alternates from round to round (so both
+    meet the same load, and neither always runs first); per client, the run with the median headline number, with
+    the median of every row's metric over all runs in ``medians``."""
     key = HEADLINE.get(scenario.name, "actions_per_s")
     clients = [c for c in clients if c != JOURNAL_CLIENT or scenario.name in JOURNAL_SCENARIOS]
     runs = {client: [] for client in clients}
@@ -216,7 +217,8 @@ def run_repeated(scenario, clients, args, log_dir):
     if scenario.replicas > 1:
         clients = [client for client in clients if client in REPLICA_CLIENTS]
     for attempt in range(args.repeat):
-        for client in clients:
+        # Each round reverses the order of the one before, so neither client always runs first.
+        for client in clients if attempt % 2 == 0 else clients[::-1]:
             if client in errors:
                 continue
             print(f"running {scenario.name} ({CLIENT_NAMES[client]}) ...", end=" ", file=sys.stderr, flush=True)
@@ -488,9 +490,9 @@ def format_notes(report):
                  "after warm-up) / actions. API busy: the API's CPU time as % of one core over the batch. load: the "
                  "1-minute load average as the run started.")
     if report["repeat"] > 1:
-        lines.append(f"--repeat {report['repeat']}: the clients took turns; each target row is the median of its "
-                     f"metric over the {report['repeat']} runs, each detail row the client's median run by drain "
-                     f"rate (memory: by KB per action; idle: by CPU). Every run's numbers are in the JSON.")
+        lines.append(f"--repeat {report['repeat']}: the clients took turns (the order alternating); each target row is "
+                     f"the median of its metric over the {report['repeat']} runs, each detail row the client's median "
+                     f"run by drain rate (memory: by KB per action; idle: by CPU). All runs are in the JSON.")
     tuned = sorted({f"{e['scenario']}: {', '.join(f'{k}={v}' for k, v in e['ours']['options'].items())}"
                     for e in report["scenarios"] if e.get("ours") and "options" in e["ours"]})
     lines.append(f"{CLIENT_NAMES['ours']} {report['version']}: the library's defaults (Prometheus metrics and health "
