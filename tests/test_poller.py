@@ -251,6 +251,30 @@ def test_a_slots_greenlet_takes_and_runs_a_backlog_in_turn_each_action_in_a_fres
     assert [r.action_id for r in failed] == [None], "the take after an action is logged without that action"
 
 
+def test_taking_one_at_a_time_each_handed_over_action_starts_with_nothing_bound_by_the_one_before(api):
+    """One take at a time, each action is handed to a greenlet that may have taken or run others before: what an
+    action bound in its contextvars is gone for the next, as with max_in_flight=1 above."""
+    from contextvars import ContextVar
+
+    bound = ContextVar("bound", default=None)
+    seen = []
+
+    def remember(input):
+        seen.append(bound.get())
+        bound.set(input["n"])
+        return Event(done, {"n": input["n"]})
+
+    ids = [api.enqueue(PACK, "Echo", {"n": n}) for n in range(8)]
+    pack = start(api, definition=PackDef(PACK, commands=[Command("Echo", remember, [done])]), polling_interval=0.2,
+                 max_takers=1)
+    try:
+        api.wait_for_results(ids)
+    finally:
+        pack.stop(grace_period=0)
+    assert seen == [None] * 8, "each action starts with nothing bound by the one before"
+    assert all(api.actions[aid].result_posts == 1 for aid in ids)
+
+
 def test_taking_one_at_a_time_the_next_take_leaves_before_the_action_just_taken_runs(api):
     """A take that brought an action hands it to a greenlet of its own and makes the next take before the action
     runs: handlers and result posts never hold up the takes behind them, and each action runs in a greenlet of its
