@@ -45,9 +45,8 @@ can only lose, or slow the first down on a busy server).
   brought an action hands the action to a greenlet of its own and makes the
   next take at once, so neither the handler, the result post nor a switch
   between greenlets delays it. On loopback the real server serves a pack's takes
-  one after another, and the drain rate follows the time from a take's answer
-  to the next take one for one (README: Performance, Against the real Flyte
-  server).
+  one after another, so the time from a take's answer to the next take adds to
+  every one of them.
 * *Replicas*: a take that lost a race while no other take of this pack was in
   flight lost it to another process. The poller then waits a random time of up
   to (1 + n) take latencies (n: races lost to replicas since its last action;

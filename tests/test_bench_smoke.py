@@ -119,6 +119,24 @@ def test_quick_real_server_bench_completes_every_scenario_and_reports_races_cpu_
     assert "lost races per action" in stdout and "takes per replica" in stdout
 
 
+def test_turnaround_probe_drains_the_real_server_with_every_taker_each_action_once(tmp_path, subprocess_env):
+    binary = real_server_binary()
+    if binary is None:
+        pytest.skip("no Flyte server binary: set FLYTE_GEVENT_REAL_SERVER, or put it in "
+                    "shared/peers/flyte-server/ above the repository")
+    output = tmp_path / "probe.json"
+    process = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "turnaround_probe.py"), "--server", binary,
+                              "--rounds", "1", "--actions", "20", "--go-peer", "none", "--log-dir", str(tmp_path),
+                              "--json", str(output)], cwd=ROOT, env=subprocess_env, stdin=subprocess.DEVNULL,
+                             capture_output=True, timeout=120)
+    assert process.returncode == 0, process.stderr.decode()
+    runs = {run["client"]: run for run in json.loads(output.read_text())["runs"]}
+    assert set(runs) == {"raw", "raw+hold", "pipelined+hold", "ours"}
+    assert all(run["results"] == [1, 1] and run["per_second"] > 0 for run in runs.values()), runs
+    # One connection's takes, pipelined or not, are served one after another: none can lose a race.
+    assert [runs[client]["lost"] for client in ("raw", "raw+hold", "pipelined+hold")] == [0, 0, 0]
+
+
 def test_bench_refuses_a_go_peer_that_is_not_an_executable_file(tmp_path, subprocess_env):
     status, _stdout, stderr = _run_bench(["--go-peer", str(tmp_path / "missing"), "--quick"], subprocess_env,
                                         timeout=20)
