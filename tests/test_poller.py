@@ -165,7 +165,7 @@ def test_without_races_takers_grow_while_actions_come_and_drop_to_one_after_an_e
         pack.stop(grace_period=0)
     idle = [r.at for r in takes(api, 204) if r.at > settled]
     # After the backlog, one take per polling interval.
-    assert min(b - a for a, b in zip(idle, idle[1:])) >= 0.18, idle
+    assert min(b - a for a, b in itertools.pairwise(idle)) >= 0.18, idle
 
 
 def test_a_persistent_500_during_races_is_still_an_outage_and_takes_back_off(api, monkeypatch, caplog):
