@@ -117,18 +117,17 @@ def one_run(client, args):
     try:
         batch = source.queue_batch("Noop", [{"n": 1}] * args.actions)
         scenario, log = harness.Scenario("real", "Noop", args.actions), os.path.join(args.log_dir, f"{client}-pack.log")
-        if client == "go":
-            pack = harness.GoPack(args.go_peer, source.url, scenario, log)
-        elif client == "ours":
-            pack = harness.OurPack(source.url, scenario, log)
-        alive = pack.check_alive if pack is not None else None
-        if pack is None:
-            batch.mark_start()
-            raw_drain(source.url, 2 if client == "pipelined+hold" else 1, args.hold_us * 1e-6 if "hold" in client
-                      else 0.0)
-        else:
+        alive = None
+        if client in ("go", "ours"):
+            pack = (harness.GoPack(args.go_peer, source.url, scenario, log) if client == "go"
+                    else harness.OurPack(source.url, scenario, log))
+            alive = pack.check_alive
             source.wait_for_pack(harness.PACK_NAME, 30, alive)
             batch.mark_start()
+        else:  # the bare taker registers and drains in this process
+            batch.mark_start()
+            raw_drain(source.url, depth=2 if client == "pipelined+hold" else 1,
+                      hold=args.hold_us * 1e-6 if client.endswith("+hold") else 0.0)
         report = batch.wait_done(120, alive)
     finally:
         if pack is not None:

@@ -50,6 +50,19 @@ def drain(api, count):
     return ids, len(takes(api, 200)), len(takes(api, 500))
 
 
+def run_one_at_a_time(api, handler, count):
+    """Queue *count* actions for a pack whose Echo command is *handler*, taking one at a time, until all have
+    results; their ids."""
+    ids = [api.enqueue(PACK, "Echo", {"n": n}) for n in range(count)]
+    pack = start(api, definition=PackDef(PACK, commands=[Command("Echo", handler, [done])]), polling_interval=0.2,
+                 max_takers=1)
+    try:
+        api.wait_for_results(ids)
+    finally:
+        pack.stop(grace_period=0)
+    return ids
+
+
 def drained(api, count, timeout=10.0):
     """Queue *count* actions; a function that waits until all have results and returns their ids."""
     ids = [api.enqueue(PACK, "Echo", {"n": n}) for n in range(count)]
@@ -266,13 +279,7 @@ def test_taking_one_at_a_time_each_handed_over_action_starts_with_nothing_bound_
         bound.set(input["n"])
         return Event(done, {"n": input["n"]})
 
-    ids = [api.enqueue(PACK, "Echo", {"n": n}) for n in range(8)]
-    pack = start(api, definition=PackDef(PACK, commands=[Command("Echo", remember, [done])]), polling_interval=0.2,
-                 max_takers=1)
-    try:
-        api.wait_for_results(ids)
-    finally:
-        pack.stop(grace_period=0)
+    ids = run_one_at_a_time(api, remember, 8)
     assert seen == [None] * 8, "each action starts with nothing bound by the one before"
     assert all(api.actions[aid].result_posts == 1 for aid in ids)
 
@@ -288,13 +295,7 @@ def test_taking_one_at_a_time_the_next_take_leaves_before_the_action_just_taken_
         gevent.sleep(0.1)
         return Event(done, {"n": input["n"]})
 
-    ids = [api.enqueue(PACK, "Echo", {"n": n}) for n in range(5)]
-    pack = start(api, definition=PackDef(PACK, commands=[Command("Echo", slow, [done])]), polling_interval=0.2,
-                 max_takers=1)
-    try:
-        api.wait_for_results(ids)
-    finally:
-        pack.stop(grace_period=0)
+    ids = run_one_at_a_time(api, slow, 5)
     brought = [r.at for r in takes(api, 200)]
     first_result = min(r.at for r in api.requests_for("result"))
     assert len(brought) == 5 and max(brought) < first_result, "all five taken before the first handler ended"
