@@ -78,9 +78,10 @@ def takes(api, status=None):
     return [r for r in api.requests_for("take") if status is None or r.status == status]
 
 
-def in_flight_at_once(api, duration):
-    """The most takes that arrived within *duration* of each other: how many were in flight together."""
-    arrivals = sorted(r.at for r in takes(api))
+def in_flight_at_once(api, duration, since=0.0):
+    """The most takes that arrived within *duration* of each other (of those that arrived at *since* or later):
+    how many were in flight together."""
+    arrivals = sorted(r.at for r in takes(api) if r.at >= since)
     most, first = 0, 0
     for last, at in enumerate(arrivals):
         while at - arrivals[first] >= duration:
@@ -103,7 +104,11 @@ def test_takes_that_would_only_race_go_one_at_a_time_and_few_races_are_lost(api)
     # The first race sets the spacing and a try or two at overlapping confirms it does not pay; the old strategy
     # (every lost race back to one taker, then up again one per action) lost about one race per action here.
     assert lost <= 0.25 * won, f"{lost} lost races for {won} actions"
-    assert in_flight_at_once(api, 0.009) <= 2
+    # Until the first lost race is answered nothing says overlapping does not pay, and each action taken allows
+    # one more take in flight: a slow start of the second take can let a third leave before the first loss is
+    # known. From that answer (its arrival plus the race window, at the earliest) on, one at a time.
+    first_loss_answered = min(r.at for r in takes(api, 500)) + api.race_window if lost else 0.0
+    assert in_flight_at_once(api, 0.009, since=first_loss_answered) <= 2
 
 
 def test_with_a_round_trip_a_small_share_of_a_takes_latency_takes_never_try_overlapping_again(api):
