@@ -106,7 +106,7 @@ def test_takes_that_would_only_race_go_one_at_a_time_and_few_races_are_lost(api)
     assert lost <= 0.25 * won, f"{lost} lost races for {won} actions"
     # Until the first lost race is answered nothing says overlapping does not pay, and each action taken allows
     # one more take in flight: a slow start of the second take can let a third leave before the first loss is
-    # known. From that answer (its arrival plus the race window, at the earliest) on, one at a time.
+    # known. From that answer (its arrival plus the race window, at the earliest) on, no more than two.
     first_loss_answered = min(r.at for r in takes(api, 500)) + api.race_window if lost else 0.0
     assert in_flight_at_once(api, 0.009, since=first_loss_answered) <= 2
 
